@@ -1,0 +1,296 @@
+"""The configuration tree: one strict, frozen pydantic model parsed once from YAML and ``--set``.
+
+Every field is described once; the descriptions double as CLI help (``fednano-ray train --help-config``).
+Unknown keys are errors, so a typo fails loudly instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(_Section):
+    """Sizes of the random-weight ``tiny`` LLaVA used by tests (head_dim >= 32 for vLLM's CPU kernels)."""
+
+    hidden_size: int = Field(128, ge=32, description="LLM hidden size.")
+    num_layers: int = Field(2, ge=1, description="LLM decoder layers.")
+    num_heads: int = Field(4, ge=1, description="LLM attention heads (hidden_size / num_heads >= 32).")
+    intermediate_size: int = Field(256, ge=8, description="LLM MLP width.")
+    vision_hidden_size: int = Field(64, ge=8, description="Vision tower hidden size.")
+    vision_layers: int = Field(1, ge=1, description="Vision tower layers.")
+    image_size: int = Field(32, ge=8, description="Input image side in pixels.")
+    patch_size: int = Field(8, ge=2, description="Vision patch side; image_size/patch_size squared visual tokens.")
+    seed: int = Field(0, description="Seed of the random weights (every process builds the same model).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("model.tiny.hidden_size must be divisible by model.tiny.num_heads")
+        if self.image_size % self.patch_size:
+            raise ValueError("model.tiny.image_size must be divisible by model.tiny.patch_size")
+        return self
+
+
+class ModelConfig(_Section):
+    """Where the multimodal LLM comes from (DESIGN.md §2)."""
+
+    kind: Literal["nano", "hf", "tiny"] = Field(
+        "nano",
+        description="nano: offline EfficientNet-Lite0 + MLP connector + SmolLM2-135M; "
+        "hf: a LLaVA-family checkpoint (name_or_path); tiny: random weights for tests.",
+    )
+    name_or_path: str | None = Field(
+        None, description="hf only: hub id or local folder of a LlavaForConditionalGeneration checkpoint."
+    )
+    grid: int = Field(3, ge=1, le=7, description="nano only: the 7x7 feature map is pooled to grid x grid visual tokens.")
+    connector_steps: int = Field(
+        300, ge=0, description="nano only: stage-1 alignment steps of the connector (cached after the first run)."
+    )
+    autocast_bf16: bool = Field(
+        True,
+        description="Run the frozen LLM under bfloat16 autocast (weights stay fp32): 2x faster on AVX-512 CPUs; "
+        "turn off for bit-exact checks.",
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="tiny only: model sizes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.kind == "hf" and not self.name_or_path:
+            raise ValueError("model.name_or_path is required when model.kind is 'hf' (e.g. llava-hf/llava-1.5-7b-hf)")
+        return self
+
+
+class AdapterConfig(_Section):
+    """NanoAdapter hyper-parameters (PEFT names): z' = z + (lora_alpha / r) * B(A(dropout(z)))."""
+
+    r: int = Field(8, ge=1, description="Default adapter rank (a tier may override it).")
+    lora_alpha: float = Field(16.0, gt=0, description="Scaling numerator; scaling = lora_alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    modalities: tuple[Literal["vision", "text"], ...] = Field(
+        ("vision", "text"), min_length=1, description="Which NanoAdapters to train: vision, text or both."
+    )
+
+    @field_validator("modalities")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("adapter.modalities lists a modality twice")
+        return v
+
+
+class SynthConfig(_Section):
+    """The offline synthetic benchmark, generated when ``data.path`` is not set."""
+
+    num_train: int = Field(2000, ge=10, description="Training questions.")
+    num_test: int = Field(400, ge=10, description="Global test questions.")
+    seed: int = Field(0, description="Generator seed (same seed, same bytes).")
+    image_size: int = Field(224, ge=16, description="Rendered image side in pixels.")
+
+
+class DataConfig(_Section):
+    """Dataset and how it is split across clients."""
+
+    path: Path | None = Field(
+        None, description="Dataset root with train/ and test/ (DESIGN.md §4); unset = the synthetic benchmark."
+    )
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic benchmark settings.")
+    partition: Literal["iid", "dirichlet", "pathological"] = Field("dirichlet", description="Partitioner.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: small = more heterogeneous.")
+    partition_by: Literal["answer", "category"] = Field("category", description="Label the partitioner uses.")
+    labels_per_client: int = Field(2, ge=1, description="pathological only: labels per client.")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Part of each client's shard kept for its own test.")
+    max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples (quick runs).")
+    max_test_examples: int | None = Field(200, ge=1, description="Cap on global test examples evaluated.")
+
+
+class FederationConfig(_Section):
+    """Rounds, sampling, strategy and fault tolerance."""
+
+    num_clients: int = Field(8, ge=1, description="Number of clients the data is split across.")
+    clients_per_round: int = Field(8, ge=1, description="Clients sampled each round.")
+    rounds: int = Field(3, ge=0, description="Federated rounds.")
+    strategy: Literal["fednano", "fedavg", "fedprox", "local", "centralized", "fedavg-lora"] = Field(
+        "fednano", description="Aggregation rule (fednano = Fisher merging)."
+    )
+    fedprox_mu: float = Field(0.01, ge=0, description="fedprox only: proximal coefficient mu.")
+    fisher_eps: float = Field(1e-8, gt=0, description="fednano only: epsilon of Fisher merging.")
+    deadline_s: float = Field(600.0, gt=0, description="Seconds a round waits for clients before it moves on.")
+    quorum: float = Field(0.5, gt=0, le=1, description="Fraction of sampled clients that must report for a round to count.")
+    mode: Literal["simulation", "deployment"] = Field(
+        "simulation", description="simulation: virtual clients multiplexed over a pool per tier; deployment: one actor per client."
+    )
+    seed: int = Field(0, description="Seed of sampling, partitioning and adapter init.")
+    evaluate_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and after the last).")
+
+
+class TierConfig(_Section):
+    """A class of clients sharing a resource budget (DESIGN.md §1, heterogeneous clients)."""
+
+    name: str = Field(description="Tier name, e.g. edge-small; also a custom Ray resource in cluster.yaml.")
+    clients: int = Field(ge=1, description="How many of the clients belong to this tier.")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per client actor.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per client actor (fractional allowed).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per client actor.")
+    batch_size: int = Field(8, ge=1, description="Local batch size.")
+    local_steps: int = Field(5, ge=1, description="Local optimizer steps per round.")
+    adapter_rank: int | None = Field(None, ge=1, description="Adapter rank for this tier (default adapter.r).")
+    pool_size: int = Field(1, ge=1, description="simulation only: actors serving this tier's virtual clients.")
+
+
+class TrainConfig(_Section):
+    """Local optimisation and the frozen-LLM trainer."""
+
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the adapters.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    eval_batch_size: int = Field(32, ge=1, description="Rows per forward when scoring choices.")
+    max_batch_size: int = Field(64, ge=1, description="LLM trainer: most rows merged into one forward/backward.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="LLM trainer: how long to wait for more requests to merge.")
+    personal_steps: int = Field(0, ge=0, description="Local steps each client takes on the final global adapters to personalise.")
+
+
+class ServeConfig(_Section):
+    """HTTP serving of the personalised models."""
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    engine: Literal["vllm", "hf"] = Field("hf", description="Generation engine of the frozen LLM.")
+    max_new_tokens: int = Field(16, ge=1, le=512, description="Default generation length.")
+
+
+class Config(_Section):
+    """The whole run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The multimodal LLM.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="NanoAdapters.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data and partitioning.")
+    federation: FederationConfig = Field(default_factory=FederationConfig, description="Federation.")
+    tiers: tuple[TierConfig, ...] = Field(
+        (TierConfig(name="default", clients=8),), min_length=1, description="Client tiers."
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        fed = self.federation
+        n_tier = sum(t.clients for t in self.tiers)
+        if n_tier != fed.num_clients:
+            raise ValueError(
+                f"tiers assign {n_tier} clients but federation.num_clients is {fed.num_clients}: "
+                "make tiers[*].clients add up to federation.num_clients"
+            )
+        if fed.clients_per_round > fed.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({fed.clients_per_round}) is larger than "
+                f"federation.num_clients ({fed.num_clients}); lower it or add clients"
+            )
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        return self
+
+    def tier_rank(self, tier: TierConfig) -> int:
+        """The adapter rank a tier trains at."""
+        return tier.adapter_rank or self.adapter.r
+
+    def client_tiers(self) -> list[TierConfig]:
+        """The tier of each client id 0..num_clients-1, in the order tiers are listed."""
+        out: list[TierConfig] = []
+        for t in self.tiers:
+            out.extend([t] * t.clients)
+        return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(k)]
+            continue
+        if k not in node or node[k] is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are YAML scalars (``3``, ``true``, ``[a, b]``)."""
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set federation.rounds=5")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw else ""))
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `fednano-ray train --help-config` lists the keys)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Load a config from a YAML file (or a dict), apply ``--set`` overrides, validate.
+
+    Raises:
+        ConfigError: naming the file, the dotted key and what to do.
+    """
+    if source is None:
+        tree: dict[str, Any] = {}
+        name = "<defaults>"
+    elif isinstance(source, dict):
+        tree = copy.deepcopy(source)
+        name = "<dict>"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (see examples/quickstart.yaml)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+    for key, value in parse_overrides(overrides):
+        try:
+            _set_dotted(tree, key, value)
+        except (IndexError, ValueError, TypeError) as e:
+            raise ConfigError(f"--set {key}: {e}") from e
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, name)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written to the run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,79 @@
+"""NanoAdapter: a low-rank residual on the embeddings entering the frozen LLM.
+
+FedNano (Zhang et al., 2025, arXiv 2506.14824, §3.2) puts one adapter per modality on the client::
+
+      z ───────────────────────────────┐
+      │                                 ▼
+      └─► dropout ─► A (d→r) ─► B (r→d) ─► × lora_alpha/r ─► (+) ─► z'
+
+``B`` starts at zero, so round 0 is exactly the pretrained model. Parameter names follow PEFT
+(``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``scaling``) so a state dict maps one-to-one onto
+PEFT's ``...lora_A.weight`` / ``...lora_B.weight``; shapes are PEFT's: ``lora_A`` is (r, d) and
+``lora_B`` is (d, r).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class NanoAdapter(nn.Module):
+    """Low-rank residual adapter ``z' = z + scaling * B(A(dropout(z)))``.
+
+    Args:
+        dim: Embedding width d of the LLM.
+        r: Rank.
+        lora_alpha: Scaling numerator; ``scaling = lora_alpha / r``.
+        dropout: Dropout probability on the adapter input.
+    """
+
+    def __init__(self, dim: int, *, r: int, lora_alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"adapter rank r must be >= 1, got {r}")
+        self.dim, self.r, self.lora_alpha = dim, r, lora_alpha
+        self.scaling = lora_alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, dim))  # (r, d)
+        self.lora_B = nn.Parameter(torch.zeros(dim, r))  # (d, r), zero: starts as identity map
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of lora_A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, z: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        delta = self.dropout(z.to(self.lora_A.dtype)) @ self.lora_A.T @ self.lora_B.T
+        return z + (self.scaling * delta).to(z.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, r={self.r}, lora_alpha={self.lora_alpha}"
+
+
+def adapter_state(adapters: nn.ModuleDict) -> dict[str, Tensor]:
+    """Detached fp32 copy of the adapters' parameters, keyed ``<modality>.lora_A`` etc."""
+    return {k: v.detach().to(torch.float32).clone() for k, v in adapters.state_dict().items()}
+
+
+def load_adapter_state(adapters: nn.ModuleDict, state: dict[str, Tensor]) -> None:
+    """Load a (possibly larger-rank) adapter state, truncating to each adapter's own rank.
+
+    Heterogeneous ranks follow HetLoRA (Cho et al., 2024): the server keeps the largest rank; a
+    client of rank r takes the first r rows of ``lora_A`` and the first r columns of ``lora_B``.
+
+    Raises:
+        ValueError: if a key is missing or a shape cannot be truncated to this adapter.
+    """
+    own = adapters.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"adapter state is missing keys {missing} (has {sorted(state)})")
+    with torch.no_grad():
+        for key, param in own.items():
+            src = state[key]
+            if key.endswith("lora_A"):
+                src = src[: param.shape[0], :]
+            elif key.endswith("lora_B"):
+                src = src[:, : param.shape[1]]
+            if src.shape != param.shape:
+                raise ValueError(f"adapter {key}: shape {tuple(state[key].shape)} cannot fit {tuple(param.shape)}")
+            param.copy_(src.to(param.dtype))

@@ -1,0 +1,262 @@
+"""Split a multimodal LLM into a client-side NanoEdge and a frozen server-side LLM.
+
+::
+
+    client (NanoEdge)                                            server (ServerLLM, frozen)
+    image ─► encoder ─► connector ─► NanoAdapter["vision"] ─┐
+                                                              ├─► z' ──► decoder ─► lm_head ─► loss
+    text  ─► embed_tokens ─────────► NanoAdapter["text"]  ─┘   ◄── dL/dz' (grads to inputs only)
+
+Every model kind (``nano``, ``hf`` LLaVA, ``tiny``) is first described as :class:`MLLMParts`, then
+:func:`split_mllm` turns any of them into the pair. The split step is exact: the adapter gradients
+from ``edge → server.loss_and_grad → edge backward`` equal those of the monolithic model
+(``tests/models/test_split.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fednano_ray.models.adapter import NanoAdapter
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MLLMParts:
+    """The five pieces of a LLaVA-style MLLM.
+
+    Attributes:
+        encoder: images (B, 3, H, W) -> features (B, N, d_v); frozen.
+        connector: (B, N, d_v) -> (B, N, d); frozen (pretrained).
+        embed_tokens: the LLM's token embedding table (vocab, d); frozen.
+        decoder: the LLM body; called as ``decoder(inputs_embeds=..., attention_mask=...)`` and
+            returning ``last_hidden_state`` (B, T, d).
+        lm_head: (B, T, d) -> logits (B, T, vocab).
+    """
+
+    encoder: nn.Module
+    connector: nn.Module
+    embed_tokens: nn.Embedding
+    decoder: nn.Module
+    lm_head: nn.Module
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed_tokens.weight.shape[1]
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+class NanoEdge(nn.Module):
+    """What a client holds: frozen encoder, connector and embedding table, plus NanoAdapters.
+
+    The edge turns a batch into the adapted embeddings ``z'`` the server LLM consumes. Image
+    positions in ``input_ids`` are marked by ``image_mask``; the connector's visual tokens (after the
+    vision adapter) are scattered there, in order, exactly as LLaVA merges image features.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module,
+        connector: nn.Module,
+        embed_tokens: nn.Embedding,
+        adapters: dict[str, NanoAdapter],
+    ) -> None:
+        super().__init__()
+        self.encoder = _freeze(encoder)
+        self.connector = _freeze(connector)
+        self.embed_tokens = _freeze(embed_tokens)
+        self.adapters = nn.ModuleDict(adapters)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """Frozen encoder features (B, N, d_v); cache these when the encoder is frozen."""
+        with torch.no_grad():
+            return self.encoder(pixel_values)
+
+    def visual_tokens(self, features: Tensor) -> Tensor:
+        """Connector + vision adapter: (B, N, d_v) -> (B, N, d)."""
+        with torch.no_grad():
+            v = self.connector(features)
+        if "vision" in self.adapters:
+            v = self.adapters["vision"](v)
+        return v
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        image_mask: Tensor,
+        *,
+        features: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+    ) -> Tensor:
+        """Adapted embeddings z' (B, T, d).
+
+        Args:
+            input_ids: (B, T) token ids; ids under ``image_mask`` are placeholders.
+            image_mask: (B, T) bool, True at the visual-token positions of each row.
+            features: (B, N, d_v) precomputed encoder features, or
+            pixel_values: (B, 3, H, W) images to encode now.
+        """
+        with torch.no_grad():
+            z = self.embed_tokens(input_ids)  # (B, T, d)
+        if "text" in self.adapters:
+            z = self.adapters["text"](z)
+        if features is None:
+            if pixel_values is None:
+                raise ValueError("NanoEdge.forward needs features or pixel_values")
+            features = self.encode_images(pixel_values)
+        v = self.visual_tokens(features)  # (B, N, d)
+        n_slots = int(image_mask.sum())
+        if n_slots != v.shape[0] * v.shape[1]:
+            raise ValueError(f"image_mask marks {n_slots} positions but the images give {v.shape[0] * v.shape[1]} tokens")
+        mask = image_mask.unsqueeze(-1).expand_as(z)
+        return z.masked_scatter(mask, v.to(z.dtype))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.adapters.parameters() if p.requires_grad]
+
+
+class ServerLLM(nn.Module):
+    """The frozen LLM on the server: forward and backward to its inputs only.
+
+    Rows may come from different clients: ``groups`` (B,) names the client of each row and the
+    loss of each group is the mean over that group's label tokens, so merging requests from many
+    clients into one padded batch gives every client exactly the gradient it would get alone.
+    """
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, *, autocast_bf16: bool = False) -> None:
+        super().__init__()
+        self.decoder = _freeze(decoder)
+        self.lm_head = _freeze(lm_head)
+        self.autocast_bf16 = autocast_bf16
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm_head.weight.shape[1]
+
+    def _autocast(self):
+        if self.autocast_bf16:
+            return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _token_logprobs(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token log-prob of the next label, only at labelled positions.
+
+        Returns (logp (M,), row (M,)) for the M positions whose shifted label is not IGNORE_INDEX.
+        """
+        with self._autocast():
+            hidden = self.decoder(inputs_embeds=z, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+        sel = targets != IGNORE_INDEX
+        rows = torch.nonzero(sel, as_tuple=True)[0]
+        h = hidden[:, :-1][sel]  # (M, d): run the vocab projection only where it is scored
+        with self._autocast():
+            logits = self.lm_head(h)
+        logp = -F.cross_entropy(logits.float(), targets[sel], reduction="none")
+        return logp, rows
+
+    def loss_and_grad(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        groups: Tensor | None = None,
+        num_groups: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The split step on the server.
+
+        Args:
+            inputs_embeds: (B, T, d) adapted embeddings z' from the clients.
+            attention_mask: (B, T) 1 for real tokens (right padding).
+            labels: (B, T) target ids, IGNORE_INDEX where no loss is taken.
+            groups: (B,) group (client) index of each row; default all 0.
+            num_groups: number of groups (default max(groups)+1).
+
+        Returns:
+            (losses (G,), dL/dz' (B, T, d)) where L = sum of the group losses.
+        """
+        if groups is None:
+            groups = torch.zeros(inputs_embeds.shape[0], dtype=torch.long)
+        g = int(num_groups if num_groups is not None else int(groups.max()) + 1)
+        z = inputs_embeds.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            logp, rows = self._token_logprobs(z, attention_mask, labels)
+            row_group = groups[rows]
+            sums = torch.zeros(g).index_add(0, row_group, -logp)
+            counts = torch.zeros(g).index_add(0, row_group, torch.ones_like(logp))
+            losses = sums / counts.clamp_min(1)
+            (grad,) = torch.autograd.grad(losses.sum(), z)
+        return losses.detach(), grad
+
+    @torch.no_grad()
+    def score(self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Summed log-probability of each row's labelled tokens, (B,)."""
+        logp, rows = self._token_logprobs(inputs_embeds.float(), attention_mask, labels)
+        return torch.zeros(inputs_embeds.shape[0]).index_add(0, rows, logp)
+
+    @torch.no_grad()
+    def generate(
+        self, inputs_embeds: Tensor, attention_mask: Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int]
+    ) -> list[list[int]]:
+        """Greedy decoding from prompt embeddings (right padded); returns new token ids per row."""
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        table = self.decoder.get_input_embeddings()  # the server embeds the tokens it generates
+        outs: list[list[int]] = []
+        for b in range(inputs_embeds.shape[0]):  # rows differ in length; decode each with a KV cache
+            n = int(attention_mask[b].sum())
+            z = inputs_embeds[b : b + 1, :n].float()
+            past = None
+            ids: list[int] = []
+            for _ in range(max_new_tokens):
+                with self._autocast():
+                    out = self.decoder(inputs_embeds=z, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = int(self.lm_head(out.last_hidden_state[:, -1].float()).argmax(-1))
+                if nxt in eos:
+                    break
+                ids.append(nxt)
+                z = table(torch.tensor([[nxt]])).float()
+            outs.append(ids)
+        return outs
+
+
+def split_mllm(
+    parts: MLLMParts,
+    *,
+    r: int,
+    lora_alpha: float,
+    dropout: float = 0.0,
+    modalities: Sequence[str] = ("vision", "text"),
+    autocast_bf16: bool = False,
+    seed: int | None = None,
+) -> tuple[NanoEdge, ServerLLM]:
+    """Split any MLLM into (NanoEdge with fresh NanoAdapters, frozen ServerLLM).
+
+    The two halves share the frozen tensors (no copy); in a real deployment each side loads only
+    its own half. ``seed`` makes the adapter init identical across processes.
+    """
+    bad = set(modalities) - {"vision", "text"}
+    if bad:
+        raise ValueError(f"unknown adapter modalities {sorted(bad)}; use vision and/or text")
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        adapters = {m: NanoAdapter(parts.hidden_size, r=r, lora_alpha=lora_alpha, dropout=dropout) for m in modalities}
+    finally:
+        torch.random.set_rng_state(gen_state)
+    edge = NanoEdge(encoder=parts.encoder, connector=parts.connector, embed_tokens=parts.embed_tokens, adapters=adapters)
+    server = ServerLLM(parts.decoder, parts.lm_head, autocast_bf16=autocast_bf16)
+    return edge, server

@@ -1,0 +1,126 @@
+"""The split step gives the monolithic model's adapter gradients (DESIGN.md §1 invariant)."""
+
+import pytest
+import torch
+
+from fednano_ray.models.adapter import adapter_state, load_adapter_state
+from fednano_ray.models.llava import build_tiny_llava, num_image_tokens, parts_from_llava
+from fednano_ray.models.prompt import CHATML, collate
+from fednano_ray.models.split import IGNORE_INDEX, split_mllm
+
+
+def _batch(tok, n_img, image_token_id, n=3):
+    qs = [("What colour is the square?", "red"), ("How many stars?", "four"), ("Where is it?", "left")]
+    rows = [CHATML.encode(tok, q, a, n_img, image_token_id) for q, a in qs[:n]]
+    return collate(rows, tok.pad_token_id)
+
+
+def _randomise_adapters(edge):
+    """B starts at zero; give both factors values so every gradient path is exercised."""
+    with torch.no_grad():
+        for p in edge.adapters.parameters():
+            p.normal_(0, 0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_tiny_llava()
+
+
+def test_split_grads_match_monolithic_llava(tiny):
+    """Adapter grads via edge -> server.loss_and_grad -> edge backward equal LLaVA's own end-to-end grads."""
+    llava, tok = tiny
+    parts = parts_from_llava(llava)
+    edge, server = split_mllm(parts, r=4, lora_alpha=8, seed=0)
+    _randomise_adapters(edge)
+    n_img = num_image_tokens(llava.config)
+    batch = _batch(tok, n_img, llava.config.image_token_index)
+    pixels = torch.randn(3, 3, 32, 32)
+
+    # Split path.
+    z = edge(batch["input_ids"], batch["image_mask"], pixel_values=pixels)
+    losses, grad = server.loss_and_grad(z, batch["attention_mask"], batch["labels"])
+    z.backward(grad)
+    split_grads = {k: p.grad.clone() for k, p in edge.adapters.named_parameters()}
+
+    # Monolithic path: the same adapters hooked into HF's own LLaVA forward (its merge + loss).
+    for p in edge.adapters.parameters():
+        p.grad = None
+    inner = llava.model
+    h1 = inner.language_model.embed_tokens.register_forward_hook(lambda m, i, o: edge.adapters["text"](o))
+    h2 = inner.multi_modal_projector.register_forward_hook(lambda m, i, o: edge.adapters["vision"](o))
+    try:
+        out = llava(
+            input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+    finally:
+        h1.remove()
+        h2.remove()
+    out.loss.backward()
+    assert torch.allclose(losses[0], out.loss, atol=1e-5)
+    for k, p in edge.adapters.named_parameters():
+        assert p.grad.abs().sum() > 0, k
+        torch.testing.assert_close(split_grads[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_merged_batch_gives_each_client_its_own_gradient(tiny):
+    """Rows of two clients merged into one padded batch get the grads they get alone."""
+    llava, tok = tiny
+    edge, server = split_mllm(parts_from_llava(llava), r=4, lora_alpha=8, seed=0)
+    _randomise_adapters(edge)
+    n_img = num_image_tokens(llava.config)
+    batch = _batch(tok, n_img, llava.config.image_token_index)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        z = edge(batch["input_ids"], batch["image_mask"], pixel_values=pixels)
+    groups = torch.tensor([0, 1, 1])
+    losses, grad = server.loss_and_grad(z, batch["attention_mask"], batch["labels"], groups)
+    for g, rows in ((0, [0]), (1, [1, 2])):
+        t = max(int(batch["attention_mask"][r].sum()) for r in rows)  # alone: padded to its own length
+        alone_loss, alone_grad = server.loss_and_grad(
+            z[rows, :t], batch["attention_mask"][rows, :t], batch["labels"][rows, :t]
+        )
+        torch.testing.assert_close(losses[g], alone_loss[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad[rows, :t], alone_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_round_zero_is_the_pretrained_model(tiny):
+    """B = 0 at init, so the edge's embeddings equal LLaVA's own merged inputs."""
+    llava, tok = tiny
+    edge, _ = split_mllm(parts_from_llava(llava), r=4, lora_alpha=8)
+    batch = _batch(tok, num_image_tokens(llava.config), llava.config.image_token_index, n=1)
+    pixels = torch.randn(1, 3, 32, 32)
+    z = edge(batch["input_ids"], batch["image_mask"], pixel_values=pixels)
+    feats = llava.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    ref = llava.model.language_model.embed_tokens(batch["input_ids"])
+    ref[batch["image_mask"]] = feats
+    torch.testing.assert_close(z, ref)
+
+
+def test_score_is_sum_of_label_logprobs(tiny):
+    """score() equals -CE summed over each row's label tokens."""
+    llava, tok = tiny
+    edge, server = split_mllm(parts_from_llava(llava), r=4, lora_alpha=8)
+    batch = _batch(tok, num_image_tokens(llava.config), llava.config.image_token_index)
+    with torch.no_grad():
+        z = edge(batch["input_ids"], batch["image_mask"], pixel_values=torch.randn(3, 3, 32, 32))
+        s = server.score(z, batch["attention_mask"], batch["labels"])
+        logits = llava.lm_head(llava.model.language_model(inputs_embeds=z, attention_mask=batch["attention_mask"]).last_hidden_state)
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    tgt = batch["labels"][:, 1:]
+    m = tgt != IGNORE_INDEX
+    ref = (lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * m).sum(1)
+    torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_heterogeneous_rank_state_truncates():
+    """A rank-4 adapter loads the first 4 ranks of a rank-8 global state (HetLoRA)."""
+    llava, _ = build_tiny_llava()
+    edge8, _ = split_mllm(parts_from_llava(llava), r=8, lora_alpha=8, seed=1)
+    edge4, _ = split_mllm(parts_from_llava(llava), r=4, lora_alpha=8)
+    state = adapter_state(edge8.adapters)
+    load_adapter_state(edge4.adapters, state)
+    torch.testing.assert_close(edge4.adapters["vision"].lora_A, state["vision.lora_A"][:4])
+    with pytest.raises(ValueError, match="missing keys"):
+        load_adapter_state(edge4.adapters, {"vision.lora_A": state["vision.lora_A"]})
