@@ -57,7 +57,7 @@ class ModelConfig(_Section):
     )
     grid: int = Field(3, ge=1, le=7, description="nano only: the 7x7 feature map is pooled to grid x grid visual tokens.")
     connector_steps: int = Field(
-        300, ge=0, description="nano only: stage-1 alignment steps of the connector (cached after the first run)."
+        200, ge=0, description="nano only: stage-1 alignment steps of the connector (cached after the first run)."
     )
     autocast_bf16: bool = Field(
         True,
@@ -122,7 +122,7 @@ class FederationConfig(_Section):
     num_clients: int = Field(8, ge=1, description="Number of clients the data is split across.")
     clients_per_round: int = Field(8, ge=1, description="Clients sampled each round.")
     rounds: int = Field(3, ge=0, description="Federated rounds.")
-    strategy: Literal["fednano", "fedavg", "fedprox", "local", "centralized", "fedavg-lora"] = Field(
+    strategy: Literal["fednano", "fedavg", "fedprox", "local", "centralized"] = Field(
         "fednano", description="Aggregation rule (fednano = Fisher merging)."
     )
     fedprox_mu: float = Field(0.01, ge=0, description="fedprox only: proximal coefficient mu.")
@@ -158,7 +158,8 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(32, ge=1, description="Rows per forward when scoring choices.")
     max_batch_size: int = Field(64, ge=1, description="LLM trainer: most rows merged into one forward/backward.")
     batch_wait_ms: float = Field(5.0, ge=0, description="LLM trainer: how long to wait for more requests to merge.")
-    personal_steps: int = Field(0, ge=0, description="Local steps each client takes on the final global adapters to personalise.")
+    trainer_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of the LLM trainer actor.")
+    trainer_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of the LLM trainer actor.")
 
 
 class ServeConfig(_Section):

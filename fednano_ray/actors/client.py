@@ -1,0 +1,124 @@
+"""ClientActor: a NanoEdge plus private data shards, running local split steps.
+
+One actor serves one client (deployment mode) or many virtual clients of one tier in turn
+(simulation mode): the edge and the frozen-feature arrays stay loaded between rounds, and each
+call brings the adapters to start from, so no per-client model is ever rebuilt.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from fednano_ray.models.adapter import load_adapter_state
+from fednano_ray.training import evaluate, local_fit
+
+
+class RemoteServer:
+    """The :class:`~fednano_ray.training.Server` protocol over a Ray handle to ``LLMTrainer``."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def loss_and_grad(self, z, attention_mask, labels):
+        import ray
+
+        return ray.get(self.handle.loss_and_grad.remote(z, attention_mask, labels))
+
+    def score(self, z, attention_mask, labels):
+        import ray
+
+        return ray.get(self.handle.score.remote(z, attention_mask, labels))
+
+
+class ClientError(RuntimeError):
+    """A client could not finish its work; the coordinator records it as a failure."""
+
+
+class ClientActor:
+    """Holds one tier's NanoEdge (rank ``rank``) and the feature arrays of the data it may be asked about.
+
+    Args:
+        model_cfg: ``ModelConfig``; the LLM body is dropped right after the split.
+        adapter_cfg: ``AdapterConfig``.
+        rank: adapter rank of this tier.
+        server: the ``LLMTrainer`` handle (or any object with the Server protocol).
+        data: ``{"train": (features, questions), "test": (...)}`` (from the object store).
+        num_threads: torch threads for this actor.
+    """
+
+    def __init__(
+        self, model_cfg, adapter_cfg, *, rank: int, server, data: dict[str, Any], num_threads: int = 1, seed: int = 0
+    ) -> None:
+        from fednano_ray.models.build import build_mllm
+
+        torch.set_num_threads(max(1, num_threads))
+        mllm = build_mllm.__wrapped__(model_cfg)
+        self.edge, _ = mllm.split(adapter_cfg, r=rank, seed=seed)
+        self._initial = {k: v.clone() for k, v in self.edge.adapters.state_dict().items()}
+        mllm.parts.decoder = None  # the client keeps no LLM layers (NanoEdge only)
+        self.encode_row = mllm.encode_row
+        self.pad_id = mllm.pad_id
+        self.rank = rank
+        self.server = RemoteServer(server) if hasattr(server.loss_and_grad, "remote") else server
+        self.data = data
+        self._train_rows: dict[int, Any] = {}
+
+    def _rows(self, i: int):
+        """Training row of train example i (cached: tokenizing is cheap but not free)."""
+        if i not in self._train_rows:
+            q, choices, answer, _ = self.data["train"][1][i]
+            self._train_rows[i] = self.encode_row(q, choices[answer])
+        return self._train_rows[i]
+
+    def fit(
+        self,
+        client_id: int,
+        indices: list[int],
+        start_state: dict[str, torch.Tensor],
+        *,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        weight_decay: float = 0.0,
+        prox_mu: float = 0.0,
+        seed: int = 0,
+        chaos: str | None = None,
+    ) -> dict[str, Any]:
+        """Local training of one client from ``start_state``; returns its update as plain data."""
+        if chaos == "die":
+            os._exit(1)  # a real crash: the process disappears mid-round
+        if chaos == "stall":
+            time.sleep(3600)
+        if not indices:
+            raise ClientError(f"client {client_id} has no training examples")
+        t0 = time.perf_counter()
+        load_adapter_state(self.edge.adapters, start_state)
+        feats = self.data["train"][0][indices]
+        rows = [self._rows(i) for i in indices]
+        state, fisher, metrics = local_fit(
+            self.edge, self.server, feats, rows, steps=steps, batch_size=batch_size, lr=lr, pad_id=self.pad_id,
+            weight_decay=weight_decay, prox_mu=prox_mu, seed=seed,
+        )
+        metrics["fit_s"] = time.perf_counter() - t0
+        return {"client_id": client_id, "state": state, "fisher": fisher, "num_examples": len(indices), "metrics": metrics, "rank": self.rank}
+
+    def evaluate(self, state: dict[str, torch.Tensor], split: str, indices: list[int], batch_size: int = 32) -> dict[str, float]:
+        """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or "test")."""
+        load_adapter_state(self.edge.adapters, state)
+        feats, qs = self.data[split]
+        questions = [
+            ([self.encode_row(q, c) for c in choices], answer, cat) for q, choices, answer, cat in (qs[i] for i in indices)
+        ]
+        return evaluate(self.edge, self.server, np.asarray(feats[indices]), questions, pad_id=self.pad_id, batch_size=batch_size)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The adapters as initialised (B = 0: exactly the pretrained model)."""
+        return self._initial
+
+    def ping(self) -> int:
+        return os.getpid()

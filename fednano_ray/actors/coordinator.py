@@ -1,0 +1,366 @@
+"""Coordinator: runs the federated rounds.
+
+Each round it samples clients, sends the global NanoAdapters as one object-store reference,
+collects updates with a deadline (``ray.wait``) and a quorum, hands failures to the strategy as
+data, aggregates, evaluates and checkpoints, so ``--resume`` continues a killed run exactly.
+A plain class: ``app.py`` wraps it (and the client and trainer actors) with ``ray.remote``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fednano_ray.config import Config, dump_config
+from fednano_ray.strategies import build_strategy
+from fednano_ray.strategies.aggregate import truncate_to_rank
+from fednano_ray.strategies.base import ClientFailure, ClientUpdate
+
+CHECKPOINTS = "checkpoints"
+
+
+def _nbytes(state: dict[str, torch.Tensor] | None) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values()) if state else 0
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete ``checkpoints/round_XXXX`` (``state.json`` is written last)."""
+    done = sorted(p.parent for p in (run_dir / CHECKPOINTS).glob("round_*/state.json"))
+    return done[-1] if done else None
+
+
+class Coordinator:
+    """Owns the global adapters, the client actors and the LLM trainer of one run.
+
+    Args:
+        cfg: the validated config.
+        run_dir: where config.yaml, results.json and checkpoints go.
+        resume: continue from the newest checkpoint in ``run_dir``.
+        actor_classes: ``{"client": ray.remote(ClientActor), "trainer": ray.remote(LLMTrainer)}``.
+        chaos: test hook ``{(round, client_id): "die" | "stall"}`` injecting real faults.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        actor_classes: dict[str, Any],
+        chaos: dict[tuple[int, int], str] | None = None,
+    ) -> None:
+        import ray
+
+        from fednano_ray.accounting import account
+        from fednano_ray.features import cached_features
+        from fednano_ray.models.build import build_mllm
+        from fednano_ray.models.pretrained import cache_dir
+        from fednano_ray.task import prepare_data
+
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.chaos = chaos or {}
+        fed = cfg.federation
+        self.strategy = build_strategy(fed.strategy, **self._strategy_kwargs())
+        self.data = prepare_data(cfg)
+
+        # Frozen encoder features, once per dataset (cached on disk for real models).
+        mllm = build_mllm.__wrapped__(cfg.model)
+        key = json.dumps(cfg.model.model_dump(mode="json"), sort_keys=True)
+        cache = None if cfg.model.kind == "tiny" else cache_dir() / "features"
+        train_f = cached_features(mllm, key, self.data.train, cache)
+        test_f = cached_features(mllm, key, self.data.test, cache)
+        max_rank = max(cfg.tier_rank(t) for t in cfg.tiers)
+        self.accounting = account(
+            mllm.parts, adapter_rank=max_rank, lora_alpha=cfg.adapter.lora_alpha, modalities=cfg.adapter.modalities,
+            num_image_tokens=mllm.num_image_tokens, text_tokens=40, batch_size=cfg.tiers[0].batch_size,
+            clients_per_round=fed.clients_per_round, strategy=fed.strategy,
+        )
+        del mllm
+        gc.collect()
+
+        qs = lambda exs: [(e.question, list(e.choices), e.answer, e.category) for e in exs]  # noqa: E731
+        self._data_ref = data_ref = ray.put({"train": (train_f, qs(self.data.train)), "test": (test_f, qs(self.data.test))})
+        t = cfg.train
+        self.trainer = actor_classes["trainer"].options(
+            name=None, num_cpus=t.trainer_num_cpus, num_gpus=t.trainer_num_gpus, max_restarts=-1, max_task_retries=-1
+        ).remote(cfg.model, max_batch_size=t.max_batch_size, batch_wait_ms=t.batch_wait_ms,
+                 num_threads=max(1, int(t.trainer_num_cpus)) if t.trainer_num_cpus >= 1 else 1)
+
+        # Client actors: one per client (deployment) or a pool per tier (simulation).
+        self.client_tier = cfg.client_tiers()
+        self.pools: dict[str, list[Any]] = {}
+        for tier in cfg.tiers:
+            n = tier.clients if fed.mode == "deployment" else tier.pool_size
+            self.pools[tier.name] = [
+                actor_classes["client"].options(
+                    num_cpus=tier.num_cpus, num_gpus=tier.num_gpus, resources=dict(tier.resources),
+                    max_restarts=-1, max_task_retries=0,
+                ).remote(cfg.model, cfg.adapter, rank=cfg.tier_rank(tier), server=self.trainer, data=data_ref,
+                         num_threads=max(1, int(tier.num_cpus)), seed=fed.seed)
+                for _ in range(min(n, tier.clients))
+            ]
+        top = max(cfg.tiers, key=cfg.tier_rank)
+        self.top_actor = self.pools[top.name][0]
+        self.global_state: dict[str, torch.Tensor] = ray.get(self.top_actor.initial_state.remote())
+        self.initial_state = {k: v.clone() for k, v in self.global_state.items()}
+        self.client_states: dict[int, dict[str, torch.Tensor]] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}
+        self.next_round = 0
+        self.progress = {"round": -1, "done": 0, "total": 0}
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if resume:
+            self._restore()
+        self.setup_s = time.perf_counter() - t0
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _strategy_kwargs(self) -> dict[str, Any]:
+        fed = self.cfg.federation
+        if fed.strategy == "fedprox":
+            return {"mu": fed.fedprox_mu}
+        if fed.strategy == "fednano":
+            return {"eps": fed.fisher_eps}
+        return {}
+
+    def _actor_for(self, client_id: int):
+        pool = self.pools[self.client_tier[client_id].name]
+        tier_index = sum(1 for c in range(client_id) if self.client_tier[c].name == self.client_tier[client_id].name)
+        return pool[tier_index % len(pool)]
+
+    def _start_state(self, client_id: int) -> dict[str, torch.Tensor]:
+        if self.strategy.personalize_only:
+            return self.client_states.get(client_id, self.initial_state)
+        return self.global_state
+
+    def get_progress(self) -> dict[str, int]:
+        return dict(self.progress)
+
+    def ping(self) -> bool:
+        return True
+
+    # -- a round ----------------------------------------------------------------------------------
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        """Sample, fit with deadline and quorum, aggregate, evaluate, checkpoint. Returns the round record."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        cfg, fed = self.cfg, self.cfg.federation
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(_seed(fed.seed, rnd))
+        centralized = fed.strategy == "centralized"
+        if centralized:  # one pooled "client" holding every client's training data (upper bound)
+            sampled = [0]
+        else:
+            sampled = sorted(rng.choice(fed.num_clients, fed.clients_per_round, replace=False).tolist())
+        global_ref = ray.put(self.global_state)
+        refs: dict[Any, int] = {}
+        bytes_down = 0
+        for c in sampled:
+            tier = self.client_tier[c]
+            start = global_ref if not self.strategy.personalize_only else ray.put(self._start_state(c))
+            idx = self.data.client_train[c]
+            steps = tier.local_steps
+            if centralized:
+                idx = sorted(i for shard in self.data.client_train for i in shard)
+                steps = tier.local_steps * fed.clients_per_round
+            bytes_down += _nbytes(truncate_to_rank(self._start_state(c), cfg.tier_rank(tier)))
+            ref = self._actor_for(c).fit.remote(
+                c, idx, start, steps=steps, batch_size=tier.batch_size, lr=cfg.train.lr,
+                weight_decay=cfg.train.weight_decay, prox_mu=self.strategy.proximal_mu,
+                seed=_seed(fed.seed, rnd, c), chaos=self.chaos.get((rnd, c)),
+            )
+            refs[ref] = c
+        self.progress = {"round": rnd, "done": 0, "total": len(refs)}
+        updates: list[ClientUpdate] = []
+        failures: list[ClientFailure] = []
+        pending = list(refs)
+        deadline = time.monotonic() + fed.deadline_s
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                break
+            for ref in done:
+                c = refs[ref]
+                try:
+                    out = ray.get(ref, timeout=30)
+                    updates.append(ClientUpdate(c, out["state"], out["num_examples"], out["fisher"], out["metrics"]))
+                except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                    failures.append(ClientFailure(str(c), f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+                self.progress["done"] += 1
+        stalled_actors = []
+        for ref in pending:  # past the deadline: record, and restart the actor so its queue clears
+            c = refs[ref]
+            failures.append(ClientFailure(str(c), f"deadline of {fed.deadline_s:g} s exceeded"))
+            stalled_actors.append(self._actor_for(c))
+        for actor in {id(a): a for a in stalled_actors}.values():
+            ray.kill(actor, no_restart=False)
+
+        quorum = math.ceil(fed.quorum * len(sampled))
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients": sampled,
+            "completed": sorted(int(u.client_id) for u in updates),
+            "failures": [{"client_id": f.client_id, "reason": f.reason} for f in failures],
+            "loss": float(np.mean([u.metrics["loss"] for u in updates])) if updates else None,
+            "client_loss": {str(u.client_id): u.metrics["loss"] for u in updates},
+            "bytes_down": bytes_down,
+            "bytes_up": sum(_nbytes(u.state) + (_nbytes(u.fisher) if fed.strategy == "fednano" else 0) for u in updates),
+        }
+        if len(updates) < quorum:
+            record["aggregated"] = False
+            record["note"] = f"quorum not met: {len(updates)} of {len(sampled)} reported, {quorum} needed; global adapters unchanged"
+        else:
+            record["aggregated"] = True
+            if self.strategy.personalize_only:
+                for u in updates:
+                    self.client_states[int(u.client_id)] = u.state
+            else:
+                for u in updates:  # keep each client's fisher at its own rank: the strategy pads
+                    u.state = {k: v.float() for k, v in u.state.items()}
+                self.global_state = self.strategy.aggregate(self.global_state, updates, failures)
+            if self.strategy.warnings:
+                record["warnings"] = list(self.strategy.warnings)
+        last = rnd == fed.rounds - 1
+        if last or (rnd + 1) % fed.evaluate_every == 0:
+            record.update(self.evaluate())
+        record["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        self.rounds.append(record)
+        self.next_round = rnd + 1
+        self._checkpoint(rnd)
+        return record
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def _client_model(self, c: int) -> dict[str, torch.Tensor]:
+        if self.strategy.personalize_only:
+            return self.client_states.get(c, self.initial_state)
+        return self.global_state
+
+    def evaluate(self, initial: bool = False) -> dict[str, Any]:
+        """Per-client accuracy on each client's held-out split, and global test accuracy."""
+        import ray
+
+        cfg = self.cfg
+        bs = cfg.train.eval_batch_size
+        refs = {}
+        for c in range(cfg.federation.num_clients):
+            state = self.initial_state if initial else self._client_model(c)
+            rank = cfg.tier_rank(self.client_tier[c])
+            refs[c] = self._actor_for(c).evaluate.remote(truncate_to_rank(state, rank), "train", self.data.client_test[c], bs)
+        test_states = [self.initial_state] if initial or not self.strategy.personalize_only else [
+            self._client_model(c) for c in range(cfg.federation.num_clients)
+        ]
+        test_refs = [self.top_actor.evaluate.remote(s, "test", list(range(len(self.data.test))), bs) for s in test_states]
+        per_client = {c: ray.get(r) for c, r in refs.items()}
+        tests = ray.get(test_refs)
+        accs = {str(c): m["accuracy"] for c, m in per_client.items() if m["n"] > 0}
+        return {
+            "accuracy": accs,
+            "avg_accuracy": float(np.mean(list(accs.values()))),
+            "global_test_accuracy": float(np.mean([t["accuracy"] for t in tests])),
+            "global_test_by_category": {k.split("/", 1)[1]: v for k, v in tests[0].items() if k.startswith("accuracy/")}
+            if len(tests) == 1 else {},
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _checkpoint(self, rnd: int) -> None:
+        from safetensors.torch import save_file
+
+        folder = self.run_dir / CHECKPOINTS / f"round_{rnd:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.global_state.items()}, str(folder / "adapters.safetensors"))
+        if self.client_states:
+            (folder / "clients").mkdir(exist_ok=True)
+            for c, s in self.client_states.items():
+                save_file({k: v.contiguous() for k, v in s.items()}, str(folder / "clients" / f"client_{c:05d}.safetensors"))
+        state = {"round": rnd, "rounds": self.rounds, "summary": self.summary, "client_ids": sorted(self.client_states)}
+        tmp = folder / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(folder / "state.json")  # written last: its presence marks the checkpoint complete
+        self.write_results()
+
+    def _restore(self) -> None:
+        from safetensors.torch import load_file
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return
+        state = json.loads((ckpt / "state.json").read_text())
+        self.global_state = load_file(str(ckpt / "adapters.safetensors"))
+        self.client_states = {
+            c: load_file(str(ckpt / "clients" / f"client_{c:05d}.safetensors")) for c in state["client_ids"]
+        }
+        self.rounds = state["rounds"]
+        self.summary = state["summary"]
+        self.next_round = state["round"] + 1
+
+    def write_results(self) -> dict[str, Any]:
+        results = {
+            "config": self.cfg.model_dump(mode="json"),
+            "strategy": self.strategy.describe(),
+            "rounds": self.rounds,
+            "summary": self.summary,
+            "accounting": self.accounting,
+        }
+        tmp = self.run_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(self.run_dir / "results.json")
+        return results
+
+    # -- whole run ---------------------------------------------------------------------------------
+
+    def begin(self) -> dict[str, Any]:
+        """Evaluate the pretrained model (round 0 = B zero) once, unless resumed past it."""
+        if "accuracy_before" not in self.summary:
+            ev = self.evaluate(initial=True)
+            self.summary.update(
+                accuracy_before=ev["avg_accuracy"], global_test_accuracy_before=ev["global_test_accuracy"],
+                accuracy_before_per_client=ev["accuracy"],
+            )
+            self.write_results()
+        return {"next_round": self.next_round, "setup_s": self.setup_s}
+
+    def finish(self, wall_time_s: float) -> dict[str, Any]:
+        evals = [r for r in self.rounds if "avg_accuracy" in r]
+        last = evals[-1] if evals else self.evaluate()
+        acct = self.accounting
+        self.summary.update(
+            strategy=self.cfg.federation.strategy,
+            rounds=len(self.rounds),
+            accuracy_after=last["avg_accuracy"],
+            accuracy_after_per_client=last["accuracy"],
+            global_test_accuracy=last["global_test_accuracy"],
+            bytes_up=sum(r["bytes_up"] for r in self.rounds),
+            bytes_down=sum(r["bytes_down"] for r in self.rounds),
+            failures=sum(len(r["failures"]) for r in self.rounds),
+            client_storage_fraction=acct["client_storage_fraction"],
+            client_bytes=acct["client_bytes"],
+            total_bytes=acct["total_bytes"],
+            step_bytes_up=acct["step_bytes_up"],
+            step_bytes_down=acct["step_bytes_down"],
+            rank_rule=getattr(self.strategy, "rank_rule", None),
+            wall_time_s=round(wall_time_s, 1),
+        )
+        return self.write_results()
+
+    def trainer_stats(self) -> dict[str, float]:
+        import ray
+
+        return ray.get(self.trainer.get_stats.remote())

@@ -1,0 +1,122 @@
+"""LLMTrainer: holds the frozen LLM once and serves split steps to every client.
+
+Concurrent ``loss_and_grad`` calls from different clients are merged into one right-padded batch
+(dynamic batching: up to ``max_batch_size`` rows, waiting at most ``batch_wait_ms`` for more). Each
+client's rows form their own group, so each gets exactly the loss and gradient it would get alone
+(``ServerLLM.loss_and_grad``). A plain class: wrap it with ``ray.remote`` where the app is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fednano_ray.models.split import IGNORE_INDEX, ServerLLM
+
+
+@dataclass
+class _Request:
+    z: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    future: asyncio.Future = field(repr=False)
+
+
+class LLMTrainer:
+    """The server half of the split step, batched across clients.
+
+    Args:
+        model_cfg: ``ModelConfig`` of the MLLM (only its decoder and LM head are kept).
+        max_batch_size: most rows merged into one forward/backward.
+        batch_wait_ms: how long the first request of a batch waits for others.
+        num_threads: torch intra-op threads (default: torch's choice).
+    """
+
+    def __init__(self, model_cfg, *, max_batch_size: int = 64, batch_wait_ms: float = 5.0, num_threads: int | None = None) -> None:
+        from fednano_ray.models.build import build_mllm
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        parts = build_mllm.__wrapped__(model_cfg).parts  # uncached: this process keeps only the server half
+        self.server = ServerLLM(parts.decoder, parts.lm_head, autocast_bf16=model_cfg.autocast_bf16)
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._worker: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1)  # torch runs off the event loop
+        self.stats = {"batches": 0, "rows": 0, "requests": 0, "max_clients_in_batch": 0, "compute_s": 0.0}
+
+    async def loss_and_grad(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[float, Tensor]:
+        """One client's split step: (mean loss over its label tokens, dL/dz' with its own shape)."""
+        if z.dim() != 3 or z.shape[:2] != attention_mask.shape or labels.shape != attention_mask.shape:
+            raise ValueError(f"bad split-step shapes: z {tuple(z.shape)}, mask {tuple(attention_mask.shape)}, labels {tuple(labels.shape)}")
+        if z.shape[-1] != self.server.hidden_size:
+            raise ValueError(f"z' has width {z.shape[-1]} but the LLM expects {self.server.hidden_size}: client and server models differ")
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._batch_loop())
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(z, attention_mask, labels, fut))
+        return await fut
+
+    async def score(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Summed log-likelihood of each row's labelled tokens (evaluation; forward only)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.server.score, z, attention_mask, labels)
+
+    def get_stats(self) -> dict[str, float]:
+        return dict(self.stats)
+
+    async def _batch_loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            rows = batch[0].z.shape[0]
+            deadline = time.monotonic() + self.batch_wait_s
+            while rows < self.max_batch_size:
+                timeout = deadline - time.monotonic()
+                try:
+                    req = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+                batch.append(req)
+                rows += req.z.shape[0]
+            try:
+                results = await loop.run_in_executor(self._pool, self._run, batch)
+            except Exception as e:  # a bad batch fails its requests, never the trainer
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                continue
+            for r, res in zip(batch, results, strict=True):
+                if not r.future.done():
+                    r.future.set_result(res)
+
+    def _run(self, batch: list[_Request]) -> list[tuple[float, Tensor]]:
+        t0 = time.perf_counter()
+        t = max(r.z.shape[1] for r in batch)
+        pad = lambda x, v: F.pad(x, (0, 0, 0, t - x.shape[1]), value=v) if x.dim() == 3 else F.pad(x, (0, t - x.shape[1]), value=v)  # noqa: E731
+        z = torch.cat([pad(r.z.float(), 0.0) for r in batch])
+        mask = torch.cat([pad(r.attention_mask, 0) for r in batch])
+        labels = torch.cat([pad(r.labels, IGNORE_INDEX) for r in batch])
+        groups = torch.cat([torch.full((r.z.shape[0],), i, dtype=torch.long) for i, r in enumerate(batch)])
+        losses, grad = self.server.loss_and_grad(z, mask, labels, groups, num_groups=len(batch))
+        out, start = [], 0
+        for i, r in enumerate(batch):
+            b, tr = r.z.shape[0], r.z.shape[1]
+            out.append((float(losses[i]), grad[start : start + b, :tr].contiguous()))
+            start += b
+        s = self.stats
+        s["batches"] += 1
+        s["rows"] += int(z.shape[0])
+        s["requests"] += len(batch)
+        s["max_clients_in_batch"] = max(s["max_clients_in_batch"], len(batch))
+        s["compute_s"] += time.perf_counter() - t0
+        return out

@@ -1,0 +1,122 @@
+"""Assemble the Ray app (the only place ``ray.remote`` is applied) and drive a training run."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fednano_ray.config import Config, ConfigError
+
+
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """Fail before any actor starts when a tier can never be placed on this cluster.
+
+    Raises:
+        ConfigError: naming the tier key, what it asks for and what the cluster has.
+    """
+    need_cpu = cfg.train.trainer_num_cpus
+    for i, t in enumerate(cfg.tiers):
+        actors = t.clients if cfg.federation.mode == "deployment" else min(t.pool_size, t.clients)
+        need_cpu += t.num_cpus * actors
+        if t.num_gpus > available.get("GPU", 0.0):
+            raise ConfigError(
+                f"tiers[{i}].num_gpus = {t.num_gpus:g} ({t.name}) but the cluster has {available.get('GPU', 0.0):g} GPUs: "
+                "lower it, or run on a cluster with GPUs (--address)"
+            )
+        for res, amount in t.resources.items():
+            if amount > available.get(res, 0.0):
+                raise ConfigError(
+                    f"tiers[{i}].resources.{res} = {amount:g} ({t.name}) but the cluster offers {available.get(res, 0.0):g}: "
+                    f"start nodes with --resources='{{\"{res}\": N}}' (see cluster.yaml) or remove it"
+                )
+    if cfg.train.trainer_num_gpus > available.get("GPU", 0.0):
+        raise ConfigError(f"train.trainer_num_gpus = {cfg.train.trainer_num_gpus:g} but the cluster has no GPU")
+    if need_cpu > available.get("CPU", 0.0) + 1e-9:
+        raise ConfigError(
+            f"the trainer and client actors need {need_cpu:g} CPUs but the cluster has {available.get('CPU', 0.0):g}: "
+            "lower tiers[*].num_cpus or tiers[*].pool_size (fractions such as 0.5 are fine) or train.trainer_num_cpus"
+        )
+
+
+def actor_classes() -> dict[str, Any]:
+    import ray
+
+    from fednano_ray.actors.client import ClientActor
+    from fednano_ray.actors.coordinator import Coordinator
+    from fednano_ray.actors.llm_trainer import LLMTrainer
+
+    return {
+        "client": ray.remote(ClientActor),
+        "trainer": ray.remote(LLMTrainer),
+        "coordinator": ray.remote(Coordinator),
+    }
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Start (or join) Ray. Only entry points call this."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if address is None else None
+    if address is None:
+        ray.init(include_dashboard=False, log_to_driver=True, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    chaos: dict[tuple[int, int], str] | None = None,
+    progress: bool = True,
+    stop_after_round: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a federated training run on the connected Ray cluster; returns results.json.
+
+    Args:
+        stop_after_round: end after this round without finishing (simulates a killed run).
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    if not resume and (run_dir / "results.json").exists():
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
+    check_resources(cfg, ray.cluster_resources())
+    classes = actor_classes()
+    t0 = time.perf_counter()
+    coord = classes["coordinator"].options(max_concurrency=4, num_cpus=0).remote(
+        cfg, str(run_dir), resume=resume, actor_classes={k: classes[k] for k in ("client", "trainer")}, chaos=chaos
+    )
+    info = ray.get(coord.begin.remote())
+    fed = cfg.federation
+    bar = tqdm(total=fed.rounds, initial=info["next_round"], desc="rounds", unit="round", disable=not progress, file=sys.stderr)
+    for rnd in range(info["next_round"], fed.rounds):
+        ref = coord.run_round.remote(rnd)
+        while True:
+            ready, _ = ray.wait([ref], timeout=1.0)
+            if ready:
+                break
+            p = ray.get(coord.get_progress.remote())
+            if p["round"] == rnd:
+                bar.set_postfix_str(f"round {rnd}: {p['done']}/{p['total']} clients")
+        rec = ray.get(ref)
+        post = {"loss": f"{rec['loss']:.3f}" if rec["loss"] is not None else "-", "failed": len(rec["failures"])}
+        if "avg_accuracy" in rec:
+            post["acc"] = f"{rec['avg_accuracy']:.3f}"
+        bar.set_postfix(post)
+        bar.update(1)
+        if stop_after_round is not None and rnd >= stop_after_round:
+            bar.close()
+            return ray.get(coord.write_results.remote())
+    bar.close()
+    results = ray.get(coord.finish.remote(time.perf_counter() - t0))
+    results["trainer_stats"] = ray.get(coord.trainer_stats.remote())
+    ray.kill(coord)
+    return results

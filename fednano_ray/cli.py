@@ -1,0 +1,147 @@
+"""``fednano-ray`` command line (also ``python -m fednano_ray``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fednano_ray.config import Config, ConfigError, load_config
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The end-of-run table: per-client accuracy before/after, averages, bytes, storage."""
+    s = results["summary"]
+    before = s.get("accuracy_before_per_client", {})
+    after = s.get("accuracy_after_per_client", {})
+    lines = [f"{'client':>8} | {'before':>7} | {'after':>7}", "-" * 29]
+    for c in sorted(after, key=int):
+        lines.append(f"{c:>8} | {before.get(c, float('nan')):7.3f} | {after[c]:7.3f}")
+    lines.append("-" * 29)
+    lines.append(f"{'average':>8} | {s['accuracy_before']:7.3f} | {s['accuracy_after']:7.3f}")
+    lines.append("")
+    lines.append(f"strategy                   {s['strategy']} ({s['rounds']} rounds, {s['failures']} client failures)")
+    lines.append(
+        f"global test accuracy       {s.get('global_test_accuracy_before', float('nan')):.3f} -> {s['global_test_accuracy']:.3f}"
+    )
+    lines.append(f"adapters sent up / down    {_fmt_bytes(s['bytes_up'])} / {_fmt_bytes(s['bytes_down'])} in total")
+    lines.append(
+        f"split-step activations     {_fmt_bytes(s['step_bytes_up'])} up + {_fmt_bytes(s['step_bytes_down'])} down per step"
+    )
+    lines.append(
+        f"client storage             {_fmt_bytes(s['client_bytes'])} of {_fmt_bytes(s['total_bytes'])} "
+        f"({100 * s['client_storage_fraction']:.1f}% of the full MLLM)"
+    )
+    lines.append(f"wall time                  {s['wall_time_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)  # validated before Ray starts
+    run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.config).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    if args.resume and not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); pass the --run-dir of the run to continue")
+    if args.address is None:
+        from fednano_ray.app import check_resources
+
+        check_resources(cfg, {"CPU": float(os.cpu_count() or 1), **_local_resources(cfg)})
+    from fednano_ray.app import init_ray, train
+
+    init_ray(args.address, **({"num_cpus": _local_cpus(cfg)} if args.address is None else {}))
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    results = train(cfg, run_dir, resume=args.resume)
+    print(summary_table(results))
+    print(f"\nresults: {run_dir / 'results.json'}")
+    return 0
+
+
+def _local_resources(cfg: Config) -> dict[str, float]:
+    return {"GPU": 0.0}
+
+
+def _local_cpus(cfg: Config) -> int:
+    return int(os.cpu_count() or 1)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fednano_ray.accounting import inspect_config
+
+    cfg = load_config(args.config, args.set)
+    out = inspect_config(cfg)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k:28} {v}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from fednano_ray.data.synth import generate
+
+    root = generate(args.out_dir, num_train=args.num_train, num_test=args.num_test, image_size=args.image_size, seed=args.seed)
+    info = json.loads((Path(root) / "info.json").read_text())
+    print(json.dumps({"root": str(root), **{k: info[k] for k in info if k in ("counts", "generator", "version")}}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fednano-ray", description="Federated tuning of multimodal LLMs with FedNano on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run a federated training job")
+    t.add_argument("config", help="YAML config (see examples/quickstart.yaml)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
+    t.add_argument("--run-dir", help="output directory (default runs/<config>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--address", help="join an existing Ray cluster (auto or ray://host:port)")
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("inspect", help="parameter/byte accounting of NanoEdge vs. the full MLLM")
+    i.add_argument("config")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write the offline synthetic VQA benchmark")
+    s.add_argument("out_dir")
+    s.add_argument("--num-train", type=int, default=2000)
+    s.add_argument("--num-test", type=int, default=400)
+    s.add_argument("--image-size", type=int, default=224)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # domain errors from deep inside still get one readable line
+        from fednano_ray.data.dataset import DatasetError
+
+        if isinstance(e, DatasetError | FileNotFoundError | ValueError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Build any model kind (nano, hf, tiny) into one bundle: parts, tokenizer, prompt, preprocessing."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fednano_ray.config import AdapterConfig, ModelConfig
+from fednano_ray.models.prompt import CHATML, LLAVA, PromptFormat
+from fednano_ray.models.split import MLLMParts, NanoEdge, ServerLLM, split_mllm
+
+
+@dataclass
+class MLLM:
+    """A multimodal LLM ready to split: its parts plus everything needed to feed it."""
+
+    name: str
+    parts: MLLMParts
+    tokenizer: object
+    prompt: PromptFormat
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_image_tokens: int
+    image_token_id: int
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """PIL images -> normalised pixels (B, 3, S, S)."""
+        s = self.image_size
+        arr = torch.stack(
+            [torch.frombuffer(bytearray(im.convert("RGB").resize((s, s), Image.BICUBIC).tobytes()), dtype=torch.uint8) for im in images]
+        )
+        px = arr.view(len(images), s, s, 3).permute(0, 3, 1, 2).float() / 255.0
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (px - mean) / std
+
+    def encode_row(self, question: str, answer: str | None) -> tuple[list[int], list[int], list[bool]]:
+        return self.prompt.encode(self.tokenizer, question, answer, self.num_image_tokens, self.image_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def split(
+        self, adapter: AdapterConfig, *, r: int | None = None, autocast_bf16: bool = False, seed: int | None = 0
+    ) -> tuple[NanoEdge, ServerLLM]:
+        return split_mllm(
+            self.parts,
+            r=r or adapter.r,
+            lora_alpha=adapter.lora_alpha,
+            dropout=adapter.dropout,
+            modalities=adapter.modalities,
+            autocast_bf16=autocast_bf16,
+            seed=seed,
+        )
+
+
+@functools.lru_cache(maxsize=2)
+def build_mllm(cfg: ModelConfig) -> MLLM:
+    """Build (once per process and config) the MLLM a config names."""
+    from fednano_ray.models import llava as L
+
+    if cfg.kind == "tiny":
+        t = cfg.tiny
+        model, tok = L.build_tiny_llava(**t.model_dump())
+        return MLLM(
+            name="tiny-llava",
+            parts=L.parts_from_llava(model),
+            tokenizer=tok,
+            prompt=CHATML,
+            image_size=t.image_size,
+            mean=L.CLIP_MEAN,
+            std=L.CLIP_STD,
+            num_image_tokens=L.num_image_tokens(model.config),
+            image_token_id=model.config.image_token_index,
+        )
+    if cfg.kind == "hf":
+        model, processor = L.load_hf_llava(cfg.name_or_path)
+        ip = processor.image_processor
+        size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else model.config.vision_config.image_size
+        return MLLM(
+            name=str(cfg.name_or_path),
+            parts=L.parts_from_llava(model),
+            tokenizer=processor.tokenizer,
+            prompt=LLAVA,
+            image_size=int(size),
+            mean=tuple(ip.image_mean),
+            std=tuple(ip.image_std),
+            num_image_tokens=L.num_image_tokens(model.config),
+            image_token_id=model.config.image_token_index,
+        )
+    from fednano_ray.models.nano import nano_parts
+    from fednano_ray.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+
+    parts, tok = nano_parts(grid=cfg.grid, connector_steps=cfg.connector_steps)
+    return MLLM(
+        name="nano (EfficientNet-Lite0 + SmolLM2-135M-Instruct)",
+        parts=parts,
+        tokenizer=tok,
+        prompt=CHATML,
+        image_size=224,
+        mean=tuple(IMAGENET_MEAN),
+        std=tuple(IMAGENET_STD),
+        num_image_tokens=cfg.grid**2,
+        image_token_id=int(tok.pad_token_id),
+    )

@@ -1,0 +1,94 @@
+"""FedNano (Zhang et al. 2025, "FedNano: Toward Lightweight Federated Tuning for Pretrained
+Multimodal Large Language Models", arXiv 2506.14824): Fisher merging of NanoAdapters.
+
+Each coordinate of the global state is the mean of the clients' values weighted by ``n_i`` times
+the client's diagonal Fisher there, ``θ = Σ n_i (F_i + eps) θ_i / Σ n_i (F_i + eps)``: a client whose
+loss is sensitive to a coordinate decides it (Fisher merging, Matena & Raffel 2022).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from torch import Tensor
+
+from fednano_ray.strategies.aggregate import State, fedavg, fisher_merge, pad_to_rank
+from fednano_ray.strategies.base import ClientUpdate, Strategy
+
+__all__ = ["FedNano"]
+
+logger = logging.getLogger(__name__)
+
+
+class FedNano(Strategy):
+    """Fisher merging, falling back to FedAvg for a round in which any update lacks a Fisher.
+
+    Heterogeneous ranks: each client's Fisher-weighted terms are zero-padded *after* weighting, i.e.
+    padded coordinates get Fisher 0 and no epsilon, so a client of smaller rank contributes nothing
+    to the extra rank rows (they are merged from the clients that hold them), and rows no update
+    holds keep their global value.
+
+    Args:
+        eps: Added to every Fisher entry (>= 0). Where Fisher is far above ``eps`` it does not
+            matter; where all clients' Fisher is 0 the result is FedAvg.
+
+    Raises:
+        ValueError: If ``eps`` is negative or not finite.
+    """
+
+    name = "fednano"
+    rank_rule = (
+        "HetLoRA zero-padding with Fisher 0 on padded entries: pad to the max rank (a smaller-rank "
+        "client does not dilute the extra rows; rows no update holds keep the global value), "
+        "truncate to own rank on receipt"
+    )
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        if not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"fednano: eps must be finite and >= 0, got {eps}")
+        self.eps = float(eps)
+
+    def aggregate_updates(
+        self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
+    ) -> State:
+        """Fisher-merge the updates at ``rank``; FedAvg if any update has no Fisher."""
+        missing = [u.client_id for u in updates if u.fisher is None]
+        if missing:
+            message = (
+                f"fednano: no Fisher from client(s) {missing}; aggregated this round with FedAvg "
+                "(example-weighted mean, padded zeros dilute)"
+            )
+            logger.warning(message)
+            self.warnings.append(message)
+            return fedavg([(u.state, u.num_examples) for u in updates], rank=rank)
+        for u in updates:
+            _check_fisher(u)
+        results = [(u.state, u.num_examples, u.fisher) for u in updates]
+        return fisher_merge(results, self.eps, rank=rank, fallback=pad_to_rank(global_state, rank))
+
+    def describe(self) -> dict[str, str | float | bool]:
+        """As :meth:`Strategy.describe`, plus ``eps``."""
+        return {**super().describe(), "eps": self.eps}
+
+    def __repr__(self) -> str:
+        return f"FedNano(eps={self.eps})"
+
+
+def _check_fisher(update: ClientUpdate) -> None:
+    """Raise ValueError naming the client unless its Fisher has its state's keys and shapes."""
+    fisher = update.fisher or {}
+    if fisher.keys() != update.state.keys():
+        missing = sorted(update.state.keys() - fisher.keys())
+        extra = sorted(fisher.keys() - update.state.keys())
+        raise ValueError(
+            f"client {update.client_id!r}: Fisher keys differ from its state keys "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    for key, tensor in update.state.items():
+        if fisher[key].shape != tensor.shape:
+            raise ValueError(
+                f"client {update.client_id!r}, key {key!r}: Fisher shape "
+                f"{tuple(fisher[key].shape)} != state shape {tuple(tensor.shape)}"
+            )
