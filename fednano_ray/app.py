@@ -114,7 +114,9 @@ def train(
         bar.update(1)
         if stop_after_round is not None and rnd >= stop_after_round:
             bar.close()
-            return ray.get(coord.write_results.remote())
+            results = ray.get(coord.write_results.remote())
+            ray.kill(coord)  # as if the run were killed here: only the checkpoints remain
+            return results
     bar.close()
     results = ray.get(coord.finish.remote(time.perf_counter() - t0))
     results["trainer_stats"] = ray.get(coord.trainer_stats.remote())

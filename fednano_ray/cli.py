@@ -21,6 +21,10 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _f(x: float | None) -> str:
+    return "   n/a" if x is None else f"{x:.3f}"
+
+
 def summary_table(results: dict[str, Any]) -> str:
     """The end-of-run table: per-client accuracy before/after, averages, bytes, storage."""
     s = results["summary"]
@@ -30,11 +34,11 @@ def summary_table(results: dict[str, Any]) -> str:
     for c in sorted(after, key=int):
         lines.append(f"{c:>8} | {before.get(c, float('nan')):7.3f} | {after[c]:7.3f}")
     lines.append("-" * 29)
-    lines.append(f"{'average':>8} | {s['accuracy_before']:7.3f} | {s['accuracy_after']:7.3f}")
+    lines.append(f"{'average':>8} | {_f(s['accuracy_before']):>7} | {_f(s['accuracy_after']):>7}")
     lines.append("")
     lines.append(f"strategy                   {s['strategy']} ({s['rounds']} rounds, {s['failures']} client failures)")
     lines.append(
-        f"global test accuracy       {s.get('global_test_accuracy_before', float('nan')):.3f} -> {s['global_test_accuracy']:.3f}"
+        f"global test accuracy       {_f(s.get('global_test_accuracy_before'))} -> {_f(s['global_test_accuracy'])}"
     )
     lines.append(f"adapters sent up / down    {_fmt_bytes(s['bytes_up'])} / {_fmt_bytes(s['bytes_down'])} in total")
     lines.append(

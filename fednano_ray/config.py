@@ -284,6 +284,8 @@ def load_config(
     for key, value in parse_overrides(overrides):
         try:
             _set_dotted(tree, key, value)
+        except ConfigError:
+            raise
         except (IndexError, ValueError, TypeError) as e:
             raise ConfigError(f"--set {key}: {e}") from e
     try:

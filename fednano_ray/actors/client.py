@@ -105,7 +105,10 @@ class ClientActor:
             weight_decay=weight_decay, prox_mu=prox_mu, seed=seed,
         )
         metrics["fit_s"] = time.perf_counter() - t0
-        return {"client_id": client_id, "state": state, "fisher": fisher, "num_examples": len(indices), "metrics": metrics, "rank": self.rank}
+        return {
+            "client_id": client_id, "state": state, "fisher": fisher, "num_examples": len(indices),
+            "metrics": metrics, "rank": self.rank, "node_id": self.node_id(),
+        }
 
     def evaluate(self, state: dict[str, torch.Tensor], split: str, indices: list[int], batch_size: int = 32) -> dict[str, float]:
         """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or "test")."""
@@ -120,5 +123,11 @@ class ClientActor:
         """The adapters as initialised (B = 0: exactly the pretrained model)."""
         return self._initial
 
-    def ping(self) -> int:
-        return os.getpid()
+    def node_id(self) -> str | None:
+        """The Ray node this actor runs on (None outside Ray)."""
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except Exception:
+            return None

@@ -189,6 +189,7 @@ class Coordinator:
         self.progress = {"round": rnd, "done": 0, "total": len(refs)}
         updates: list[ClientUpdate] = []
         failures: list[ClientFailure] = []
+        placement: dict[str, str | None] = {}
         pending = list(refs)
         deadline = time.monotonic() + fed.deadline_s
         while pending:
@@ -199,7 +200,8 @@ class Coordinator:
                 c = refs[ref]
                 try:
                     out = ray.get(ref, timeout=30)
-                    updates.append(ClientUpdate(c, out["state"], out["num_examples"], out["fisher"], out["metrics"]))
+                    updates.append(ClientUpdate(str(c), out["state"], out["num_examples"], out["fisher"], out["metrics"]))
+                    placement[str(c)] = out.get("node_id")
                 except (RayActorError, RayTaskError, GetTimeoutError) as e:
                     failures.append(ClientFailure(str(c), f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
                 self.progress["done"] += 1
@@ -219,6 +221,7 @@ class Coordinator:
             "failures": [{"client_id": f.client_id, "reason": f.reason} for f in failures],
             "loss": float(np.mean([u.metrics["loss"] for u in updates])) if updates else None,
             "client_loss": {str(u.client_id): u.metrics["loss"] for u in updates},
+            "placement": placement,
             "bytes_down": bytes_down,
             "bytes_up": sum(_nbytes(u.state) + (_nbytes(u.fisher) if fed.strategy == "fednano" else 0) for u in updates),
         }
@@ -252,31 +255,59 @@ class Coordinator:
             return self.client_states.get(c, self.initial_state)
         return self.global_state
 
+    def _get_eval(self, submit, what: str, failures: list[dict[str, str]]):
+        """Run one evaluation call, retrying once through an actor restart; None if it cannot run."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        for attempt in range(3):
+            try:
+                return ray.get(submit(), timeout=self.cfg.federation.deadline_s)
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if isinstance(e, GetTimeoutError):
+                    break
+                time.sleep(1.0 + attempt)
+        failures.append({"what": what, "reason": reason})
+        return None
+
     def evaluate(self, initial: bool = False) -> dict[str, Any]:
         """Per-client accuracy on each client's held-out split, and global test accuracy."""
-        import ray
-
         cfg = self.cfg
         bs = cfg.train.eval_batch_size
-        refs = {}
-        for c in range(cfg.federation.num_clients):
-            state = self.initial_state if initial else self._client_model(c)
-            rank = cfg.tier_rank(self.client_tier[c])
-            refs[c] = self._actor_for(c).evaluate.remote(truncate_to_rank(state, rank), "train", self.data.client_test[c], bs)
-        test_states = [self.initial_state] if initial or not self.strategy.personalize_only else [
-            self._client_model(c) for c in range(cfg.federation.num_clients)
+        n = cfg.federation.num_clients
+        failures: list[dict[str, str]] = []
+        per_client = {}
+        for c in range(n):
+            state = truncate_to_rank(self.initial_state if initial else self._client_model(c), cfg.tier_rank(self.client_tier[c]))
+            idx = self.data.client_test[c]
+            res = self._get_eval(
+                lambda c=c, state=state, idx=idx: self._actor_for(c).evaluate.remote(state, "train", idx, bs),
+                f"client {c}", failures,
+            )
+            if res is not None and res["n"] > 0:
+                per_client[str(c)] = res
+        states = [self.initial_state] if initial or not self.strategy.personalize_only else [
+            self._client_model(c) for c in range(n)
         ]
-        test_refs = [self.top_actor.evaluate.remote(s, "test", list(range(len(self.data.test))), bs) for s in test_states]
-        per_client = {c: ray.get(r) for c, r in refs.items()}
-        tests = ray.get(test_refs)
-        accs = {str(c): m["accuracy"] for c, m in per_client.items() if m["n"] > 0}
-        return {
+        everything = list(range(len(self.data.test)))
+        tests = [
+            t for t in (
+                self._get_eval(lambda s=s: self.top_actor.evaluate.remote(s, "test", everything, bs), "global test", failures)
+                for s in states
+            ) if t is not None
+        ]
+        accs = {c: m["accuracy"] for c, m in per_client.items()}
+        out: dict[str, Any] = {
             "accuracy": accs,
-            "avg_accuracy": float(np.mean(list(accs.values()))),
-            "global_test_accuracy": float(np.mean([t["accuracy"] for t in tests])),
+            "avg_accuracy": float(np.mean(list(accs.values()))) if accs else None,
+            "global_test_accuracy": float(np.mean([t["accuracy"] for t in tests])) if tests else None,
             "global_test_by_category": {k.split("/", 1)[1]: v for k, v in tests[0].items() if k.startswith("accuracy/")}
             if len(tests) == 1 else {},
         }
+        if failures:
+            out["eval_failures"] = failures
+        return out
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -1,0 +1,125 @@
+"""Federated runs on a simulated multi-node Ray cluster: run directory, faults, resume, placement."""
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fednano_ray.app import train
+from fednano_ray.config import load_config
+
+
+def tiny(*overrides: str):
+    return load_config("examples/tiny.yaml", list(overrides))
+
+
+def test_run_writes_the_run_directory(ray_cluster, tmp_path):
+    """A tiny FedNano run writes config.yaml, results.json with the DESIGN §4 summary, and per-round checkpoints."""
+    run = tmp_path / "run"
+    res = train(tiny(), run, progress=False)
+
+    on_disk = json.loads((run / "results.json").read_text())
+    s = on_disk["summary"]
+    for key in ("accuracy_before", "accuracy_after", "global_test_accuracy", "bytes_up", "bytes_down",
+                "client_storage_fraction", "wall_time_s"):
+        assert key in s, key
+    assert 0 <= s["accuracy_after"] <= 1 and 0 < s["client_storage_fraction"] < 1
+    assert load_config(run / "config.yaml") == tiny()
+    assert [r["round"] for r in on_disk["rounds"]] == [0, 1]
+    for r in on_disk["rounds"]:
+        assert r["failures"] == [] and r["completed"] == [0, 1, 2, 3] and r["aggregated"]
+        # fednano sends adapters + same-size Fisher up, global adapters (at each client's rank) down.
+        assert r["bytes_up"] == 2 * r["bytes_down"] > 0
+    # Heterogeneous ranks: the global adapters live at the largest tier rank (4), HetLoRA-style.
+    ckpt = load_file(str(run / "checkpoints" / "round_0001" / "adapters.safetensors"))
+    assert ckpt["vision.lora_A"].shape == (4, 128) and ckpt["text.lora_B"].shape == (128, 4)
+    assert ckpt["vision.lora_B"].abs().sum() > 0  # trained away from the B = 0 init
+    assert res["trainer_stats"]["requests"] >= 4 * 2 * 2  # every split step went through the LLM trainer
+
+
+def test_dead_and_stalled_clients_are_reported_and_rounds_go_on(ray_cluster, tmp_path):
+    """A client process that dies, and one that stalls past the deadline, become failures; the rounds aggregate."""
+    cfg = tiny("federation.mode=deployment", "federation.deadline_s=8")
+    res = train(cfg, tmp_path / "run", chaos={(0, 1): "die", (1, 2): "stall"}, progress=False)
+
+    r0, r1 = res["rounds"]
+    assert [f["client_id"] for f in r0["failures"]] == ["1"] and "Actor" in r0["failures"][0]["reason"]
+    assert r0["completed"] == [0, 2, 3] and r0["aggregated"]
+    assert [f["client_id"] for f in r1["failures"]] == ["2"] and "deadline" in r1["failures"][0]["reason"]
+    assert r1["completed"] == [0, 1, 3] and r1["aggregated"]  # the dead client's actor was restarted
+    assert res["summary"]["failures"] == 2
+
+
+def test_quorum_not_met_keeps_the_global_adapters(ray_cluster, tmp_path):
+    """When fewer clients report than the quorum needs, the round is recorded and nothing is aggregated."""
+    cfg = tiny("federation.mode=deployment", "federation.quorum=1.0", "federation.rounds=1")
+    res = train(cfg, tmp_path / "run", chaos={(0, 3): "die"}, progress=False)
+    r0 = res["rounds"][0]
+    assert not r0["aggregated"] and "quorum not met" in r0["note"]
+    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "round_0000" / "adapters.safetensors"))
+    assert ckpt["vision.lora_B"].abs().sum() == 0  # still the initial (pretrained) adapters
+
+
+def test_resume_ends_with_the_same_adapters(ray_cluster, tmp_path):
+    """A run killed after round 0 and resumed ends with the adapters of an uninterrupted run (same seed)."""
+    cfg = tiny("federation.rounds=3")
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "cut", progress=False, stop_after_round=0)
+    assert not (tmp_path / "cut" / "checkpoints" / "round_0001").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, tmp_path / "cut", progress=False)
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
+
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "round_0002" / "adapters.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "round_0002" / "adapters.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "local", "centralized"])
+def test_other_strategies_run(ray_cluster, tmp_path, strategy):
+    """Every strategy completes a round; local keeps per-client adapters, centralized trains one pooled client."""
+    res = train(tiny(f"federation.strategy={strategy}", "federation.rounds=1"), tmp_path / "run", progress=False)
+    r0 = res["rounds"][0]
+    if strategy == "centralized":
+        assert r0["clients"] == [0] and r0["completed"] == [0]
+    else:
+        assert r0["completed"] == [0, 1, 2, 3]
+    if strategy == "local":
+        assert len(list((tmp_path / "run" / "checkpoints" / "round_0000" / "clients").glob("*.safetensors"))) == 4
+    assert res["summary"]["strategy"] == strategy
+
+
+def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(ray_cluster, tmp_path):
+    """Clients land on the node advertising their tier's resource; removing a node mid-run fails only its clients."""
+    cluster, nodes = ray_cluster
+    cfg = tiny(
+        "federation.mode=deployment", "federation.rounds=3", "federation.deadline_s=6",
+        "tiers.0.resources={edge-small: 1}", "tiers.1.resources={edge-large: 1}",
+    )
+    run = tmp_path / "run"
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(res=train(cfg, run, progress=False)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "checkpoints" / "round_0000" / "state.json").exists():
+        time.sleep(0.2)
+    large = nodes["edge-large"]
+    cluster.remove_node(large)
+    worker.join(timeout=180)
+    nodes["edge-large"] = cluster.add_node(num_cpus=2, resources={"edge-large": 4})  # restore for other tests
+    cluster.wait_for_nodes()
+
+    assert not worker.is_alive(), "the run did not finish after the node was removed"
+    rounds = out["res"]["rounds"]
+    placement = rounds[0]["placement"]
+    assert {placement["0"], placement["1"]} == {nodes["edge-small"].node_id}
+    assert {placement["2"], placement["3"]} == {large.node_id}
+    assert len(rounds) == 3
+    later_failed = {f["client_id"] for r in rounds[1:] for f in r["failures"]}
+    assert later_failed == {"2", "3"}  # only the lost node's clients
+    assert all(r["aggregated"] for r in rounds)  # quorum 0.5: the small tier carries the run

@@ -1,0 +1,151 @@
+"""LLMTrainer (no Ray): concurrent split steps merge into one batch, each client gets its own result."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from fednano_ray.actors.llm_trainer import LLMTrainer
+from fednano_ray.config import load_config
+from fednano_ray.models.build import build_mllm
+from fednano_ray.models.prompt import collate
+
+TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
+QUESTIONS = [
+    ("What colour is it?", "red"),
+    ("How many stars are there in the picture?", "four"),
+    ("Where?", "left"),
+    ("Which shape is the largest one on the right?", "circle"),
+    ("Is it big?", "yes"),
+    ("What is left of the blue triangle?", "square"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these models are small, and a busy machine punishes oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(TINY)
+
+
+@pytest.fixture(scope="module")
+def requests(cfg):
+    """Three clients' split-step inputs: 1, 2 and 3 rows, each padded to its own length."""
+    mllm = build_mllm(cfg.model)
+    edge, server = mllm.split(cfg.adapter, seed=0)
+    with torch.no_grad():
+        for p in edge.adapters.parameters():  # B = 0 at init: give the adapters an effect
+            p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for lo, hi in ((0, 1), (1, 3), (3, 6)):
+        rows = [mllm.encode_row(q, a) for q, a in QUESTIONS[lo:hi]]
+        batch = collate(rows, mllm.pad_id)
+        pixels = torch.randn(hi - lo, 3, mllm.image_size, mllm.image_size, generator=gen)
+        with torch.no_grad():
+            z = edge(batch["input_ids"], batch["image_mask"], pixel_values=pixels)
+        out.append((z, batch["attention_mask"], batch["labels"]))
+    return server, out
+
+
+@pytest.fixture
+def trainer(cfg):
+    """A fresh trainer per test: its batching queue lives on the event loop of one asyncio.run."""
+    return LLMTrainer(cfg.model, max_batch_size=64, batch_wait_ms=50)
+
+
+def _run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def test_requests_have_distinct_shapes(requests):
+    """The three requests differ in batch size and sequence length (so merging must pad)."""
+    # Execute
+    _, reqs = requests
+
+    # Assert
+    assert [z.shape[0] for z, _, _ in reqs] == [1, 2, 3]
+    assert len({z.shape[1] for z, _, _ in reqs}) == 3
+
+
+def test_concurrent_requests_merge_into_one_batch(trainer, requests):
+    """Three concurrent clients are served by one forward/backward, each with its own loss and grad."""
+    # Prepare
+    server, reqs = requests
+
+    async def main():
+        return await asyncio.gather(*(trainer.loss_and_grad(z, m, lab) for z, m, lab in reqs))
+
+    # Execute
+    results = _run(main())
+    stats = trainer.get_stats()
+
+    # Assert
+    assert stats["batches"] == 1
+    assert stats["max_clients_in_batch"] == 3
+    assert stats["requests"] == 3
+    assert stats["rows"] == 6
+    for (z, mask, labels), (loss, grad) in zip(reqs, results, strict=True):
+        alone_loss, alone_grad = server.loss_and_grad(z, mask, labels)
+        assert isinstance(loss, float)
+        assert grad.shape == z.shape
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(torch.tensor(loss), alone_loss[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, alone_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_wrong_hidden_size_is_rejected(trainer, requests):
+    """z' of the wrong width raises a ValueError naming both widths."""
+    # Prepare
+    _, reqs = requests
+    z, mask, labels = reqs[0]
+    bad = torch.zeros(z.shape[0], z.shape[1], 64)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"width 64 but the LLM expects 128"):
+        _run(trainer.loss_and_grad(bad, mask, labels))
+    assert trainer.get_stats()["requests"] == 0
+
+
+def test_mismatched_shapes_are_rejected(trainer, requests):
+    """A mask that does not match z' is refused before it reaches the batch."""
+    # Prepare
+    _, reqs = requests
+    z, mask, labels = reqs[1]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="bad split-step shapes"):
+        _run(trainer.loss_and_grad(z, mask[:, :-1], labels))
+
+
+def test_failing_request_does_not_kill_the_trainer(trainer, requests):
+    """A request that fails inside the forward fails alone; the next request is served normally."""
+    # Prepare
+    server, reqs = requests
+    z, mask, labels = reqs[1]
+    bad_labels = labels.clone()
+    bad_labels[labels != -100] = 10**6  # out of the vocabulary: cross-entropy fails in the batch
+
+    async def main():
+        with pytest.raises((IndexError, RuntimeError)):
+            await trainer.loss_and_grad(z, mask, bad_labels)
+        return await trainer.loss_and_grad(z, mask, labels)
+
+    # Execute
+    loss, grad = _run(main())
+
+    # Assert
+    alone_loss, alone_grad = server.loss_and_grad(z, mask, labels)
+    torch.testing.assert_close(torch.tensor(loss), alone_loss[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, alone_grad, rtol=1e-4, atol=1e-6)
+    assert trainer.get_stats()["batches"] == 1  # only the good batch is counted

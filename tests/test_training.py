@@ -1,0 +1,227 @@
+"""A client's local split-step training (local_fit) and multiple-choice evaluation, on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fednano_ray.config import load_config
+from fednano_ray.models.adapter import adapter_state
+from fednano_ray.models.build import build_mllm
+from fednano_ray.models.prompt import collate
+from fednano_ray.training import LocalServer, choice_rows, evaluate, local_fit
+
+TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
+COLOURS = ["red", "green", "blue", "yellow"]
+SHAPES = ["circle", "square", "star", "triangle"]
+
+
+class RecordingServer(LocalServer):
+    """A LocalServer that also keeps every step's loss (local_fit reports only the mean and last)."""
+
+    def __init__(self, server_llm) -> None:
+        super().__init__(server_llm)
+        self.losses: list[float] = []
+
+    def loss_and_grad(self, z, attention_mask, labels):
+        loss, grad = super().loss_and_grad(z, attention_mask, labels)
+        self.losses.append(loss)
+        return loss, grad
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is too small to gain from threads; one avoids oversubscribing a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The tiny MLLM, 16 training rows and their frozen-encoder features."""
+    cfg = load_config(TINY)
+    mllm = build_mllm(cfg.model)
+    qa = [(f"What colour is object {i}?", COLOURS[i % 4]) for i in range(16)]
+    rows = [mllm.encode_row(q, a) for q, a in qa]
+    pixels = torch.randn(
+        16, 3, mllm.image_size, mllm.image_size, generator=torch.Generator().manual_seed(0)
+    )
+    edge, _ = mllm.split(cfg.adapter, seed=0)
+    features = edge.encode_images(pixels).numpy()
+    return cfg, mllm, rows, features
+
+
+def _full_loss(edge, server, rows, features, pad_id) -> float:
+    batch = collate(rows, pad_id)
+    with torch.no_grad():
+        z = edge(batch["input_ids"], batch["image_mask"], features=torch.from_numpy(features))
+    return float(server.loss_and_grad(z, batch["attention_mask"], batch["labels"])[0][0])
+
+
+def _fit(setup, *, steps=30, prox_mu=0.0, lr=0.05):
+    cfg, mllm, rows, features = setup
+    edge, server_llm = mllm.split(cfg.adapter, seed=0)
+    server = RecordingServer(server_llm)
+    start = adapter_state(edge.adapters)
+    before = _full_loss(edge, server_llm, rows, features, mllm.pad_id)
+    state, fisher, metrics = local_fit(
+        edge,
+        server,
+        features,
+        rows,
+        steps=steps,
+        batch_size=4,
+        lr=lr,
+        pad_id=mllm.pad_id,
+        prox_mu=prox_mu,
+        seed=0,
+    )
+    after = _full_loss(edge, server_llm, rows, features, mllm.pad_id)
+    return start, state, fisher, metrics, server.losses, before, after
+
+
+def test_local_fit_lowers_the_loss(setup):
+    """30 steps at lr 0.05 lower both the per-step training loss and the loss on all rows."""
+    # Execute
+    _, _, _, metrics, losses, before, after = _fit(setup)
+
+    # Assert
+    assert len(losses) == 30
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
+    assert after < 0.9 * before
+    assert metrics["loss"] == pytest.approx(np.mean(losses))
+    assert metrics["loss_last"] == losses[-1]
+
+
+def test_local_fit_returns_state_and_fisher(setup):
+    """The returned state is the trained adapters; the Fisher matches it key for key, >= 0, not all 0."""
+    # Execute
+    start, state, fisher, _, _, _, _ = _fit(setup, steps=5)
+
+    # Assert
+    assert (
+        set(state) == set(start) == {"vision.lora_A", "vision.lora_B", "text.lora_A", "text.lora_B"}
+    )
+    assert set(fisher) == set(state)
+    for k in state:
+        assert fisher[k].shape == state[k].shape, k
+        assert torch.isfinite(fisher[k]).all(), k
+        assert (fisher[k] >= 0).all(), k
+        assert state[k].dtype == torch.float32
+    assert any(fisher[k].abs().sum() > 0 for k in fisher)
+    assert fisher["text.lora_B"].abs().sum() > 0  # B gets a gradient from the first step
+    assert any(not torch.equal(state[k], start[k]) for k in state)
+
+
+def test_prox_term_keeps_adapters_near_the_start(setup):
+    """With a large FedProx mu the adapters move less from the global state than with mu 0."""
+    # Execute
+    start, free, _, _, _, _, _ = _fit(setup, steps=10, prox_mu=0.0)
+    start2, held, _, _, _, _, _ = _fit(setup, steps=10, prox_mu=100.0)
+
+    # Assert
+    for k in start:
+        assert torch.equal(start[k], start2[k])  # same seed: same starting point
+
+    def dist(s):
+        return sum(float((s[k] - start[k]).norm() ** 2) for k in s) ** 0.5
+
+    assert dist(held) < 0.5 * dist(free)
+
+
+def _questions(mllm, n=6):
+    """Multiple-choice questions (choice rows, answer index, category) over two categories."""
+    out = []
+    for i in range(n):
+        if i % 2:
+            q, choices, cat = f"What shape is object {i}?", SHAPES, "shape"
+        else:
+            q, choices, cat = f"What colour is object {i}?", COLOURS, "colour"
+        out.append((choice_rows(mllm.encode_row, q, choices[:2]), i % 2, cat))
+    return out
+
+
+def test_evaluate_reports_accuracy_n_and_categories(setup):
+    """evaluate gives an accuracy in [0, 1], n = number of questions and one key per category."""
+    # Prepare
+    cfg, mllm, _, features = setup
+    edge, server_llm = mllm.split(cfg.adapter, seed=0)
+    questions = _questions(mllm)
+    questions.append((questions[0][0], 0, None))  # no category: counted, no key
+
+    # Execute
+    out = evaluate(
+        edge, LocalServer(server_llm), features, questions, pad_id=mllm.pad_id, batch_size=5
+    )
+
+    # Assert
+    assert 0.0 <= out["accuracy"] <= 1.0
+    assert out["n"] == len(questions)
+    assert set(out) == {"accuracy", "n", "accuracy/colour", "accuracy/shape"}
+    for k in ("accuracy/colour", "accuracy/shape"):
+        assert 0.0 <= out[k] <= 1.0
+
+
+def test_evaluate_two_choice_answers_are_complementary(setup):
+    """With two distinct choices exactly one is the argmax: accuracy(answers) + accuracy(flipped) = 1."""
+    # Prepare
+    cfg, mllm, _, features = setup
+    edge, server_llm = mllm.split(cfg.adapter, seed=0)
+    server = LocalServer(server_llm)
+    questions = _questions(mllm)
+    flipped = [(rows, 1 - ans, cat) for rows, ans, cat in questions]
+
+    # Execute
+    acc = evaluate(edge, server, features, questions, pad_id=mllm.pad_id)
+    acc_flipped = evaluate(edge, server, features, flipped, pad_id=mllm.pad_id)
+
+    # Assert
+    assert acc["accuracy"] + acc_flipped["accuracy"] == pytest.approx(1.0)
+    for k in ("accuracy/colour", "accuracy/shape"):
+        assert acc[k] + acc_flipped[k] == pytest.approx(1.0)
+
+
+def test_evaluate_agrees_with_direct_scores(setup):
+    """evaluate's verdict per question is the argmax of ServerLLM.score over that question's choices."""
+    # Prepare
+    cfg, mllm, _, features = setup
+    edge, server_llm = mllm.split(cfg.adapter, seed=0)
+    questions = _questions(mllm)
+    expected = []
+    for q, (rows, answer, _) in enumerate(questions):
+        batch = collate(rows, mllm.pad_id)
+        feats = torch.from_numpy(features[[q] * len(rows)]).float()
+        with torch.no_grad():
+            z = edge(batch["input_ids"], batch["image_mask"], features=feats)
+            s = server_llm.score(z, batch["attention_mask"], batch["labels"])
+        assert abs(float(s[0] - s[1])) > 1e-3  # no near-tie: the comparison below is stable
+        expected.append(int(s.argmax()) == answer)
+
+    # Execute
+    out = evaluate(edge, LocalServer(server_llm), features, questions, pad_id=mllm.pad_id)
+
+    # Assert
+    assert out["accuracy"] == pytest.approx(np.mean(expected))
+
+
+def test_evaluate_single_choice_is_always_correct(setup):
+    """A question with one choice is answered correctly whatever the model."""
+    # Prepare
+    cfg, mllm, _, features = setup
+    edge, server_llm = mllm.split(cfg.adapter, seed=0)
+    questions = [([mllm.encode_row(f"Question {i}?", "red")], 0, "colour") for i in range(4)]
+
+    # Execute
+    out = evaluate(
+        edge, LocalServer(server_llm), features, questions, pad_id=mllm.pad_id, batch_size=3
+    )
+
+    # Assert
+    assert out["accuracy"] == 1.0
+    assert out["accuracy/colour"] == 1.0
+    assert out["n"] == 4
