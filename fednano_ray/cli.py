@@ -40,6 +40,8 @@ def summary_table(results: dict[str, Any]) -> str:
     lines.append(
         f"global test accuracy       {_f(s.get('global_test_accuracy_before'))} -> {_f(s['global_test_accuracy'])}"
     )
+    if s.get("chance_accuracy") is not None:
+        lines.append(f"chance (uniform guess)     {s['chance_accuracy']:.3f}")
     lines.append(f"adapters sent up / down    {_fmt_bytes(s['bytes_up'])} / {_fmt_bytes(s['bytes_down'])} in total")
     lines.append(
         f"split-step activations     {_fmt_bytes(s['step_bytes_up'])} up + {_fmt_bytes(s['step_bytes_down'])} down per step"
@@ -101,6 +103,46 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmarks_dir() -> Path:
+    for cand in (Path.cwd() / "benchmarks", Path(__file__).resolve().parents[1] / "benchmarks"):
+        if cand.is_dir():
+            return cand
+    raise ConfigError("no benchmarks/ folder found: run from the fednano-ray checkout")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    folder = _benchmarks_dir()
+    names = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    if args.name not in names:
+        raise ConfigError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
+    sys.argv = [f"fednano-ray bench {args.name}", *args.args]
+    runpy.run_path(str(folder / f"{args.name}.py"), run_name="__main__")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fednano_ray.serve.app import serve_run
+
+    serve_run(args.run_dir, host=args.host, port=args.port, engine=args.engine, address=args.address)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from fednano_ray.serve.auth import TokenError, issue_token, tokens_path
+
+    try:
+        token = issue_token(args.run_dir, args.client_id, rotate=args.rotate)
+    except TokenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(token)  # the only time it is shown; only its hash is stored
+    print(f"token of client {args.client_id}: only its hash is kept in {tokens_path(args.run_dir)}; "
+          "store it now, it cannot be shown again", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fednano-ray", description="Federated tuning of multimodal LLMs with FedNano on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=224)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
+    b = sub.add_parser("bench", help="run a benchmark under benchmarks/ (figures, not tests)")
+    b.add_argument("name", help="benchmark name, e.g. scale")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("serve", help="serve a run's personalised models over HTTP (Ray Serve)")
+    v.add_argument("run_dir", help="a training run directory (--run-dir of `train`)")
+    v.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="generation engine of the frozen LLM")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--address", help="join an existing Ray cluster (auto or ray://host:port)")
+    v.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("token", help="issue a client's serving token (printed once; only its hash is kept)")
+    k.add_argument("run_dir", help="a training run directory")
+    k.add_argument("client_id", type=int, help="client id, 0..num_clients-1")
+    k.add_argument("--rotate", action="store_true", help="replace the client's existing token")
+    k.set_defaults(func=cmd_token)
     return p
 
 

@@ -160,6 +160,9 @@ class TrainConfig(_Section):
     batch_wait_ms: float = Field(5.0, ge=0, description="LLM trainer: how long to wait for more requests to merge.")
     trainer_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of the LLM trainer actor.")
     trainer_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of the LLM trainer actor.")
+    trainer_threads: int | None = Field(
+        None, ge=1, description="torch threads of the LLM trainer (default: every core of its node; Ray's num_cpus only schedules)."
+    )
 
 
 class ServeConfig(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,10 @@ class Coordinator:
         from fednano_ray.task import prepare_data
 
         t0 = time.perf_counter()
+        # Ray pins a num_cpus=0 actor to one torch thread; setup (connector alignment on first use,
+        # feature encoding) runs before any other actor exists, so it may use the whole node.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,7 @@ class Coordinator:
         )
         del mllm
         gc.collect()
+        torch.set_num_threads(threads)
 
         qs = lambda exs: [(e.question, list(e.choices), e.answer, e.category) for e in exs]  # noqa: E731
         self._data_ref = data_ref = ray.put({"train": (train_f, qs(self.data.train)), "test": (test_f, qs(self.data.test))})
@@ -98,7 +104,7 @@ class Coordinator:
         self.trainer = actor_classes["trainer"].options(
             name=None, num_cpus=t.trainer_num_cpus, num_gpus=t.trainer_num_gpus, max_restarts=-1, max_task_retries=-1
         ).remote(cfg.model, max_batch_size=t.max_batch_size, batch_wait_ms=t.batch_wait_ms,
-                 num_threads=max(1, int(t.trainer_num_cpus)) if t.trainer_num_cpus >= 1 else 1)
+                 num_threads=t.trainer_threads or os.cpu_count() or 1)
 
         # Client actors: one per client (deployment) or a pool per tier (simulation).
         self.client_tier = cfg.client_tiers()
@@ -255,16 +261,19 @@ class Coordinator:
             return self.client_states.get(c, self.initial_state)
         return self.global_state
 
-    def _get_eval(self, submit, what: str, failures: list[dict[str, str]]):
-        """Run one evaluation call, retrying once through an actor restart; None if it cannot run."""
+    def _get_eval(self, submit, what: str, failures: list[dict[str, str]], ref=None):
+        """Result of an evaluation call (``ref``, already submitted, or ``submit()``), retried through an
+        actor restart; None (and a recorded failure) if it cannot run."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+        reason = ""
         for attempt in range(3):
             try:
-                return ray.get(submit(), timeout=self.cfg.federation.deadline_s)
+                return ray.get(ref if ref is not None else submit(), timeout=self.cfg.federation.deadline_s)
             except (RayActorError, RayTaskError, GetTimeoutError) as e:
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                ref = None
                 if isinstance(e, GetTimeoutError):
                     break
                 time.sleep(1.0 + attempt)
@@ -277,14 +286,15 @@ class Coordinator:
         bs = cfg.train.eval_batch_size
         n = cfg.federation.num_clients
         failures: list[dict[str, str]] = []
-        per_client = {}
-        for c in range(n):
+        submits = {}
+        for c in range(n):  # submit everything first: the actors evaluate in parallel
             state = truncate_to_rank(self.initial_state if initial else self._client_model(c), cfg.tier_rank(self.client_tier[c]))
             idx = self.data.client_test[c]
-            res = self._get_eval(
-                lambda c=c, state=state, idx=idx: self._actor_for(c).evaluate.remote(state, "train", idx, bs),
-                f"client {c}", failures,
-            )
+            fn = lambda c=c, state=state, idx=idx: self._actor_for(c).evaluate.remote(state, "train", idx, bs)  # noqa: E731
+            submits[c] = (fn, fn())
+        per_client = {}
+        for c, (fn, ref) in submits.items():
+            res = self._get_eval(fn, f"client {c}", failures, ref=ref)
             if res is not None and res["n"] > 0:
                 per_client[str(c)] = res
         states = [self.initial_state] if initial or not self.strategy.personalize_only else [
@@ -364,6 +374,9 @@ class Coordinator:
             self.summary.update(
                 accuracy_before=ev["avg_accuracy"], global_test_accuracy_before=ev["global_test_accuracy"],
                 accuracy_before_per_client=ev["accuracy"],
+                global_test_by_category_before=ev["global_test_by_category"],
+                # Expected accuracy of guessing uniformly among each question's choices.
+                chance_accuracy=float(np.mean([1 / len(e.choices) for e in self.data.test])),
             )
             self.write_results()
         return {"next_round": self.next_round, "setup_s": self.setup_s}
@@ -378,6 +391,7 @@ class Coordinator:
             accuracy_after=last["avg_accuracy"],
             accuracy_after_per_client=last["accuracy"],
             global_test_accuracy=last["global_test_accuracy"],
+            global_test_by_category=last.get("global_test_by_category", {}),
             bytes_up=sum(r["bytes_up"] for r in self.rounds),
             bytes_down=sum(r["bytes_down"] for r in self.rounds),
             failures=sum(len(r["failures"]) for r in self.rounds),

@@ -123,3 +123,22 @@ def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(r
     later_failed = {f["client_id"] for r in rounds[1:] for f in r["failures"]}
     assert later_failed == {"2", "3"}  # only the lost node's clients
     assert all(r["aggregated"] for r in rounds)  # quorum 0.5: the small tier carries the run
+
+
+def test_cli_joins_an_existing_cluster_with_address(ray_cluster, tmp_path):
+    """`fednano-ray train CONFIG --address ADDR` runs on an already-running cluster and prints the table."""
+    import os
+    import subprocess
+    import sys
+
+    cluster, _ = ray_cluster
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fednano_ray", "train", "examples/tiny.yaml", "--address", cluster.address,
+         "--run-dir", str(run), "--set", "federation.rounds=1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "average" in proc.stdout and "global test accuracy" in proc.stdout
+    assert "Started a local Ray instance" not in proc.stderr  # it joined, it did not start its own
+    assert json.loads((run / "results.json").read_text())["summary"]["rounds"] == 1

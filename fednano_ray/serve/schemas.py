@@ -1,0 +1,372 @@
+"""HTTP request/response models of the Serve app, and image decoding with size limits.
+
+Everything a caller sends is validated here, at the edge, into typed objects; a bad request is
+answered with a 4xx and a message that says what to change (:class:`HTTPError`), never a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import time
+import uuid
+import warnings
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+MAX_IMAGE_BYTES = 4 * 1024 * 1024  # decoded image file
+MAX_IMAGE_CHARS = (
+    MAX_IMAGE_BYTES * 4
+) // 3 + 256  # its base64 text, plus room for a data-URI header
+MAX_IMAGE_SIDE = 4096  # pixels, checked from the header before decoding (no decompression bombs)
+MAX_BODY_BYTES = MAX_IMAGE_CHARS + 64 * 1024  # whole request body, checked before JSON parsing
+MAX_QUESTION_CHARS = 500
+MAX_NEW_TOKENS = 64
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+_DATA_URI = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
+    re.IGNORECASE,
+)
+
+
+class HTTPError(Exception):
+    """A request the app refuses: an HTTP status and a message a person can act on."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+
+    def body(self) -> dict:
+        """OpenAI's error shape, used by every route so clients parse one format."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+Question = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUESTION_CHARS)]
+Choice = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+
+def _nonblank(v: str, what: str) -> str:
+    if not v.strip():
+        raise ValueError(f"{what} is blank; send some text")
+    return v
+
+
+class AnswerRequest(_Model):
+    """``POST /v1/clients/{client_id}/answer``: one image, one question, optional choices."""
+
+    image: str = Field(
+        description=f"The image as base64 or a data URI (data:image/png;base64,...); PNG, JPEG, WebP, GIF or BMP, "
+        f"at most {MAX_IMAGE_BYTES // (1024 * 1024)} MiB and {MAX_IMAGE_SIDE} px a side.",
+        min_length=1,
+    )
+    question: Question = Field(
+        description=f"The question about the image, 1..{MAX_QUESTION_CHARS} characters."
+    )
+    choices: list[Choice] | None = Field(
+        None,
+        min_length=2,
+        max_length=10,
+        description="Optional candidate answers (2..10, each 1..100 characters, distinct). When the generated "
+        "answer equals one of them (case-insensitive), the response's `choice` is its index.",
+    )
+    max_new_tokens: int = Field(
+        16, ge=1, le=MAX_NEW_TOKENS, description="Most tokens to generate (greedy)."
+    )
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, v: str) -> str:
+        return _nonblank(v, "question")
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            folded = [c.casefold() for c in v]
+            dup = sorted({c for c in v if folded.count(c.casefold()) > 1})
+            if dup:
+                raise ValueError(f"choices must be distinct (ignoring case); repeated: {dup}")
+        return v
+
+
+class AnswerResponse(_Model):
+    client_id: int = Field(description="The client whose personalised model answered.")
+    answer: str = Field(description="The generated answer text (greedy decoding).")
+    choice: int | None = Field(
+        description="Index of the choice the answer equals (case-insensitive), else null."
+    )
+    model: str = Field(
+        description="Which adapters answered: client id and checkpoint, e.g. client_00003@round_0002."
+    )
+
+
+# -- OpenAI-style chat completions -------------------------------------------------------------------
+
+
+class ImageURL(_Model):
+    url: str = Field(description="A data URI (data:image/png;base64,...); no web URLs.")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="Accepted for compatibility; ignored."
+    )
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_QUESTION_CHARS)
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart] = Field(
+        description="Text, or a list of text and image_url parts."
+    )
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Model):
+    """``POST /v1/chat/completions``, the subset of OpenAI's request this single-turn VQA model serves.
+
+    ``model`` is the client id (``"3"``). Exactly one user message with exactly one image; system
+    messages are accepted and ignored (the model has a fixed prompt); no assistant history.
+    Decoding is greedy only: ``temperature`` must be 0 or absent, ``top_p`` 1, ``n`` 1, no streaming.
+    """
+
+    model: str = Field(
+        max_length=32, description='The client id whose personalised model answers, e.g. "3".'
+    )
+    messages: list[ChatMessage] = Field(min_length=1, max_length=8)
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS, description="Most tokens to generate (default 16)."
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS, description="Alias of max_tokens."
+    )
+    temperature: float | None = Field(
+        None, description="Must be 0 or absent: the model decodes greedily."
+    )
+    top_p: float | None = Field(None, description="Must be 1 or absent (greedy decoding).")
+    n: int | None = Field(None, description="Must be 1 or absent.")
+    stream: bool | None = Field(None, description="Must be false or absent (no streaming).")
+    seed: int | None = Field(None, description="Accepted; greedy decoding is deterministic anyway.")
+    user: str | None = Field(None, max_length=256, description="Accepted; ignored.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.temperature not in (None, 0):
+            raise ValueError(
+                f"temperature={self.temperature:g} is not supported: this server decodes greedily only; "
+                "send temperature 0 or leave it out"
+            )
+        if self.top_p not in (None, 1):
+            raise ValueError("top_p must be 1 or absent: this server decodes greedily only")
+        if self.n not in (None, 1):
+            raise ValueError("n must be 1 or absent: one completion per request")
+        if self.stream:
+            raise ValueError("stream=true is not supported; leave it out")
+        if any(m.role == "assistant" for m in self.messages):
+            raise ValueError(
+                "assistant messages are not supported: this is a single-turn model; send one user message"
+            )
+        users = [m for m in self.messages if m.role == "user"]
+        if len(users) != 1:
+            raise ValueError(f"send exactly one user message (got {len(users)})")
+        content = users[0].content
+        images = (
+            [p for p in content if isinstance(p, ImagePart)] if isinstance(content, list) else []
+        )
+        if len(images) != 1:
+            raise ValueError(
+                f'the user message needs exactly one image part {{"type": "image_url", "image_url": '
+                f'{{"url": "data:image/png;base64,..."}}}} (got {len(images)})'
+            )
+        if not self.question().strip():
+            raise ValueError("the user message has no text: add a text part with the question")
+        if len(self.question()) > MAX_QUESTION_CHARS:
+            raise ValueError(f"the question is longer than {MAX_QUESTION_CHARS} characters")
+        return self
+
+    def _user(self) -> ChatMessage:
+        return next(m for m in self.messages if m.role == "user")
+
+    def question(self) -> str:
+        content = self._user().content
+        if isinstance(content, str):
+            return content
+        return "\n".join(p.text for p in content if isinstance(p, TextPart))
+
+    def image_url(self) -> str:
+        content = self._user().content
+        assert isinstance(content, list)
+        return next(p.image_url.url for p in content if isinstance(p, ImagePart))
+
+    def new_tokens(self) -> int:
+        return self.max_tokens or self.max_completion_tokens or 16
+
+
+class ChatMessageOut(_Model):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Model):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(_Model):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# -- images ---------------------------------------------------------------------------------------------
+
+
+def decode_image_bytes(text: str) -> bytes:
+    """Base64 or a ``data:`` URI -> the image file's bytes.
+
+    Raises:
+        HTTPError: 400 for anything that is not base64 / a base64 data URI (web URLs are refused:
+            the server fetches nothing), 413 when it is too large.
+    """
+    s = text.strip()
+    if s.lower().startswith(("http://", "https://")):
+        raise HTTPError(
+            400,
+            "image URLs are not fetched: send the image inline as base64 or a data URI "
+            "(data:image/png;base64,...)",
+            param="image",
+        )
+    if s.lower().startswith("data:"):
+        m = _DATA_URI.match(s)
+        if m is None:
+            raise HTTPError(
+                400, "malformed data URI: expected data:image/<type>;base64,<data>", param="image"
+            )
+        if not m.group("b64"):
+            raise HTTPError(
+                400,
+                "data URI is not base64-encoded: use data:image/<type>;base64,<data>",
+                param="image",
+            )
+        mime = (m.group("mime") or "").lower()
+        if mime and not mime.startswith("image/"):
+            raise HTTPError(
+                400,
+                f"data URI has media type {mime!r}; send an image (image/png, image/jpeg, ...)",
+                param="image",
+            )
+        s = s[m.end() :]
+    s = "".join(s.split())  # line-wrapped base64 is common
+    if len(s) > MAX_IMAGE_CHARS:
+        raise HTTPError(
+            413,
+            f"image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB; send a smaller image",
+            param="image",
+        )
+    s = s.replace("-", "+").replace("_", "/")  # accept the URL-safe alphabet too
+    s += "=" * (-len(s) % 4)
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise HTTPError(
+            400,
+            f"image is not valid base64 ({e}); encode the file's bytes with base64",
+            param="image",
+        ) from None
+    if not raw:
+        raise HTTPError(400, "image is empty", param="image")
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise HTTPError(
+            413,
+            f"image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB; send a smaller image",
+            param="image",
+        )
+    return raw
+
+
+def decode_image(text: str):
+    """Base64 / data URI -> an RGB ``PIL.Image``, with size limits checked before pixels are decoded.
+
+    Raises:
+        HTTPError: 400 (not base64, not an image, unsupported format, corrupt), 413 (too large).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    raw = decode_image_bytes(text)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # reads the header only
+            w, h = im.size
+            if max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_SIDE * MAX_IMAGE_SIDE:
+                raise HTTPError(
+                    413,
+                    f"image is {w}x{h} px; the limit is {MAX_IMAGE_SIDE} px a side",
+                    param="image",
+                )
+            if w < 1 or h < 1:
+                raise HTTPError(400, f"image is {w}x{h} px", param="image")
+            im.seek(0)  # first frame of an animation
+            return im.convert("RGB")
+    except HTTPError:
+        raise
+    except UnidentifiedImageError:
+        raise HTTPError(
+            400,
+            f"the data is not an image in a supported format ({', '.join(IMAGE_FORMATS)})",
+            param="image",
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise HTTPError(413, f"image has too many pixels: {e}", param="image") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise HTTPError(
+            400, f"the image could not be decoded (truncated or corrupt?): {e}", param="image"
+        ) from None
