@@ -70,7 +70,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = train(cfg, run_dir, resume=args.resume)
     print(summary_table(results))
     print(f"\nresults: {run_dir / 'results.json'}")
+    _issue_tokens(run_dir, cfg.federation.num_clients, args.tokens)
     return 0
+
+
+def _issue_tokens(run_dir: Path, num_clients: int, mode: str) -> None:
+    """Create each client's serving token at training time: shown once, only hashes are kept."""
+    from fednano_ray.serve.auth import issue_all, load_tokens, tokens_path
+
+    if mode == "none" or (mode == "auto" and num_clients > 64):
+        print(f"no serving tokens issued; create one per client with `fednano-ray token {run_dir} CLIENT_ID`")
+        return
+    if load_tokens(run_dir):
+        return  # a resumed run keeps the tokens it already has
+    tokens = issue_all(run_dir, num_clients)
+    print(f"\nserving tokens (shown once; only their hashes are kept in {tokens_path(run_dir)}):")
+    for cid, tok in sorted(tokens.items()):
+        print(f"  client {cid}: {tok}")
 
 
 def _local_resources(cfg: Config) -> dict[str, float]:
@@ -153,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="output directory (default runs/<config>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     t.add_argument("--address", help="join an existing Ray cluster (auto or ray://host:port)")
+    t.add_argument(
+        "--tokens", choices=["auto", "all", "none"], default="auto",
+        help="issue each client's serving token at the end (auto: when there are at most 64 clients)",
+    )
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("inspect", help="parameter/byte accounting of NanoEdge vs. the full MLLM")

@@ -55,7 +55,7 @@ class ModelConfig(_Section):
     name_or_path: str | None = Field(
         None, description="hf only: hub id or local folder of a LlavaForConditionalGeneration checkpoint."
     )
-    grid: int = Field(3, ge=1, le=7, description="nano only: the 7x7 feature map is pooled to grid x grid visual tokens.")
+    grid: int = Field(4, ge=1, le=7, description="nano only: the 7x7 feature map is pooled to grid x grid visual tokens.")
     connector_steps: int = Field(
         200, ge=0, description="nano only: stage-1 alignment steps of the connector (cached after the first run)."
     )

@@ -197,7 +197,7 @@ def test_nano_on_meta_counts():
     assert out["parts"]["embed_tokens"] == out["shared_params"] == 49152 * 576
     assert out["server_params"] == smollm2
     assert out["adapter_params"] == 2 * 2 * 8 * 576
-    assert out["num_image_tokens"] == 9
+    assert out["num_image_tokens"] == 16  # default grid 4 x 4
     assert 0 < out["client_storage_fraction"] < 1
     assert out["client_storage_fraction"] == pytest.approx(0.2361, abs=5e-4)
     # bytes = fp32 params + batch-norm running statistics (persistent buffers)

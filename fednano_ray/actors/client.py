@@ -125,9 +125,6 @@ class ClientActor:
 
     def node_id(self) -> str | None:
         """The Ray node this actor runs on (None outside Ray)."""
-        try:
-            import ray
+        import ray
 
-            return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        except Exception:
-            return None
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

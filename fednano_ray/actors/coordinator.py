@@ -98,7 +98,7 @@ class Coordinator:
         gc.collect()
         torch.set_num_threads(threads)
 
-        qs = lambda exs: [(e.question, list(e.choices), e.answer, e.category) for e in exs]  # noqa: E731
+        qs = lambda exs: [(e.question, list(e.choices), e.answer, e.category) for e in exs]
         self._data_ref = data_ref = ray.put({"train": (train_f, qs(self.data.train)), "test": (test_f, qs(self.data.test))})
         t = cfg.train
         self.trainer = actor_classes["trainer"].options(
@@ -290,7 +290,7 @@ class Coordinator:
         for c in range(n):  # submit everything first: the actors evaluate in parallel
             state = truncate_to_rank(self.initial_state if initial else self._client_model(c), cfg.tier_rank(self.client_tier[c]))
             idx = self.data.client_test[c]
-            fn = lambda c=c, state=state, idx=idx: self._actor_for(c).evaluate.remote(state, "train", idx, bs)  # noqa: E731
+            fn = lambda c=c, state=state, idx=idx: self._actor_for(c).evaluate.remote(state, "train", idx, bs)
             submits[c] = (fn, fn())
         per_client = {}
         for c, (fn, ref) in submits.items():

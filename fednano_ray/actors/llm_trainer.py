@@ -84,13 +84,13 @@ class LLMTrainer:
                 timeout = deadline - time.monotonic()
                 try:
                     req = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
                 batch.append(req)
                 rows += req.z.shape[0]
             try:
                 results = await loop.run_in_executor(self._pool, self._run, batch)
-            except Exception as e:  # a bad batch fails its requests, never the trainer
+            except Exception as e:  # noqa: BLE001 - a bad batch fails its requests, never the trainer
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(e)
@@ -102,7 +102,7 @@ class LLMTrainer:
     def _run(self, batch: list[_Request]) -> list[tuple[float, Tensor]]:
         t0 = time.perf_counter()
         t = max(r.z.shape[1] for r in batch)
-        pad = lambda x, v: F.pad(x, (0, 0, 0, t - x.shape[1]), value=v) if x.dim() == 3 else F.pad(x, (0, t - x.shape[1]), value=v)  # noqa: E731
+        pad = lambda x, v: F.pad(x, (0, 0, 0, t - x.shape[1]), value=v) if x.dim() == 3 else F.pad(x, (0, t - x.shape[1]), value=v)
         z = torch.cat([pad(r.z.float(), 0.0) for r in batch])
         mask = torch.cat([pad(r.attention_mask, 0) for r in batch])
         labels = torch.cat([pad(r.labels, IGNORE_INDEX) for r in batch])

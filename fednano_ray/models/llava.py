@@ -62,7 +62,7 @@ def parts_from_llava(llava: nn.Module) -> MLLMParts:
     """Describe a ``LlavaForConditionalGeneration`` as MLLMParts (tensors shared, not copied)."""
     cfg = llava.config
     if not isinstance(cfg.vision_feature_layer, int):
-        raise ValueError("only a single vision_feature_layer is supported (got a list)")
+        raise TypeError("only a single (int) vision_feature_layer is supported, got a list")
     inner = llava.model
     lm = inner.language_model
     return MLLMParts(

@@ -26,7 +26,7 @@ from fednano_ray.models.split import MLLMParts, ServerLLM
 logger = logging.getLogger(__name__)
 
 FEATURE_DIM = 1280  # EfficientNet-Lite0's last feature map: (B, 1280, 7, 7) at 224 px
-CONNECTOR_VERSION = "nano-connector/1"
+CONNECTOR_VERSION = "nano-connector/3"  # bump when the alignment data or recipe changes
 
 # SmolLM2-135M-Instruct's architecture, for building it with random weights (tests, accounting).
 SMOLLM2_135M: dict[str, Any] = {
@@ -119,7 +119,8 @@ def _caption(objects: list[dict[str, Any]]) -> str:
 def connector_cache_path(grid: int, steps: int) -> Path:
     from fednano_ray.models.pretrained import cache_dir
 
-    return cache_dir() / f"nano-connector-g{grid}-s{steps}.safetensors"
+    version = CONNECTOR_VERSION.rsplit("/", 1)[1]
+    return cache_dir() / f"nano-connector-v{version}-g{grid}-s{steps}.safetensors"
 
 
 def aligned_connector(parts: MLLMParts, tokenizer, *, grid: int, steps: int, seed: int = 0) -> dict[str, Tensor]:

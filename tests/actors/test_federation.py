@@ -136,9 +136,14 @@ def test_cli_joins_an_existing_cluster_with_address(ray_cluster, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fednano_ray", "train", "examples/tiny.yaml", "--address", cluster.address,
          "--run-dir", str(run), "--set", "federation.rounds=1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "average" in proc.stdout and "global test accuracy" in proc.stdout
     assert "Started a local Ray instance" not in proc.stderr  # it joined, it did not start its own
     assert json.loads((run / "results.json").read_text())["summary"]["rounds"] == 1
+    # Serving tokens are created at training time, printed once, and stored only as hashes.
+    printed = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.strip().startswith("client ")]
+    assert len(printed) == 4 and len(set(printed)) == 4
+    stored = (run / "tokens.json").read_text()
+    assert all(tok not in stored for tok in printed)
