@@ -143,7 +143,7 @@ def test_cli_joins_an_existing_cluster_with_address(ray_cluster, tmp_path):
     assert "Started a local Ray instance" not in proc.stderr  # it joined, it did not start its own
     assert json.loads((run / "results.json").read_text())["summary"]["rounds"] == 1
     # Serving tokens are created at training time, printed once, and stored only as hashes.
-    printed = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.strip().startswith("client ")]
+    printed = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if ": fnr_" in line]
     assert len(printed) == 4 and len(set(printed)) == 4
     stored = (run / "tokens.json").read_text()
     assert all(tok not in stored for tok in printed)
