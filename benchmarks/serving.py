@@ -19,7 +19,7 @@ default, where they decode the same tokens: the answers of the two engines are c
 work is shown to be equal. The app is deleted between engines.
 
 Usage: ``fednano-ray bench serving [--requests-1 32] [--requests-16 8] [--max-new-tokens 16]
-[--dtype float32] [--json OUT]`` or ``python benchmarks/serving.py``. About 4-6 minutes on 2 cores
+[--dtype float32] [--json OUT]`` or ``python benchmarks/serving.py``. About 3 minutes on 2 cores
 (the first run on a machine also aligns the nano connector once, unless it is cached; without
 the cached aligned connector the benchmark uses an unaligned one: same cost per request).
 """
@@ -31,6 +31,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -356,6 +357,9 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
+        if not args.keep:  # the run directory and Ray's session folder (logs) are kept with --keep
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     if set(ENGINES) <= set(res["engines"]):
         same = total = 0
         for name in ("1 client", "16 clients"):
@@ -387,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
         help="nano connector alignment steps (default: quickstart's if cached, else 0 = unaligned)",
     )
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the run directory and Ray's logs under /tmp"
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
