@@ -42,7 +42,7 @@ def run(model: str, clients: list[int], batch: int, steps: int, threads: int) ->
         for mode in ("sequential", "concurrent"):
             trainer = LLMTrainer(cfg.model, max_batch_size=max(64, n * batch), batch_wait_ms=5.0)
 
-            async def main():
+            async def main(trainer=trainer, mode=mode, n=n):
                 await trainer.loss_and_grad(z, b["attention_mask"], b["labels"])  # warm-up
                 t0 = time.perf_counter()
                 if mode == "concurrent":
