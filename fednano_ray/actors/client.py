@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fednano_ray.models.adapter import load_adapter_state
+from fednano_ray.models.adapter import adapter_state, load_adapter_state
 from fednano_ray.training import evaluate, local_fit
 
 
@@ -59,7 +59,7 @@ class ClientActor:
         torch.set_num_threads(max(1, num_threads))
         mllm = build_mllm.__wrapped__(model_cfg)
         self.edge, _ = mllm.split(adapter_cfg, r=rank, seed=seed)
-        self._initial = {k: v.clone() for k, v in self.edge.adapters.state_dict().items()}
+        self._initial = adapter_state(self.edge.adapters)
         mllm.parts.decoder = None  # the client keeps no LLM layers (NanoEdge only)
         self.encode_row = mllm.encode_row
         self.pad_id = mllm.pad_id

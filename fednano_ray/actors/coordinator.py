@@ -239,9 +239,7 @@ class Coordinator:
             if self.strategy.personalize_only:
                 for u in updates:
                     self.client_states[int(u.client_id)] = u.state
-            else:
-                for u in updates:  # keep each client's fisher at its own rank: the strategy pads
-                    u.state = {k: v.float() for k, v in u.state.items()}
+            else:  # updates arrive at each client's own rank: the strategy pads (HetLoRA)
                 self.global_state = self.strategy.aggregate(self.global_state, updates, failures)
             if self.strategy.warnings:
                 record["warnings"] = list(self.strategy.warnings)
