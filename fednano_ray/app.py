@@ -83,6 +83,7 @@ def train(
         stop_after_round: end after this round without finishing (simulates a killed run).
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
@@ -91,7 +92,10 @@ def train(
     check_resources(cfg, ray.cluster_resources())
     classes = actor_classes()
     t0 = time.perf_counter()
-    coord = classes["coordinator"].options(max_concurrency=4, num_cpus=0).remote(
+    # The coordinator owns the run: keep it on the driver's (head) node, never on a client node
+    # that may be removed mid-run (tests/actors/test_federation.py removes one).
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    coord = classes["coordinator"].options(max_concurrency=4, num_cpus=0, scheduling_strategy=here).remote(
         cfg, str(run_dir), resume=resume, actor_classes={k: classes[k] for k in ("client", "trainer")}, chaos=chaos
     )
     info = ray.get(coord.begin.remote())

@@ -62,6 +62,7 @@ class Coordinator:
         chaos: dict[tuple[int, int], str] | None = None,
     ) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from fednano_ray.accounting import account
         from fednano_ray.features import cached_features
@@ -101,8 +102,11 @@ class Coordinator:
         qs = lambda exs: [(e.question, list(e.choices), e.answer, e.category) for e in exs]
         self._data_ref = data_ref = ray.put({"train": (train_f, qs(self.data.train)), "test": (test_f, qs(self.data.test))})
         t = cfg.train
+        # The frozen LLM prefers the coordinator's (head) node, as cluster.yaml provisions it.
+        head = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
         self.trainer = actor_classes["trainer"].options(
-            name=None, num_cpus=t.trainer_num_cpus, num_gpus=t.trainer_num_gpus, max_restarts=-1, max_task_retries=-1
+            num_cpus=t.trainer_num_cpus, num_gpus=t.trainer_num_gpus, max_restarts=-1, max_task_retries=-1,
+            scheduling_strategy=head,
         ).remote(cfg.model, max_batch_size=t.max_batch_size, batch_wait_ms=t.batch_wait_ms,
                  num_threads=t.trainer_threads or os.cpu_count() or 1)
 
