@@ -32,13 +32,8 @@ class RecordingServer(LocalServer):
         return loss, grad
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is too small to gain from threads; one avoids oversubscribing a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: these models are small, and a busy machine punishes oversubscription.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
