@@ -68,6 +68,16 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         ray.init(address=address, **kwargs)
 
 
+def head_node_id() -> str:
+    """The Ray head node's id (it advertises ``node:__internal_head__``); the driver's node if none does."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return ray.get_runtime_context().get_node_id()
+
+
 def train(
     cfg: Config,
     run_dir: str | Path,
@@ -92,10 +102,10 @@ def train(
     check_resources(cfg, ray.cluster_resources())
     classes = actor_classes()
     t0 = time.perf_counter()
-    # The coordinator owns the run: keep it on the driver's (head) node, never on a client node
-    # that may be removed mid-run (tests/actors/test_federation.py removes one).
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-    coord = classes["coordinator"].options(max_concurrency=4, num_cpus=0, scheduling_strategy=here).remote(
+    # The coordinator owns the run: pin it to the head node, never to a client node that may be
+    # removed mid-run (tests/actors/test_federation.py removes one). It needs no CPU, so it always fits.
+    on_head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
+    coord = classes["coordinator"].options(max_concurrency=4, num_cpus=0, scheduling_strategy=on_head).remote(
         cfg, str(run_dir), resume=resume, actor_classes={k: classes[k] for k in ("client", "trainer")}, chaos=chaos
     )
     info = ray.get(coord.begin.remote())

@@ -355,12 +355,15 @@ class Coordinator:
         self.next_round = state["round"] + 1
 
     def write_results(self) -> dict[str, Any]:
+        import ray
+
         results = {
             "config": self.cfg.model_dump(mode="json"),
             "strategy": self.strategy.describe(),
             "rounds": self.rounds,
             "summary": self.summary,
             "accounting": self.accounting,
+            "coordinator_node": ray.get_runtime_context().get_node_id(),
         }
         tmp = self.run_dir / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))

@@ -103,7 +103,14 @@ def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(r
     )
     run = tmp_path / "run"
     out: dict = {}
-    worker = threading.Thread(target=lambda: out.update(res=train(cfg, run, progress=False)))
+
+    def run_it():
+        try:
+            out["res"] = train(cfg, run, progress=False)
+        except BaseException as e:  # surfaced by the assertion below
+            out["error"] = e
+
+    worker = threading.Thread(target=run_it)
     worker.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (run / "checkpoints" / "round_0000" / "state.json").exists():
@@ -115,6 +122,8 @@ def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(r
     cluster.wait_for_nodes()
 
     assert not worker.is_alive(), "the run did not finish after the node was removed"
+    assert "error" not in out, f"the run failed: {out.get('error')!r}"
+    assert out["res"]["coordinator_node"] == cluster.head_node.node_id  # never on a removable client node
     rounds = out["res"]["rounds"]
     placement = rounds[0]["placement"]
     assert {placement["0"], placement["1"]} == {nodes["edge-small"].node_id}
