@@ -56,14 +56,19 @@ def actor_classes() -> dict[str, Any]:
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Start (or join) Ray. Only entry points call this."""
+    """Start a private local Ray instance (``address`` None), or join the cluster at ``address``.
+
+    ``address=None`` means ``"local"``: a new instance even when ``ray start`` already runs one on
+    this machine (plain ``ray.init()`` would join that one and then refuse ``num_cpus``). Only entry
+    points call this.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if address is None else None
     if address is None:
-        ray.init(include_dashboard=False, log_to_driver=True, **kwargs)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, **kwargs)
     else:
         ray.init(address=address, **kwargs)
 

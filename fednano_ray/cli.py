@@ -59,13 +59,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.config).stem}-{datetime.now():%Y%m%d-%H%M%S}")
     if args.resume and not (run_dir / "config.yaml").exists():
         raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); pass the --run-dir of the run to continue")
-    if args.address is None:
+    # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster; otherwise start a private one.
+    address = args.address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS") != "local" else None)
+    if address is None:
         from fednano_ray.app import check_resources
 
         check_resources(cfg, {"CPU": float(os.cpu_count() or 1), **_local_resources(cfg)})
     from fednano_ray.app import init_ray, train
 
-    init_ray(args.address, **({"num_cpus": _local_cpus(cfg)} if args.address is None else {}))
+    init_ray(address, **({"num_cpus": _local_cpus(cfg)} if address is None else {}))
     print(f"run directory: {run_dir}", file=sys.stderr)
     results = train(cfg, run_dir, resume=args.resume)
     print(summary_table(results))
@@ -113,9 +115,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from fednano_ray.data.synth import generate
 
-    root = generate(args.out_dir, num_train=args.num_train, num_test=args.num_test, image_size=args.image_size, seed=args.seed)
+    root = generate(args.out_dir, num_train=args.num_train, num_test=args.num_test, image_size=args.image_size, seed=args.seed,
+                    difficulty=args.difficulty)
     info = json.loads((Path(root) / "info.json").read_text())
-    print(json.dumps({"root": str(root), **{k: info[k] for k in info if k in ("counts", "generator", "version")}}, indent=2))
+    print(json.dumps({"root": str(root), **{k: info[k] for k in info if k in ("generator", "difficulty", "splits")}}, indent=2))
     return 0
 
 
@@ -159,6 +162,26 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fednano_ray.report import build_report
+
+    path = build_report(args.run_dirs, args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from fednano_ray.grid import load_grid, run_grid, train_subprocess
+
+    spec = load_grid(args.spec)
+    return run_grid(
+        spec, only=args.only, runs_dir=args.runs_dir, dry_run=args.dry_run, report_out=args.report_out,
+        runner=partial(train_subprocess, address=args.address),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fednano-ray", description="Federated tuning of multimodal LLMs with FedNano on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-test", type=int, default=400)
     s.add_argument("--image-size", type=int, default=224)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--difficulty", choices=["easy", "hard"], default="easy",
+                   help="easy: one object per question; hard: scenes of 2-5 objects that need attribute binding")
     s.set_defaults(func=cmd_data_synth)
     b = sub.add_parser("bench", help="run a benchmark under benchmarks/ (figures, not tests)")
     b.add_argument("name", help="benchmark name, e.g. scale")
@@ -208,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("client_id", type=int, help="client id, 0..num_clients-1")
     k.add_argument("--rotate", action="store_true", help="replace the client's existing token")
     k.set_defaults(func=cmd_token)
+
+    r = sub.add_parser("report", help="Markdown table and plots over runs: mean ± std over seeds per setting")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with a results.json)")
+    r.add_argument("--out", default="report", help="output folder for report.md and its PNGs (default ./report)")
+    r.set_defaults(func=cmd_report)
+
+    g = sub.add_parser("grid", help="run a grid of experiments (e.g. examples/paper/grid.yaml), resumably, then report")
+    g.add_argument("spec", help="grid spec YAML: base config, seeds, groups of --set overrides")
+    g.add_argument("--only", nargs="+", metavar="GROUP", help="run only these groups of the spec")
+    g.add_argument("--dry-run", action="store_true", help="validate every cell's config and list the cells; run nothing")
+    g.add_argument("--runs-dir", help="folder of the cells' run directories (default: the spec's runs_dir, or runs/paper)")
+    g.add_argument("--report-out", help="folder of the final report (default RUNS_DIR/report)")
+    g.add_argument("--address", help="join an existing Ray cluster for every cell (auto or ray://host:port)")
+    g.set_defaults(func=cmd_grid)
     return p
 
 

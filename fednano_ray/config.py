@@ -59,6 +59,9 @@ class ModelConfig(_Section):
     connector_steps: int = Field(
         200, ge=0, description="nano only: stage-1 alignment steps of the connector (cached after the first run)."
     )
+    instruct_steps: int = Field(
+        100, ge=0, description="nano only: stage-2 short-answer VQA steps of the connector after stage 1 (0 = none; cached)."
+    )
     autocast_bf16: bool = Field(
         True,
         description="Run the frozen LLM under bfloat16 autocast (weights stay fp32): 2x faster on AVX-512 CPUs; "
@@ -98,6 +101,10 @@ class SynthConfig(_Section):
     num_test: int = Field(400, ge=10, description="Global test questions.")
     seed: int = Field(0, description="Generator seed (same seed, same bytes).")
     image_size: int = Field(224, ge=16, description="Rendered image side in pixels.")
+    difficulty: Literal["easy", "hard"] = Field(
+        "easy",
+        description="easy: one object per question (two for relations); hard: 2-5 objects with attribute binding.",
+    )
 
 
 class DataConfig(_Section):
@@ -174,6 +181,64 @@ class ServeConfig(_Section):
     max_new_tokens: int = Field(16, ge=1, le=512, description="Default generation length.")
 
 
+class DPConfig(_Section):
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018): clip each client's delta to
+    clip_norm, average over the sampled clients, add Gaussian noise of std noise_multiplier * clip_norm / m."""
+
+    noise_multiplier: float = Field(1.0, gt=0, description="z: noise std over the clip norm (larger: more private, noisier).")
+    clip_norm: float = Field(
+        gt=0, description="C: bound on each client's update norm ||theta_i - theta_global|| (pick near honest updates' norms)."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee; keep it below 1/num_clients.")
+    accountant: Literal["pld", "rdp"] = Field(
+        "pld", description="dp-accounting accountant for epsilon: pld (tight) or rdp (Renyi DP, a looser bound)."
+    )
+
+
+class TrustConfig(_Section):
+    """Update validation, robust aggregation, client-level DP and secure aggregation (docs: fednano_ray/trust)."""
+
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Reject updates with ||theta_i - theta_global|| above this (null: no bound)."
+    )
+    aggregator: Literal["mean", "median", "trimmed_mean", "clip"] = Field(
+        "mean",
+        description="mean: the strategy's own rule; median / trimmed_mean: coordinate-wise robust rules; "
+        "clip: clip each delta to clip_norm, then the example-weighted mean.",
+    )
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean only: fraction trimmed from each side.")
+    clip_norm: float | None = Field(None, gt=0, description="clip only: bound on each client's delta norm.")
+    dp: DPConfig | None = Field(None, description="Client-level DP (DP-FedAvg); null: off.")
+    secure_aggregation: bool = Field(
+        False, description="Sum updates with SecAgg masking, so the server sees only the sum (simulated in the coordinator)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrustConfig:
+        if self.aggregator == "clip" and self.clip_norm is None:
+            raise ValueError("trust.aggregator 'clip' needs trust.clip_norm (e.g. trust.clip_norm=1.0)")
+        if self.clip_norm is not None and self.aggregator != "clip":
+            raise ValueError(
+                f"trust.clip_norm is set but trust.aggregator is {self.aggregator!r}: set trust.aggregator=clip "
+                "(for DP use trust.dp.clip_norm)"
+            )
+        if self.dp is not None and self.aggregator != "mean":
+            raise ValueError(
+                f"trust.dp clips and averages by itself: leave trust.aggregator at 'mean', not {self.aggregator!r}"
+            )
+        if self.secure_aggregation and self.aggregator in ("median", "trimmed_mean"):
+            raise ValueError(
+                f"trust.secure_aggregation with trust.aggregator {self.aggregator!r} is impossible: the server sees "
+                "only the sum of updates, and a median or trimmed mean needs each one; use mean or clip"
+            )
+        if self.secure_aggregation and self.max_update_norm is not None:
+            raise ValueError(
+                "trust.max_update_norm cannot be checked under trust.secure_aggregation (the server never sees one "
+                "update); bound updates with trust.aggregator=clip or trust.dp instead"
+            )
+        return self
+
+
 class Config(_Section):
     """The whole run."""
 
@@ -186,6 +251,9 @@ class Config(_Section):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
+    trust: TrustConfig = Field(
+        default_factory=TrustConfig, description="Update validation, robust aggregation, DP, secure aggregation."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -204,6 +272,31 @@ class Config(_Section):
         names = [t.name for t in self.tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_trust(self) -> Config:
+        trust, fed = self.trust, self.federation
+        if trust.aggregator != "mean" and fed.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"trust.aggregator {trust.aggregator!r} replaces the example-weighted mean, so it needs "
+                f"federation.strategy fedavg or fedprox, not {fed.strategy!r}"
+            )
+        if trust.dp is not None:
+            if fed.strategy not in ("fedavg", "fedprox"):
+                raise ValueError(
+                    f"trust.dp needs federation.strategy fedavg or fedprox, not {fed.strategy!r} "
+                    "(fednano's Fisher is not privatised; local and centralized do not aggregate)"
+                )
+            if trust.dp.delta >= 1 / fed.num_clients:
+                raise ValueError(
+                    f"trust.dp.delta ({trust.dp.delta:g}) must be below 1/federation.num_clients "
+                    f"({1 / fed.num_clients:g}): a larger delta allows revealing a whole client"
+                )
+        if trust.secure_aggregation and fed.strategy in ("local", "centralized"):
+            raise ValueError(
+                f"trust.secure_aggregation needs a federated sum; federation.strategy {fed.strategy!r} has none"
+            )
         return self
 
     def tier_rank(self, tier: TierConfig) -> int:

@@ -45,7 +45,7 @@ def dataset_root(data: DataConfig) -> Path:
     root = cache_dir() / "datasets" / f"synth-{key}"
     if not (root / "info.json").exists():
         tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-        generate(tmp, num_train=s.num_train, num_test=s.num_test, image_size=s.image_size, seed=s.seed)
+        generate(tmp, num_train=s.num_train, num_test=s.num_test, image_size=s.image_size, seed=s.seed, difficulty=s.difficulty)
         try:
             tmp.replace(root)
         except OSError:  # another process won the race; theirs is identical

@@ -1,6 +1,7 @@
 """Shared fixtures: offline env, and ONE Ray cluster for the whole test run (Ray starts once)."""
 
 import os
+import socket
 import tempfile
 
 import pytest
@@ -23,12 +24,19 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A simulated multi-node cluster (ray.cluster_utils.Cluster): a head plus one node per client tier.
 
     Nodes advertise a custom resource named after their tier, as cluster.yaml's node types do.
     Logical CPUs exceed the 2 physical cores on purpose: tiny-model actors are mostly idle.
+    The head runs the dashboard, whose job agent `ray job submit` talks to (tests/actors/test_jobs.py).
     """
     import ray
     from ray.cluster_utils import Cluster
@@ -36,8 +44,18 @@ def ray_cluster():
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 4, "temp_dir": tmp, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 4, "temp_dir": tmp,
+            # Free ports, not 8265/52365: another test run on this machine may hold those.
+            "include_dashboard": True, "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port(),
+        },
     )
+    # A job's driver gets RAY_ADDRESS from its supervisor, which reads ray_current_cluster in the head's
+    # temp dir; Cluster writes it only under /tmp/ray, and without it Ray picks ANY gcs_server running
+    # on this machine (other test runs'). Name ours there, as `ray start --head` does.
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(cluster.address, tmp)
     nodes = {
         "edge-small": cluster.add_node(num_cpus=2, resources={"edge-small": 4}),
         "edge-large": cluster.add_node(num_cpus=2, resources={"edge-large": 4}),

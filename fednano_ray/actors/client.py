@@ -23,11 +23,22 @@ class RemoteServer:
 
     def __init__(self, handle) -> None:
         self.handle = handle
+        # Chaos (tests): kill the trainer while split step number `kill_in` from now is in flight.
+        self.kill_in: int | None = None
 
     def loss_and_grad(self, z, attention_mask, labels):
         import ray
 
-        return ray.get(self.handle.loss_and_grad.remote(z, attention_mask, labels))
+        # The trainer actor has max_task_retries=-1: if it dies with this call in flight, Ray
+        # restarts it (its __init__ reloads the frozen LLM) and re-sends the call; get() just waits.
+        ref = self.handle.loss_and_grad.remote(z, attention_mask, labels)
+        if self.kill_in is not None:
+            if self.kill_in == 0:
+                ray.kill(self.handle, no_restart=False)  # SIGKILL; Ray restarts it (max_restarts=-1)
+                self.kill_in = None
+            else:
+                self.kill_in -= 1
+        return ray.get(ref)
 
     def score(self, z, attention_mask, labels):
         import ray
@@ -89,11 +100,21 @@ class ClientActor:
         seed: int = 0,
         chaos: str | None = None,
     ) -> dict[str, Any]:
-        """Local training of one client from ``start_state``; returns its update as plain data."""
+        """Local training of one client from ``start_state``; returns its update as plain data.
+
+        ``chaos`` (tests only) injects a fault: ``"die"`` kills the process, ``"stall"`` hangs,
+        ``"nan"`` returns a NaN tensor, ``"scale"`` returns the trained state times 1000,
+        ``"kill_trainer"`` kills the LLM trainer actor mid-training, with this client's second
+        split step (and whatever other clients have) in flight.
+        """
         if chaos == "die":
             os._exit(1)  # a real crash: the process disappears mid-round
         if chaos == "stall":
             time.sleep(3600)
+        if chaos == "kill_trainer":
+            if not isinstance(self.server, RemoteServer):
+                raise ClientError("chaos 'kill_trainer' needs the LLMTrainer actor as the server")
+            self.server.kill_in = 1 if steps > 1 else 0
         if not indices:
             raise ClientError(f"client {client_id} has no training examples")
         t0 = time.perf_counter()
@@ -105,6 +126,11 @@ class ClientActor:
             weight_decay=weight_decay, prox_mu=prox_mu, seed=seed,
         )
         metrics["fit_s"] = time.perf_counter() - t0
+        if chaos == "nan":  # a diverged or corrupted upload: the coordinator must reject it
+            first = next(iter(state))
+            state[first] = torch.full_like(state[first], float("nan"))
+        if chaos == "scale":  # a scaled-update (model replacement) attack
+            state = {k: v * 1000.0 for k, v in state.items()}
         return {
             "client_id": client_id, "state": state, "fisher": fisher, "num_examples": len(indices),
             "metrics": metrics, "rank": self.rank, "node_id": self.node_id(),

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from fednano_ray.config import Config, dump_config
-from fednano_ray.strategies import build_strategy
 from fednano_ray.strategies.aggregate import truncate_to_rank
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate
+from fednano_ray.trust.round import TrustPolicy
 
 CHECKPOINTS = "checkpoints"
 
@@ -49,7 +49,9 @@ class Coordinator:
         run_dir: where config.yaml, results.json and checkpoints go.
         resume: continue from the newest checkpoint in ``run_dir``.
         actor_classes: ``{"client": ray.remote(ClientActor), "trainer": ray.remote(LLMTrainer)}``.
-        chaos: test hook ``{(round, client_id): "die" | "stall"}`` injecting real faults.
+        chaos: test hook ``{(round, client_id): "die" | "stall" | "nan" | "scale" | "kill_trainer"}``
+            injecting real faults (a crash, a hang, a NaN update, a 1000x-scaled update, the LLM
+            trainer killed with split steps in flight: see ``ClientActor.fit``).
     """
 
     def __init__(
@@ -80,7 +82,8 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.chaos = chaos or {}
         fed = cfg.federation
-        self.strategy = build_strategy(fed.strategy, **self._strategy_kwargs())
+        self.trust = TrustPolicy(cfg)  # cfg.trust: validation, robust/DP aggregation, secure aggregation
+        self.strategy = self.trust.build_strategy(self._strategy_kwargs())
         self.data = prepare_data(cfg)
 
         # Frozen encoder features, once per dataset (cached on disk for real models).
@@ -172,6 +175,7 @@ class Coordinator:
 
         cfg, fed = self.cfg, self.cfg.federation
         t0 = time.perf_counter()
+        trainer_start = self._trainer_incarnation()
         rng = np.random.default_rng(_seed(fed.seed, rnd))
         centralized = fed.strategy == "centralized"
         if centralized:  # one pooled "client" holding every client's training data (upper bound)
@@ -223,6 +227,10 @@ class Coordinator:
         for actor in {id(a): a for a in stalled_actors}.values():
             ray.kill(actor, no_restart=False)
 
+        # Invalid updates (bad keys/shapes/dtypes, NaN/Inf, norm above trust.max_update_norm) become
+        # failures "rejected: <reason>": never aggregated, not counted towards the quorum.
+        updates, rejected = self.trust.screen(updates, lambda u: self._start_state(int(u.client_id)))
+        failures.extend(rejected)
         quorum = math.ceil(fed.quorum * len(sampled))
         record: dict[str, Any] = {
             "round": rnd,
@@ -244,12 +252,17 @@ class Coordinator:
                 for u in updates:
                     self.client_states[int(u.client_id)] = u.state
             else:  # updates arrive at each client's own rank: the strategy pads (HetLoRA)
-                self.global_state = self.strategy.aggregate(self.global_state, updates, failures)
+                self.global_state, extras = self.trust.aggregate(
+                    self.strategy, rnd, self.global_state, updates, failures, self.rounds
+                )
+                record.update(extras)  # secure_aggregation, dp_epsilon, ... when configured
             if self.strategy.warnings:
                 record["warnings"] = list(self.strategy.warnings)
         last = rnd == fed.rounds - 1
         if last or (rnd + 1) % fed.evaluate_every == 0:
             record.update(self.evaluate())
+        # Ray restarted the LLM trainer during the round (clients' in-flight split steps were re-sent).
+        record["trainer_restarted"] = self._trainer_incarnation() != trainer_start
         record["wall_time_s"] = round(time.perf_counter() - t0, 2)
         self.rounds.append(record)
         self.next_round = rnd + 1
@@ -408,7 +421,18 @@ class Coordinator:
             rank_rule=getattr(self.strategy, "rank_rule", None),
             wall_time_s=round(wall_time_s, 1),
         )
+        self.summary.update(self.trust.summary(self.rounds))  # dp_epsilon (final), rejected_updates
         return self.write_results()
+
+    def _trainer_incarnation(self) -> str | None:
+        """Which start of the LLM trainer actor serves now (None if it does not answer in time)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            return ray.get(self.trainer.incarnation.remote(), timeout=self.cfg.federation.deadline_s)
+        except (RayActorError, RayTaskError, GetTimeoutError):
+            return None
 
     def trainer_stats(self) -> dict[str, float]:
         import ray

@@ -9,7 +9,9 @@ client's rows form their own group, so each gets exactly the loss and gradient i
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,6 +53,8 @@ class LLMTrainer:
         self._worker: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1)  # torch runs off the event loop
         self.stats = {"batches": 0, "rows": 0, "requests": 0, "max_clients_in_batch": 0, "compute_s": 0.0}
+        # New each time Ray (re)starts the actor and reruns __init__, which reloads the frozen LLM.
+        self._incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
     async def loss_and_grad(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[float, Tensor]:
         """One client's split step: (mean loss over its label tokens, dL/dz' with its own shape)."""
@@ -72,6 +76,10 @@ class LLMTrainer:
 
     def get_stats(self) -> dict[str, float]:
         return dict(self.stats)
+
+    def incarnation(self) -> str:
+        """Which start of this actor is serving: it changes when Ray restarts the actor."""
+        return self._incarnation
 
     async def _batch_loop(self) -> None:
         assert self._queue is not None

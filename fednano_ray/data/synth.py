@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 __all__ = [
     "CATEGORIES",
     "COLOURS",
+    "DIFFICULTIES",
     "GENERATOR_VERSION",
     "NUMBERS",
     "POSITIONS",
@@ -51,8 +52,11 @@ __all__ = [
     "generate",
 ]
 
-GENERATOR_VERSION = "synth-scenes/3"
-"""Bumped whenever the output for a given seed changes."""
+GENERATOR_VERSION = "synth-scenes/4"
+"""Bumped whenever the output for a given seed changes (``/4`` added ``easy``; ``hard`` is ``/3``)."""
+
+DIFFICULTIES = ("easy", "hard")
+EASY_MAX_COUNT = 4  # easy count questions: one to four objects, all of the counted kind
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 _PLURALS = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPES}
@@ -247,10 +251,10 @@ def _fallback_scene(rng: np.random.Generator, size: int, attrs: list[dict[str, A
     return scene
 
 
-def _q_colour(rng: np.random.Generator, size: int) -> dict[str, Any]:
+def _q_colour(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
     options = [("shape",), ("size", "shape")]
     while True:
-        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS)
+        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS) if hard else _random_scene(rng, size, 1, 1)
         objs = scene.objects
         for target in rng.permutation(len(objs)):
             target = int(target)
@@ -271,10 +275,10 @@ def _q_colour(rng: np.random.Generator, size: int) -> dict[str, Any]:
             }
 
 
-def _q_shape(rng: np.random.Generator, size: int) -> dict[str, Any]:
+def _q_shape(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
     options = [("colour",), ("size", "colour")]
     while True:
-        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS)
+        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS) if hard else _random_scene(rng, size, 1, 1)
         objs = scene.objects
         for target in rng.permutation(len(objs)):
             target = int(target)
@@ -295,10 +299,10 @@ def _q_shape(rng: np.random.Generator, size: int) -> dict[str, Any]:
             }
 
 
-def _q_size(rng: np.random.Generator, size: int) -> dict[str, Any]:
+def _q_size(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
     options = [("colour", "shape"), ("shape",), ("colour",)]
     while True:
-        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS)
+        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS) if hard else _random_scene(rng, size, 1, 1)
         objs = scene.objects
         for target in rng.permutation(len(objs)):
             target = int(target)
@@ -318,11 +322,11 @@ def _q_size(rng: np.random.Generator, size: int) -> dict[str, Any]:
             }
 
 
-def _q_count(rng: np.random.Generator, size: int) -> dict[str, Any]:
-    n = int(rng.integers(1, len(NUMBERS) + 1))
+def _q_count(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
+    n = int(rng.integers(1, (len(NUMBERS) if hard else EASY_MAX_COUNT) + 1))
     by_shape = rng.random() < 0.6
     for attempt in range(_MAX_SCENE_TRIES):
-        extras = int(rng.integers(1 if n == 1 else 0, 4))
+        extras = int(rng.integers(1 if n == 1 else 0, 4)) if hard else 0
         p_big = 0.5 if n + extras <= 5 else 0.2
         scene = _Scene(rng, size)
         if by_shape:
@@ -343,7 +347,7 @@ def _q_count(rng: np.random.Generator, size: int) -> dict[str, Any]:
         question = f"How many {_PLURALS[key['shape']]} are there?"
     else:
         question = f"How many {key['colour']} objects are there?"
-    choices, idx = _choices(rng, NUMBERS[n - 1], NUMBERS)
+    choices, idx = _choices(rng, NUMBERS[n - 1], NUMBERS if hard else NUMBERS[:EASY_MAX_COUNT])
     return {
         "scene": scene,
         "question": question,
@@ -362,7 +366,7 @@ _REGIONS = {  # box of the target's centre, as fractions of the side
 }
 
 
-def _q_position(rng: np.random.Generator, size: int) -> dict[str, Any]:
+def _q_position(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
     answer = POSITIONS[int(rng.integers(len(POSITIONS)))]
     options = [("colour", "shape"), ("shape",), ("colour",), ("size", "colour", "shape")]
     for attempt in range(_MAX_SCENE_TRIES):
@@ -370,7 +374,7 @@ def _q_position(rng: np.random.Generator, size: int) -> dict[str, Any]:
         target = scene.add(scene.attrs(), _REGIONS[answer])
         if target is None:
             continue
-        n_others = int(rng.integers(1, 5))
+        n_others = int(rng.integers(1, 5)) if hard else 0
         if not all(scene.add(scene.attrs()) is not None for _ in range(n_others)):
             continue
         refs = _unique_refs(scene.objects, target, options)
@@ -407,7 +411,7 @@ def _relation_of(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     return None
 
 
-def _q_relation(rng: np.random.Generator, size: int) -> dict[str, Any]:
+def _q_relation(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
     answer = RELATIONS[int(rng.integers(len(RELATIONS)))]
     options = [("colour", "shape"), ("shape",), ("colour",)]
     found = None
@@ -434,7 +438,7 @@ def _q_relation(rng: np.random.Generator, size: int) -> dict[str, Any]:
                 break
         if placed is None:
             continue
-        n_others = int(rng.integers(0, 4))
+        n_others = int(rng.integers(0, 4)) if hard else 0
         if not all(scene.add(scene.attrs()) is not None for _ in range(n_others)):
             continue
         refs_a = _unique_refs(scene.objects, placed, options)
@@ -613,7 +617,9 @@ def _scene_json(scene: _Scene) -> list[dict[str, Any]]:
     ]
 
 
-def _write_split(folder: Path, split: str, num: int, seed: int, image_size: int) -> dict[str, int]:
+def _write_split(
+    folder: Path, split: str, num: int, seed: int, image_size: int, difficulty: str
+) -> dict[str, int]:
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     code = _SPLIT_CODES[split]
@@ -625,7 +631,7 @@ def _write_split(folder: Path, split: str, num: int, seed: int, image_size: int)
         category = CATEGORIES[int(cats[i])]
         counts[category] += 1
         rng = np.random.default_rng([seed, code, i])
-        item = _BUILDERS[category](rng, image_size)
+        item = _BUILDERS[category](rng, image_size, difficulty == "hard")
         ex_id = f"{split}-{i:05d}"
         rel = f"images/{ex_id}.png"
         _render(rng, item["scene"], category, image_size).save(
@@ -673,6 +679,7 @@ def generate(
     num_test: int = 400,
     image_size: int = 224,
     seed: int = 0,
+    difficulty: str = "easy",
 ) -> Path:
     """Write the synthetic benchmark as a dataset root (``train/`` and ``test/``).
 
@@ -686,14 +693,18 @@ def generate(
         num_test: Questions in the global test split.
         image_size: Side of the square images in pixels (at least 16; 224 recommended).
         seed: Generator seed; the same arguments always produce the same bytes.
+        difficulty: ``"easy"`` (one object per question, two for relations; counts up to four) or
+            ``"hard"`` (2-5 objects, attribute binding, counts up to six; ``synth-scenes/3``'s output).
 
     Returns:
         ``out_dir`` as a ``Path``.
 
     Raises:
         TypeError: If a count, the image size or the seed is not an integer.
-        ValueError: If a count is below 1 or the image size below 16.
+        ValueError: If a count is below 1, the image size below 16 or ``difficulty`` unknown.
     """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
     _check_int("num_train", num_train, 1)
     _check_int("num_test", num_test, 1)
     _check_int("image_size", image_size, 16)
@@ -704,11 +715,12 @@ def generate(
     root.mkdir(parents=True, exist_ok=True)
     per_split = {}
     for split, num in (("train", num_train), ("test", num_test)):
-        counts = _write_split(root / split, split, num, seed_u, image_size)
+        counts = _write_split(root / split, split, num, seed_u, image_size, difficulty)
         per_split[split] = {"num_examples": num, "categories": counts}
     info = {
         "generator": GENERATOR_VERSION,
         "seed": seed,
+        "difficulty": difficulty,
         "image_size": image_size,
         "splits": per_split,
         "vocabulary": {

@@ -98,7 +98,7 @@ def build_mllm(cfg: ModelConfig) -> MLLM:
     from fednano_ray.models.nano import nano_parts
     from fednano_ray.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
-    parts, tok = nano_parts(grid=cfg.grid, connector_steps=cfg.connector_steps)
+    parts, tok = nano_parts(grid=cfg.grid, connector_steps=cfg.connector_steps, instruct_steps=cfg.instruct_steps)
     return MLLM(
         name="nano (EfficientNet-Lite0 + SmolLM2-135M-Instruct)",
         parts=parts,

@@ -26,7 +26,9 @@ from fednano_ray.models.split import MLLMParts, ServerLLM
 logger = logging.getLogger(__name__)
 
 FEATURE_DIM = 1280  # EfficientNet-Lite0's last feature map: (B, 1280, 7, 7) at 224 px
-CONNECTOR_VERSION = "nano-connector/3"  # bump when the alignment data or recipe changes
+CONNECTOR_VERSION = "nano-connector/3"  # stage 1; bump when its alignment data or recipe changes
+INSTRUCT_VERSION = "nano-instruct/1"  # stage 2; bump when its data or recipe changes
+INSTRUCT_CATEGORIES = ("colour", "shape", "size")  # stage-2 VQA; the other benchmark categories stay new
 
 # SmolLM2-135M-Instruct's architecture, for building it with random weights (tests, accounting).
 SMOLLM2_135M: dict[str, Any] = {
@@ -65,7 +67,10 @@ def build_connector(in_dim: int = FEATURE_DIM, hidden: int = 576) -> nn.Sequenti
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
 
-def nano_parts(*, grid: int = 3, pretrained: bool = True, num_layers: int | None = None, connector_steps: int = 200):
+def nano_parts(
+    *, grid: int = 3, pretrained: bool = True, num_layers: int | None = None, connector_steps: int = 200,
+    instruct_steps: int = 0,
+):
     """The nano MLLM as MLLMParts plus its tokenizer.
 
     Args:
@@ -74,6 +79,7 @@ def nano_parts(*, grid: int = 3, pretrained: bool = True, num_layers: int | None
             False builds the same architecture with random weights (tests, accounting).
         num_layers: random-weight builds only: fewer decoder layers, for fast tests.
         connector_steps: stage-1 steps if the aligned connector is not cached yet.
+        instruct_steps: stage-2 (short-answer VQA) steps after stage 1; 0 = stage 1 only.
 
     Returns:
         (MLLMParts, tokenizer or None when not pretrained).
@@ -100,7 +106,9 @@ def nano_parts(*, grid: int = 3, pretrained: bool = True, num_layers: int | None
         lm_head=llm.lm_head,
     )
     if pretrained:
-        parts.connector.load_state_dict(aligned_connector(parts, tok, grid=grid, steps=connector_steps))
+        parts.connector.load_state_dict(
+            aligned_connector(parts, tok, grid=grid, steps=connector_steps, instruct_steps=instruct_steps)
+        )
     return parts, tok
 
 
@@ -116,28 +124,131 @@ def _caption(objects: list[dict[str, Any]]) -> str:
     return "from left to right: " + ", ".join(words) + "."
 
 
-def connector_cache_path(grid: int, steps: int) -> Path:
+def connector_cache_path(grid: int, steps: int, instruct_steps: int = 0) -> Path:
     from fednano_ray.models.pretrained import cache_dir
 
     version = CONNECTOR_VERSION.rsplit("/", 1)[1]
-    return cache_dir() / f"nano-connector-v{version}-g{grid}-s{steps}.safetensors"
+    name = f"nano-connector-v{version}-g{grid}-s{steps}"
+    if instruct_steps:
+        name += f"-i{INSTRUCT_VERSION.rsplit('/', 1)[1]}x{instruct_steps}"
+    return cache_dir() / f"{name}.safetensors"
 
 
-def aligned_connector(parts: MLLMParts, tokenizer, *, grid: int, steps: int, seed: int = 0) -> dict[str, Tensor]:
-    """The stage-1-aligned connector weights: from the cache, or trained now (once) and cached."""
-    from safetensors.torch import load_file, save_file
+def _save_cached(path: Path, state: dict[str, Tensor], info: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
 
-    path = connector_cache_path(grid, steps)
-    if path.exists():
-        return load_file(str(path))
-    logger.warning("aligning the nano connector once (LLaVA stage-1, %d steps); cached at %s", steps, path)
-    state, info = pretrain_connector(parts, tokenizer, steps=steps, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{id(state)}")
-    save_file(state, str(tmp), metadata={"version": CONNECTOR_VERSION, "grid": str(grid), "steps": str(steps)})
+    save_file(state, str(tmp), metadata={k: str(v) for k, v in info.items() if isinstance(v, (str, int))})
     tmp.replace(path)  # atomic: a killed run never leaves half a cache
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+
+
+def aligned_connector(
+    parts: MLLMParts, tokenizer, *, grid: int, steps: int, instruct_steps: int = 0, seed: int = 0
+) -> dict[str, Tensor]:
+    """The aligned connector weights: from the cache, or trained now (once) and cached.
+
+    Stage 1 (``steps`` caption steps) is cached on its own; stage 2 (``instruct_steps`` of short-answer
+    VQA, 0 = none) starts from it and is cached under its own name.
+    """
+    from safetensors.torch import load_file
+
+    path = connector_cache_path(grid, steps, instruct_steps)
+    if path.exists():
+        return load_file(str(path))
+    stage1 = connector_cache_path(grid, steps)
+    if stage1.exists():
+        state = load_file(str(stage1))
+    else:
+        logger.warning("aligning the nano connector once (LLaVA stage 1, %d steps); cached at %s", steps, stage1)
+        state, info = pretrain_connector(parts, tokenizer, steps=steps, seed=seed)
+        _save_cached(stage1, state, {**info, "grid": grid})
+    if not instruct_steps:
+        return state
+    logger.warning("instruction-tuning the nano connector once (stage 2, %d steps); cached at %s", instruct_steps, path)
+    state, info = instruct_connector(parts, tokenizer, state, steps=instruct_steps, seed=seed)
+    _save_cached(path, state, {**info, "grid": grid, "stage1_steps": steps})
     return state
+
+
+def _alignment_images(parts: MLLMParts, num_images: int, seed: int) -> tuple[Tensor, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Encoder features, scene metadata and benchmark-style questions of the alignment images.
+
+    A seed the benchmark never uses (10,000 + seed), so alignment never sees evaluation images; multi-object
+    ("hard") scenes give richer captions, whatever difficulty is benchmarked.
+    """
+    from tqdm.auto import tqdm
+
+    from fednano_ray.data.dataset import open_image
+    from fednano_ray.data.synth import generate
+    from fednano_ray.models.pretrained import preprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate(tmp, num_train=num_images, num_test=10, seed=10_000 + seed, difficulty="hard")
+        read = lambda name: [json.loads(line) for line in (root / "train" / name).read_text().splitlines() if line]
+        scenes, questions = read("scenes.jsonl"), read("data.jsonl")
+        images = [root / "train" / q["image"] for q in questions]
+        feats = []
+        for i in tqdm(range(0, len(images), 32), desc="alignment: encoding images", unit="batch"):
+            px = preprocess([open_image(p, 224) for p in images[i : i + 32]])
+            with torch.no_grad():
+                feats.append(parts.encoder(px))
+    return torch.cat(feats), scenes, questions  # features (N, g², 1280), row i <-> image i
+
+
+def _fit_connector(
+    parts: MLLMParts,
+    connector: nn.Module,
+    features: Tensor,
+    rows: list[tuple[int, tuple[list[int], list[int], list[bool]]]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    pad_id: int,
+    seed: int,
+    desc: str,
+) -> list[float]:
+    """Train ``connector`` on (image index, row) pairs with the frozen LLM's answer loss (bf16 autocast)."""
+    from tqdm.auto import tqdm
+
+    from fednano_ray.models.prompt import collate
+
+    gen = torch.Generator().manual_seed(seed)
+    server = ServerLLM(parts.decoder, parts.lm_head, autocast_bf16=True)
+    opt = torch.optim.AdamW(connector.parameters(), lr=lr)
+    warm = max(1, steps // 10)  # linear warm-up, then cosine decay to 10%
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(1, steps))))
+    )
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for _ in bar:
+        pick = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()]
+        b = collate([r for _, r in pick], pad_id)
+        with torch.no_grad():
+            z = parts.embed_tokens(b["input_ids"])
+        v = connector(features[[i for i, _ in pick]])
+        z = z.masked_scatter(b["image_mask"].unsqueeze(-1).expand_as(z), v)
+        loss, grad = server.loss_and_grad(z, b["attention_mask"], b["labels"])
+        opt.zero_grad()
+        z.backward(grad)
+        opt.step()
+        sched.step()
+        losses.append(float(loss[0]))
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    return losses
+
+
+def _curve_info(losses: list[float], t0: float, **extra: Any) -> dict[str, Any]:
+    return {
+        **extra,
+        "loss_first": losses[0] if losses else None,
+        "loss_last20": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 50)]],
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def pretrain_connector(
@@ -150,68 +261,66 @@ def pretrain_connector(
     num_images: int = 800,
     seed: int = 0,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Train the connector on synthetic image–caption pairs (caption loss, LLM frozen, bf16 autocast).
+    """Stage 1: train a fresh connector on synthetic image–caption pairs (caption loss, LLM frozen).
 
     Returns:
         (connector state dict, info with the loss curve and wall time).
     """
-    from tqdm.auto import tqdm
-
-    from fednano_ray.data.dataset import open_image
-    from fednano_ray.data.synth import generate
-    from fednano_ray.models.pretrained import preprocess
-    from fednano_ray.models.prompt import CHATML, PromptFormat, collate
+    from fednano_ray.models.prompt import CHATML, PromptFormat
 
     t0 = time.perf_counter()
     fmt = PromptFormat(prefix=CHATML.prefix, question_template="\n{question}<|im_end|>\n<|im_start|>assistant\n", end=CHATML.end)
-    with tempfile.TemporaryDirectory() as tmp:
-        # A seed the benchmark never uses, so alignment captions never overlap evaluation images.
-        root = generate(tmp, num_train=num_images, num_test=10, seed=10_000 + seed)
-        scenes = [json.loads(line) for line in (root / "train" / "scenes.jsonl").read_text().splitlines() if line]
-        images = sorted((root / "train" / "images").glob("*.png"))
-        feats = []
-        for i in tqdm(range(0, len(images), 32), desc="stage-1: encoding images", unit="batch"):
-            px = preprocess([open_image(p, 224) for p in images[i : i + 32]])
-            with torch.no_grad():
-                feats.append(parts.encoder(px))
-        features = torch.cat(feats)  # (N, g², 1280)
-    captions = [_caption(s["objects"]) for s in scenes]
+    features, scenes, _ = _alignment_images(parts, num_images, seed)
     n_img = features.shape[1]
-    rows = [fmt.encode(tokenizer, "Describe the image.", c, n_img, tokenizer.pad_token_id) for c in captions]
-
-    gen = torch.Generator().manual_seed(seed)
+    pad = tokenizer.pad_token_id
+    rows = [(i, fmt.encode(tokenizer, "Describe the image.", _caption(s["objects"]), n_img, pad)) for i, s in enumerate(scenes)]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         connector = build_connector(FEATURE_DIM, parts.hidden_size)
-    server = ServerLLM(parts.decoder, parts.lm_head, autocast_bf16=True)
-    opt = torch.optim.AdamW(connector.parameters(), lr=lr)
-    warm = max(1, steps // 10)  # linear warm-up, then cosine decay to 10%
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(1, steps))))
-    )
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="stage-1: aligning connector", unit="step")
-    for _ in bar:
-        idx = torch.randint(len(rows), (batch_size,), generator=gen).tolist()
-        b = collate([rows[i] for i in idx], tokenizer.pad_token_id)
-        with torch.no_grad():
-            z = parts.embed_tokens(b["input_ids"])
-        v = connector(features[idx])
-        z = z.masked_scatter(b["image_mask"].unsqueeze(-1).expand_as(z), v)
-        loss, grad = server.loss_and_grad(z, b["attention_mask"], b["labels"])
-        opt.zero_grad()
-        z.backward(grad)
-        opt.step()
-        sched.step()
-        losses.append(float(loss[0]))
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    info = {
-        "version": CONNECTOR_VERSION,
-        "steps": steps,
-        "batch_size": batch_size,
-        "num_images": num_images,
-        "loss_first": losses[0] if losses else None,
-        "loss_last20": sum(losses[-20:]) / max(1, len(losses[-20:])),
-        "wall_time_s": round(time.perf_counter() - t0, 1),
-    }
+    losses = _fit_connector(parts, connector, features, rows, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad,
+                            seed=seed, desc="stage 1: aligning connector")
+    info = _curve_info(losses, t0, version=CONNECTOR_VERSION, steps=steps, batch_size=batch_size, num_images=num_images)
+    return {k: v.detach().contiguous() for k, v in connector.state_dict().items()}, info
+
+
+def instruct_connector(
+    parts: MLLMParts,
+    tokenizer,
+    stage1: dict[str, Tensor],
+    *,
+    steps: int = 100,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    num_images: int = 800,
+    caption_fraction: float = 0.25,
+    seed: int = 0,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Stage 2: continue the stage-1 connector on short-answer VQA in the benchmark's prompt format.
+
+    LLaVA-1.5's stage 2 adds short-answer VQA ("Answer with one word.") so the model answers questions
+    about an image rather than only describing it. Ours trains only the connector (the LLM stays
+    frozen) and only on the *attribute* questions (colour, shape, size) of the alignment images, with a
+    share of stage-1 captions against forgetting. Counting, positions and relations stay new tasks
+    for the federated stage, as ScienceQA is for the paper's LLaVA.
+    """
+    from fednano_ray.models.prompt import CHATML, PromptFormat
+
+    t0 = time.perf_counter()
+    cap_fmt = PromptFormat(prefix=CHATML.prefix, question_template="\n{question}<|im_end|>\n<|im_start|>assistant\n", end=CHATML.end)
+    features, scenes, questions = _alignment_images(parts, num_images, seed)
+    n_img = features.shape[1]
+    pad = tokenizer.pad_token_id
+    qa = [
+        (i, CHATML.encode(tokenizer, q["question"], q["choices"][q["answer"]], n_img, pad))
+        for i, q in enumerate(questions)
+        if q["category"] in INSTRUCT_CATEGORIES
+    ]
+    n_cap = round(len(qa) * caption_fraction / (1 - caption_fraction))
+    caps = [(i, cap_fmt.encode(tokenizer, "Describe the image.", _caption(scenes[i]["objects"]), n_img, pad)) for i in range(n_cap)]
+    connector = build_connector(FEATURE_DIM, parts.hidden_size)
+    connector.load_state_dict(stage1)
+    losses = _fit_connector(parts, connector, features, qa + caps, steps=steps, batch_size=batch_size, lr=lr,
+                            pad_id=pad, seed=seed + 1, desc="stage 2: instruction-tuning connector")
+    info = _curve_info(losses, t0, version=INSTRUCT_VERSION, steps=steps, batch_size=batch_size, num_images=num_images,
+                       categories=list(INSTRUCT_CATEGORIES), qa_rows=len(qa), caption_rows=len(caps))
     return {k: v.detach().contiguous() for k, v in connector.state_dict().items()}, info

@@ -50,6 +50,7 @@ from fednano_ray.serve.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessageOut,
+    ErrorResponse,
     HTTPError,
     Usage,
     decode_image,
@@ -201,6 +202,27 @@ class BodyLimit:
 
 
 app.add_middleware(BodyLimit)
+
+
+def _documented(description: str, **extra: Any) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description, **extra}
+
+
+#: The error responses of the authenticated routes, in the OpenAPI schema (/docs) as they are sent.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _documented(
+        "Bad input the schema cannot express: the image is not base64, not an image or corrupt; "
+        "the prompt is too long for the model",
+    ),
+    401: _documented(
+        "No bearer token",
+        headers={"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    ),
+    403: _documented("The token is not this client's (or the client does not exist)"),
+    413: _documented("The body or the image is too large"),
+    422: _documented("The body does not validate (not JSON, a field missing or out of range)"),
+    503: _documented("The language model or the token store is unavailable; retry shortly"),
+}
 
 
 _bearer = HTTPBearer(
@@ -403,6 +425,7 @@ class Ingress:
     @app.post(
         "/v1/clients/{client_id}/answer",
         response_model=AnswerResponse,
+        responses=ERROR_RESPONSES,
         summary="Answer a question about an image",
     )
     async def answer(
@@ -418,6 +441,7 @@ class Ingress:
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
+        responses=ERROR_RESPONSES,
         summary="OpenAI-style chat completion",
     )
     async def chat_completions(

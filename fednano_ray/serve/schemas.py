@@ -66,12 +66,48 @@ class HTTPError(Exception):
         }
 
 
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(description='Where the problem is, e.g. ["body", "question"].')
+    msg: str
+    type: str | None = None
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(description="What is wrong with the request and what to change.")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, permission_error or server_error."
+    )
+    param: str | None = Field(None, description="The request field at fault, when there is one.")
+    code: int = Field(description="The HTTP status.")
+    details: list[ErrorDetail] | None = Field(
+        None, description="Validation errors (422) only: one entry per problem."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (OpenAI's shape; see :meth:`HTTPError.body`)."""
+
+    error: ErrorInfo
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
 
+# ``pattern: \S`` (not blank) is documented in the schema but checked by the validators below, whose
+# messages say what to do; likewise the greedy-only settings of the chat request.
+_NONBLANK = {"pattern": r"\S"}
 Question = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUESTION_CHARS)]
-Choice = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+Choice = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+    Field(json_schema_extra=_NONBLANK),
+]
+
+
+def _only(value: float | bool, json_type: str) -> dict:
+    """JSON schema of an optional field that accepts just ``value`` (a documented constraint)."""
+    return {"anyOf": [{"type": json_type, "enum": [value]}, {"type": "null"}]}
 
 
 def _nonblank(v: str, what: str) -> str:
@@ -89,12 +125,14 @@ class AnswerRequest(_Model):
         min_length=1,
     )
     question: Question = Field(
-        description=f"The question about the image, 1..{MAX_QUESTION_CHARS} characters."
+        description=f"The question about the image, 1..{MAX_QUESTION_CHARS} characters, not blank.",
+        json_schema_extra=_NONBLANK,
     )
     choices: list[Choice] | None = Field(
         None,
         min_length=2,
         max_length=10,
+        json_schema_extra={"uniqueItems": True},
         description="Optional candidate answers (2..10, each 1..100 characters, distinct). When the generated "
         "answer equals one of them (case-insensitive), the response's `choice` is its index.",
     )
@@ -179,11 +217,23 @@ class ChatCompletionRequest(_Model):
         None, ge=1, le=MAX_NEW_TOKENS, description="Alias of max_tokens."
     )
     temperature: float | None = Field(
-        None, description="Must be 0 or absent: the model decodes greedily."
+        None,
+        description="Must be 0 or absent: the model decodes greedily.",
+        json_schema_extra=_only(0, "number"),
     )
-    top_p: float | None = Field(None, description="Must be 1 or absent (greedy decoding).")
-    n: int | None = Field(None, description="Must be 1 or absent.")
-    stream: bool | None = Field(None, description="Must be false or absent (no streaming).")
+    top_p: float | None = Field(
+        None,
+        description="Must be 1 or absent (greedy decoding).",
+        json_schema_extra=_only(1, "number"),
+    )
+    n: int | None = Field(
+        None, description="Must be 1 or absent.", json_schema_extra=_only(1, "integer")
+    )
+    stream: bool | None = Field(
+        None,
+        description="Must be false or absent (no streaming).",
+        json_schema_extra=_only(False, "boolean"),
+    )
     seed: int | None = Field(None, description="Accepted; greedy decoding is deterministic anyway.")
     user: str | None = Field(None, max_length=256, description="Accepted; ignored.")
 

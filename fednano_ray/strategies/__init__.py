@@ -25,22 +25,37 @@ from fednano_ray.strategies.aggregate import (
 )
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate, Strategy
 from fednano_ray.strategies.centralized import Centralized
+from fednano_ray.strategies.dp import DPFedAvg
 from fednano_ray.strategies.fedavg import FedAvg
 from fednano_ray.strategies.fednano import FedNano
 from fednano_ray.strategies.fedprox import FedProx
 from fednano_ray.strategies.local import Local
+from fednano_ray.strategies.robust import (
+    Median,
+    NormClip,
+    TrimmedMean,
+    clipped_mean,
+    coordinate_median,
+    trimmed_mean,
+)
 
 __all__ = [
     "STRATEGIES",
     "Centralized",
     "ClientFailure",
     "ClientUpdate",
+    "DPFedAvg",
     "FedAvg",
     "FedNano",
     "FedProx",
     "Local",
+    "Median",
+    "NormClip",
     "Strategy",
+    "TrimmedMean",
     "build_strategy",
+    "clipped_mean",
+    "coordinate_median",
     "fedavg",
     "fisher_contribution",
     "fisher_from_sums",
@@ -50,12 +65,24 @@ __all__ = [
     "pad_to_rank",
     "proximal_penalty",
     "rank_dim",
+    "trimmed_mean",
     "truncate_to_rank",
     "weighted_average",
 ]
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedNano, Local, Centralized)
+    cls.name: cls
+    for cls in (
+        FedAvg,
+        FedProx,
+        FedNano,
+        Local,
+        Centralized,
+        Median,
+        TrimmedMean,
+        NormClip,
+        DPFedAvg,
+    )
 }
 
 
@@ -64,8 +91,10 @@ def build_strategy(name: str, **kwargs: Any) -> Strategy:
 
     Args:
         name: One of ``STRATEGIES`` (``fedavg``, ``fedprox``, ``fednano``, ``local``,
-            ``centralized``).
-        **kwargs: Constructor options, e.g. ``mu`` for ``fedprox``, ``eps`` for ``fednano``.
+            ``centralized``; the robust rules ``median``, ``trimmed_mean``, ``clip``; and
+            ``dp_fedavg``).
+        **kwargs: Constructor options, e.g. ``mu`` for ``fedprox``, ``eps`` for ``fednano``,
+            ``trim_fraction`` for ``trimmed_mean``, ``clip_norm`` for ``clip``.
 
     Returns:
         The strategy.

@@ -14,7 +14,7 @@ client truncates it to its own rank on receipt (:func:`~.aggregate.truncate_to_r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -22,7 +22,15 @@ from torch import Tensor
 
 from fednano_ray.strategies.aggregate import State, max_rank, rank_dim
 
-__all__ = ["ClientFailure", "ClientUpdate", "Strategy"]
+__all__ = ["NUM_EXAMPLES", "ClientFailure", "ClientUpdate", "Strategy", "SumPlan"]
+
+#: How a strategy aggregates from sums only: one term dict per update (every dict with the same
+#: keys and shapes, float64) and the function that turns the elementwise sum of the terms into the
+#: new global state. Secure aggregation (:mod:`fednano_ray.trust.secagg`) sums the terms masked.
+SumPlan = tuple[list[State], Callable[[State], State]]
+
+#: The key of a SumPlan term holding a client's ``num_examples`` (no adapter key contains ``__``).
+NUM_EXAMPLES = "__num_examples__"
 
 
 @dataclass
@@ -134,6 +142,56 @@ class Strategy(ABC):
         Returns:
             The new global state at rank ``rank``.
         """
+
+    def begin_round(self, rnd: int) -> None:
+        """Called by the coordinator before it aggregates round ``rnd`` (default: nothing).
+
+        Strategies with per-round randomness (DP noise) seed it from the round, so a resumed run
+        draws what an uninterrupted one would.
+        """
+        del rnd
+
+    def sum_plan(
+        self,
+        global_state: dict[str, Tensor],
+        updates: Sequence[ClientUpdate],
+        failures: Sequence[ClientFailure],
+    ) -> SumPlan:
+        """The round's aggregation as per-client terms plus a function of their sum.
+
+        ``finish(sum of terms)`` equals :meth:`aggregate` (up to float rounding, and up to fresh
+        noise for DP). This is what secure aggregation needs: the server learns only the sum.
+
+        Args:
+            global_state, updates, failures: As :meth:`aggregate`; ``updates`` must be non-empty.
+
+        Returns:
+            ``(terms, finish)``: see :data:`SumPlan`.
+
+        Raises:
+            ValueError: As :meth:`aggregate`, or if ``updates`` is empty.
+            NotImplementedError: If the rule is not a function of sums (e.g. a median).
+        """
+        self.warnings = []
+        if not updates:
+            raise ValueError(f"{self.name}: nothing to aggregate: got no updates")
+        for update in updates:
+            _check_against_global(global_state, update)
+        rank = max_rank([global_state, *(u.state for u in updates)])
+        return self.sum_plan_updates(global_state, list(updates), rank)
+
+    def sum_plan_updates(
+        self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
+    ) -> SumPlan:
+        """:meth:`sum_plan` for a non-empty, validated list of updates at rank ``rank``.
+
+        Raises:
+            NotImplementedError: Unless the strategy overrides it.
+        """
+        raise NotImplementedError(
+            f"strategy {self.name!r} cannot aggregate from sums alone, so it cannot run under "
+            "secure aggregation; use trust.aggregator mean or clip"
+        )
 
     def describe(self) -> dict[str, str | float | bool]:
         """What this strategy did, for the run's ``results.json``."""

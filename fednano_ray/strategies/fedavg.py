@@ -5,12 +5,42 @@ clients' states, ``sum(n_i θ_i) / sum(n_i)``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from fednano_ray.strategies.aggregate import State, fedavg
-from fednano_ray.strategies.base import ClientUpdate, Strategy
+from fednano_ray.strategies.aggregate import State, fedavg, pad_to_rank
+from fednano_ray.strategies.base import NUM_EXAMPLES, ClientUpdate, Strategy, SumPlan
 
-__all__ = ["FedAvg"]
+__all__ = ["FedAvg", "fedavg_sum_plan"]
+
+
+def fedavg_sum_plan(updates: list[ClientUpdate], rank: int) -> SumPlan:
+    """FedAvg as sums: terms ``n_i θ_i`` (zero-padded to ``rank``) and ``n_i``; finish divides.
+
+    ``finish`` returns the dtype of the first update's state, as :func:`fedavg` does.
+    """
+    dtypes = {key: tensor.dtype for key, tensor in updates[0].state.items()}
+    terms = []
+    for update in updates:
+        n = float(update.num_examples)
+        term = {
+            key: value.detach().to(torch.float64) * n
+            for key, value in pad_to_rank(update.state, rank).items()
+        }
+        term[NUM_EXAMPLES] = torch.tensor([n], dtype=torch.float64)
+        terms.append(term)
+
+    def finish(sums: State) -> State:
+        total = float(sums[NUM_EXAMPLES][0])
+        if not total > 0:
+            raise ValueError(f"fedavg: total num_examples must be positive, got {total}")
+        return {
+            key: (value / total).to(dtypes[key])
+            for key, value in sums.items()
+            if key != NUM_EXAMPLES
+        }
+
+    return terms, finish
 
 
 class FedAvg(Strategy):
@@ -32,3 +62,9 @@ class FedAvg(Strategy):
     ) -> State:
         """Example-weighted mean of the updates, padded to ``rank``."""
         return fedavg([(u.state, u.num_examples) for u in updates], rank=rank)
+
+    def sum_plan_updates(
+        self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
+    ) -> SumPlan:
+        """Terms ``n_i θ_i`` and ``n_i``: see :func:`fedavg_sum_plan`."""
+        return fedavg_sum_plan(updates, rank)

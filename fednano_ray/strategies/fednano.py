@@ -11,10 +11,18 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
 from torch import Tensor
 
-from fednano_ray.strategies.aggregate import State, fedavg, fisher_merge, pad_to_rank
-from fednano_ray.strategies.base import ClientUpdate, Strategy
+from fednano_ray.strategies.aggregate import (
+    State,
+    fedavg,
+    fisher_from_sums,
+    fisher_merge,
+    pad_to_rank,
+)
+from fednano_ray.strategies.base import ClientUpdate, Strategy, SumPlan
+from fednano_ray.strategies.fedavg import fedavg_sum_plan
 
 __all__ = ["FedNano"]
 
@@ -67,6 +75,62 @@ class FedNano(Strategy):
             _check_fisher(u)
         results = [(u.state, u.num_examples, u.fisher) for u in updates]
         return fisher_merge(results, self.eps, rank=rank, fallback=pad_to_rank(global_state, rank))
+
+    def sum_plan_updates(
+        self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
+    ) -> SumPlan:
+        """Fisher merging from sums, for secure aggregation.
+
+        Fisher merging needs only ``Σ n_i (F_i + eps) θ_i`` and ``Σ n_i (F_i + eps)``. To keep
+        ``eps`` exact under fixed-point quantisation, each client's term holds four parts, each at
+        the client's own rank and then zero-padded (as :func:`~.aggregate.fisher_sums` pads):
+        ``n F ⊙ θ``, ``n F``, ``n θ`` and ``n`` (on the coordinates the client holds); ``finish``
+        forms ``num = ΣnF⊙θ + eps Σnθ`` and ``den = ΣnF + eps Σn`` and divides, with the global
+        state as the fallback. FedAvg terms if any update has no Fisher (as :meth:`aggregate`).
+        """
+        missing = [u.client_id for u in updates if u.fisher is None]
+        if missing:
+            message = (
+                f"fednano: no Fisher from client(s) {missing}; aggregated this round with FedAvg "
+                "(example-weighted mean, padded zeros dilute)"
+            )
+            logger.warning(message)
+            self.warnings.append(message)
+            return fedavg_sum_plan(updates, rank)
+        terms = []
+        for u in updates:
+            _check_fisher(u)
+            n = float(u.num_examples)
+            parts: dict[str, State] = {"nF_theta": {}, "nF": {}, "n_theta": {}, "n": {}}
+            for key, theta in u.state.items():
+                theta64 = theta.detach().to(torch.float64)
+                fisher64 = u.fisher[key].detach().to(torch.float64)
+                parts["nF_theta"][key] = n * fisher64 * theta64
+                parts["nF"][key] = n * fisher64
+                parts["n_theta"][key] = n * theta64
+                parts["n"][key] = torch.full_like(theta64, n)
+            terms.append(
+                {
+                    f"{part}|{key}": value
+                    for part, state in parts.items()
+                    for key, value in pad_to_rank(state, rank).items()
+                }
+            )
+        fallback = pad_to_rank(global_state, rank)
+        dtypes = {key: tensor.dtype for key, tensor in updates[0].state.items()}
+        eps = self.eps
+
+        def finish(sums: State) -> State:
+            def part(name: str) -> State:
+                return {key: sums[f"{name}|{key}"] for key in dtypes}
+
+            nf_theta, nf, n_theta, n = part("nF_theta"), part("nF"), part("n_theta"), part("n")
+            numerator = {key: nf_theta[key] + eps * n_theta[key] for key in dtypes}
+            denominator = {key: (nf[key] + eps * n[key]).clamp_min(0) for key in dtypes}
+            merged = fisher_from_sums(numerator, denominator, fallback=fallback)
+            return {key: value.to(dtypes[key]) for key, value in merged.items()}
+
+        return terms, finish
 
     def describe(self) -> dict[str, str | float | bool]:
         """As :meth:`Strategy.describe`, plus ``eps``."""

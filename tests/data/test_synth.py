@@ -38,7 +38,37 @@ VOCAB = {
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate(tmp_path_factory.mktemp("synth"), num_train=240, num_test=60, image_size=SIZE)
+    return generate(tmp_path_factory.mktemp("synth"), num_train=240, num_test=60, image_size=SIZE, difficulty="hard")
+
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("easy"), num_train=240, num_test=60, image_size=SIZE)
+
+
+def test_easy_scenes_hold_one_object_and_answers_match_it(easy: Path) -> None:
+    """easy (the default): one object per question (two for relations), counts 1-4 of one kind only."""
+    assert json.loads((easy / "info.json").read_text())["difficulty"] == "easy"
+    seen = set()
+    for row, scene in _examples(easy):
+        objects, cat, answer = scene["objects"], row["category"], row["choices"][row["answer"]]
+        seen.add(cat)
+        if cat in ("colour", "shape", "size"):
+            assert len(objects) == 1 and objects[0][cat] == answer
+        elif cat == "position":
+            assert len(objects) == 1 and scene["region"] == answer
+        elif cat == "relation":
+            assert len(objects) == 2 and scene["relation"] == answer
+        else:  # count: every object is of the counted kind, and the choices are one..four
+            assert len(objects) == scene["count"] == NUMBERS.index(answer) + 1 <= 4
+            assert sorted(row["choices"]) == sorted(NUMBERS[:4])
+            assert _matching(objects, scene["filter"]) == list(range(len(objects)))
+    assert seen == set(CATEGORIES)
+
+
+def test_unknown_difficulty_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="difficulty must be one of easy, hard"):
+        generate(tmp_path, num_train=10, num_test=10, difficulty="medium")
 
 
 def _rows(folder: Path, name: str) -> list[dict[str, Any]]:

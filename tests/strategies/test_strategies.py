@@ -41,7 +41,10 @@ GLOBAL_SCALAR = {"w": t([0.0])}
 
 def test_registry_names_and_build() -> None:
     """Every registered name builds an instance of its class with that name."""
-    assert set(STRATEGIES) == {"fedavg", "fedprox", "fednano", "local", "centralized"}
+    assert set(STRATEGIES) == {
+        "fedavg", "fedprox", "fednano", "local", "centralized",  # federation.strategy
+        "median", "trimmed_mean", "clip", "dp_fedavg",  # chosen by the trust section
+    }
     for name, cls in STRATEGIES.items():
         strategy = build_strategy(name)
         assert isinstance(strategy, cls) and isinstance(strategy, Strategy)
@@ -57,7 +60,10 @@ def test_build_strategy_passes_options() -> None:
 
 def test_build_strategy_unknown_name_lists_valid_names() -> None:
     """An unknown name is a ValueError that lists the valid ones."""
-    with pytest.raises(ValueError, match="centralized, fedavg, fednano, fedprox, local"):
+    with pytest.raises(
+        ValueError,
+        match="centralized, clip, dp_fedavg, fedavg, fednano, fedprox, local, median, trimmed_mean",
+    ):
         build_strategy("fedsgd")
 
 

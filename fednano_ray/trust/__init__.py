@@ -1,0 +1,13 @@
+"""Trust and privacy for federated rounds: update validation, robust aggregation, client-level DP
+and secure aggregation.
+
+* :mod:`fednano_ray.trust.validate`: reject malformed, non-finite or outsized updates.
+* :mod:`fednano_ray.strategies.robust`: median, trimmed mean and norm clipping (strategies).
+* :mod:`fednano_ray.strategies.dp` and :mod:`fednano_ray.trust.dp`: DP-FedAvg and its accountant.
+* :mod:`fednano_ray.trust.secagg`: SecAgg-style secure aggregation.
+* :mod:`fednano_ray.trust.round`: how the coordinator applies ``cfg.trust`` to a round.
+"""
+
+from fednano_ray.trust.validate import REJECTED, screen_updates, validate_update
+
+__all__ = ["REJECTED", "screen_updates", "validate_update"]

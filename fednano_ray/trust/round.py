@@ -1,0 +1,166 @@
+"""How the coordinator applies ``cfg.trust`` to a round: which strategy aggregates, which updates
+are rejected, how the sum is taken (plain or SecAgg) and what privacy has been spent.
+
+:class:`TrustPolicy` is built once per run from the validated config; the coordinator calls
+:meth:`~TrustPolicy.screen` on the updates that arrived, then :meth:`~TrustPolicy.aggregate`
+instead of ``strategy.aggregate``, and merges the returned extras into the round record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from fednano_ray.config import Config
+from fednano_ray.strategies import build_strategy
+from fednano_ray.strategies.base import ClientFailure, ClientUpdate, Strategy
+from fednano_ray.trust.validate import screen_updates
+
+__all__ = ["TrustPolicy"]
+
+
+class TrustPolicy:
+    """``cfg.trust`` for one run.
+
+    Args:
+        cfg: The validated config (cross-section rules, e.g. DP only with fedavg/fedprox, are
+            already enforced by :class:`~fednano_ray.config.Config`).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.trust = cfg.trust
+        self.max_rank = max(cfg.tier_rank(t) for t in cfg.tiers)
+
+    def build_strategy(self, base_kwargs: Mapping[str, Any]) -> Strategy:
+        """The run's strategy: ``federation.strategy`` unless ``trust`` replaces the aggregation.
+
+        Args:
+            base_kwargs: The options of ``federation.strategy`` (e.g. ``{"mu": 0.01}``).
+
+        Returns:
+            DP-FedAvg if ``trust.dp`` is set; the robust rule if ``trust.aggregator`` is not
+            ``mean`` (both keep FedProx's client-side ``mu``); else ``federation.strategy``.
+        """
+        fed, trust = self.cfg.federation, self.trust
+        mu = fed.fedprox_mu if fed.strategy == "fedprox" else 0.0
+        if trust.dp is not None:
+            return build_strategy(
+                "dp_fedavg",
+                clip_norm=trust.dp.clip_norm,
+                noise_multiplier=trust.dp.noise_multiplier,
+                seed=fed.seed,
+                mu=mu,
+            )
+        if trust.aggregator == "median":
+            return build_strategy("median", mu=mu)
+        if trust.aggregator == "trimmed_mean":
+            return build_strategy("trimmed_mean", trim_fraction=trust.trim_fraction, mu=mu)
+        if trust.aggregator == "clip":
+            return build_strategy("clip", clip_norm=trust.clip_norm, mu=mu)
+        return build_strategy(fed.strategy, **base_kwargs)
+
+    def screen(
+        self,
+        updates: Sequence[ClientUpdate],
+        reference: Callable[[ClientUpdate], Mapping[str, Tensor]],
+    ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+        """Valid updates, and ``ClientFailure(id, "rejected: <reason>")`` for the others.
+
+        Structure, dtype and finiteness are always checked; the norm bound only if
+        ``trust.max_update_norm`` is set; the Fisher only under ``federation.strategy: fednano``.
+        """
+        return screen_updates(
+            updates,
+            reference,
+            max_rank=self.max_rank,
+            max_update_norm=self.trust.max_update_norm,
+            check_fisher=self.cfg.federation.strategy == "fednano",
+        )
+
+    def aggregate(
+        self,
+        strategy: Strategy,
+        rnd: int,
+        global_state: dict[str, Tensor],
+        updates: Sequence[ClientUpdate],
+        failures: Sequence[ClientFailure],
+        history: Sequence[Mapping[str, Any]],
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The next global state, and what to add to the round record.
+
+        Args:
+            strategy: The run's strategy (from :meth:`build_strategy`).
+            rnd: The round number (seeds DP noise; binds SecAgg messages to the round).
+            global_state, updates, failures: As :meth:`Strategy.aggregate`.
+            history: The records of the rounds before this one (to count DP releases on resume).
+
+        Returns:
+            ``(state, extras)``; ``extras`` may hold ``secure_aggregation`` (the protocol's run)
+            and ``dp_epsilon`` / ``dp_delta`` / ``dp_noise_std`` / ``dp_releases``.
+        """
+        strategy.begin_round(rnd)
+        extras: dict[str, Any] = {}
+        if self.trust.secure_aggregation:
+            from fednano_ray.trust.secagg import secure_aggregate
+
+            state, info = secure_aggregate(
+                strategy, global_state, updates, failures, session=b"round %d" % rnd
+            )
+            extras["secure_aggregation"] = info
+        else:
+            state = strategy.aggregate(global_state, updates, failures)
+        dp = self.trust.dp
+        if dp is not None:
+            releases = 1 + sum(1 for r in history if "dp_epsilon" in r)
+            extras["dp_epsilon"] = self.epsilon(releases)
+            extras["dp_delta"] = dp.delta
+            extras["dp_noise_std"] = dp.noise_multiplier * dp.clip_norm / (
+                len(updates) + len(failures)
+            )
+            extras["dp_releases"] = releases
+        return state, extras
+
+    def epsilon(self, releases: int) -> float | None:
+        """ε after ``releases`` DP rounds at ``trust.dp.delta`` (None without DP)."""
+        dp = self.trust.dp
+        if dp is None:
+            return None
+        from fednano_ray.trust.dp import dp_epsilon
+
+        fed = self.cfg.federation
+        eps = dp_epsilon(
+            dp.noise_multiplier,
+            fed.clients_per_round / fed.num_clients,
+            releases,
+            dp.delta,
+            dp.accountant,
+        )
+        return eps if math.isfinite(eps) else None
+
+    def summary(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Run-level figures for ``results.json``'s summary (empty without DP or SecAgg)."""
+        out: dict[str, Any] = {}
+        dp = self.trust.dp
+        if dp is not None:
+            from fednano_ray.trust.dp import accountant_version
+
+            fed = self.cfg.federation
+            releases = sum(1 for r in history if "dp_epsilon" in r)
+            out.update(
+                dp_epsilon=self.epsilon(releases),
+                dp_delta=dp.delta,
+                dp_releases=releases,
+                dp_sampling_rate=fed.clients_per_round / fed.num_clients,
+                dp_accountant=f"{accountant_version()} ({dp.accountant}, Poisson sampling, "
+                "add/remove-one-client adjacency)",
+            )
+        if self.trust.secure_aggregation:
+            out["secure_aggregation"] = True
+        out["rejected_updates"] = sum(
+            1 for r in history for f in r.get("failures", ()) if f["reason"].startswith("rejected:")
+        )
+        return out
