@@ -4,6 +4,9 @@ Trains the adapters on ALL training data pooled (no Ray, in-process split steps)
 the global test split every 50 steps, per category. This is what the README's zero-shot and
 "centralised" figures come from. Usage:
 ``fednano-ray bench centralized [--config examples/quickstart.yaml] [--steps 200] [--lr 0.01] [--set k=v ...]``.
+
+``--train connector`` trains the (otherwise frozen) connector instead of the adapters, at the same
+cost per step: a diagnostic of whether the edge *can* learn the benchmark, not a FedNano setting.
 """
 
 from __future__ import annotations
@@ -13,6 +16,17 @@ import json
 import time
 
 import torch
+
+
+class _Wrapped(torch.nn.Module):
+    """The connector in the vision adapter's slot, so local_fit trains and evaluate uses it."""
+
+    def __init__(self, connector: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = connector
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--train", choices=["adapters", "connector"], default="adapters",
+                   help="what to train: the NanoAdapters (FedNano) or, as a diagnostic, the connector")
     a = p.parse_args(argv)
 
     cfg = load_config(a.config, a.set)
@@ -41,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     test_f = cached_features(mllm, key, data.test, cache)
     edge, server_llm = mllm.split(cfg.adapter, autocast_bf16=cfg.model.autocast_bf16)
     server = LocalServer(server_llm)
+    if a.train == "connector":  # diagnostic: the connector's 1M parameters take the adapters' place
+        connector = edge.connector
+        for q in connector.parameters():
+            q.requires_grad_(True)
+        edge.adapters = torch.nn.ModuleDict({"vision": _Wrapped(connector)})
+        edge.connector = torch.nn.Identity()
     rows = [mllm.encode_row(e.question, e.choices[e.answer]) for e in data.train]
     questions = [([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category) for e in data.test]
     chance = sum(1 / len(e.choices) for e in data.test) / len(data.test)

