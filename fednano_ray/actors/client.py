@@ -78,6 +78,10 @@ class ClientActor:
         self.server = RemoteServer(server) if hasattr(server.loss_and_grad, "remote") else server
         self.data = data
         self._train_rows: dict[int, Any] = {}
+        # SecAgg (trust.secure_aggregation): this actor's protocol state per (round, client id);
+        # the keys and self-mask seed never leave the actor except as encrypted Shamir shares.
+        self._secagg: dict[tuple[int, int], Any] = {}
+        self._die_before_unmask: set[tuple[int, int]] = set()
 
     def _rows(self, i: int):
         """Training row of train example i (cached: tokenizing is cheap but not free)."""
@@ -99,14 +103,25 @@ class ClientActor:
         prox_mu: float = 0.0,
         seed: int = 0,
         chaos: str | None = None,
+        secagg: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Local training of one client from ``start_state``; returns its update as plain data.
+
+        With ``secagg`` (secure aggregation; after :meth:`secagg_advertise` and
+        :meth:`secagg_share_keys` for this round and client) it returns no state, Fisher or
+        example count: only ``masked``, the ``uint64`` SecAgg input ``y_u`` of its own sum-plan
+        term (quantised and masked here). ``secagg`` holds ``round``, ``shares`` (the routed
+        ciphertexts for this client), ``strategy``, ``rank``, ``keys``, ``num_clients`` and
+        ``frac_bits`` (see :func:`~fednano_ray.trust.secagg.client_masked_input`).
 
         ``chaos`` (tests only) injects a fault: ``"die"`` kills the process, ``"stall"`` hangs,
         ``"nan"`` returns a NaN tensor, ``"scale"`` returns the trained state times 1000,
         ``"kill_trainer"`` kills the LLM trainer actor mid-training, with this client's second
-        split step (and whatever other clients have) in flight.
+        split step (and whatever other clients have) in flight; ``"die_after_mask"`` (with
+        ``secagg``) uploads its masked input, then kills the process when asked to unmask.
         """
+        if secagg is not None:
+            session = self._secagg_session(secagg["round"], client_id)  # fail before training
         if chaos == "die":
             os._exit(1)  # a real crash: the process disappears mid-round
         if chaos == "stall":
@@ -131,10 +146,70 @@ class ClientActor:
             state[first] = torch.full_like(state[first], float("nan"))
         if chaos == "scale":  # a scaled-update (model replacement) attack
             state = {k: v * 1000.0 for k, v in state.items()}
+        if secagg is not None:
+            from fednano_ray.strategies.base import ClientUpdate
+            from fednano_ray.trust.secagg import client_masked_input
+
+            update = ClientUpdate(str(client_id), state, len(indices), fisher, metrics)
+            masked = client_masked_input(
+                session, secagg["strategy"], start_state, update, shares=secagg["shares"],
+                rank=secagg["rank"], keys=secagg["keys"], num_clients=secagg["num_clients"],
+                frac_bits=secagg["frac_bits"],
+            )
+            if chaos == "die_after_mask":
+                self._die_before_unmask.add((secagg["round"], client_id))
+            return {
+                "client_id": client_id, "masked": masked, "metrics": metrics, "rank": self.rank,
+                "node_id": self.node_id(),
+            }
         return {
             "client_id": client_id, "state": state, "fisher": fisher, "num_examples": len(indices),
             "metrics": metrics, "rank": self.rank, "node_id": self.node_id(),
         }
+
+    # -- secure aggregation (SecAgg, Bonawitz et al. 2017): this client's side ----------------------
+
+    def _secagg_session(self, rnd: int, client_id: int):
+        try:
+            return self._secagg[(rnd, client_id)]
+        except KeyError:
+            raise ClientError(
+                f"client {client_id}: no SecAgg state for round {rnd} (the actor restarted since "
+                "it advertised its keys)"
+            ) from None
+
+    def secagg_advertise(self, rnd: int, client_id: int, index: int, session: bytes) -> tuple[bytes, bytes]:
+        """Round 0: make this client's key pairs for round ``rnd``; returns the public keys.
+
+        Args:
+            rnd: The round.
+            client_id: The (virtual) client this actor acts for.
+            index: The client's protocol index, 1..n (its Shamir x-coordinate).
+            session: Bytes binding the keys and messages to the run and round.
+        """
+        from fednano_ray.trust.secagg import SecAggClient
+
+        for key in [k for k in self._secagg if k[0] < rnd]:  # sessions of rounds that are over
+            del self._secagg[key]
+        self._die_before_unmask = {k for k in self._die_before_unmask if k[0] >= rnd}
+        client = SecAggClient(index, session)
+        self._secagg[(rnd, client_id)] = client
+        return client.advertise_keys()
+
+    def secagg_share_keys(
+        self, rnd: int, client_id: int, public_keys: dict[int, tuple[bytes, bytes]], threshold: int
+    ) -> dict[int, bytes]:
+        """Round 1: encrypted Shamir shares of this client's secrets, one per peer of ``U1``."""
+        return self._secagg_session(rnd, client_id).share_keys(public_keys, threshold)
+
+    def secagg_unmask(self, rnd: int, client_id: int, survivors: list[int], dropped: list[int]) -> dict[str, dict[int, int]]:
+        """Round 3: this client's shares of the survivors' self-mask seeds and the dropped
+        clients' mask keys; the round's protocol state is then discarded."""
+        if (rnd, client_id) in self._die_before_unmask:
+            os._exit(1)  # chaos "die_after_mask": gone after uploading, before unmasking
+        response = self._secagg_session(rnd, client_id).unmask(survivors, dropped)
+        del self._secagg[(rnd, client_id)]
+        return response
 
     def evaluate(self, state: dict[str, torch.Tensor], split: str, indices: list[int], batch_size: int = 32) -> dict[str, float]:
         """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or "test")."""

@@ -9,6 +9,7 @@ A plain class: ``app.py`` wraps it (and the client and trainer actors) with ``ra
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,16 @@ from fednano_ray.strategies.base import ClientFailure, ClientUpdate
 from fednano_ray.trust.round import TrustPolicy
 
 CHECKPOINTS = "checkpoints"
+
+
+def adapters_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A short sha256 of an adapter state (keys, shapes and float32 values), to tell states apart."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to(torch.float32).contiguous()
+        h.update(f"{key}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _nbytes(state: dict[str, torch.Tensor] | None) -> int:
@@ -183,6 +194,9 @@ class Coordinator:
         else:
             sampled = sorted(rng.choice(fed.num_clients, fed.clients_per_round, replace=False).tolist())
         global_ref = ray.put(self.global_state)
+        if self._secure_by_clients():
+            record = self._secure_round(rnd, sampled, global_ref)
+            return self._end_round(rnd, record, t0, trainer_start)
         refs: dict[Any, int] = {}
         bytes_down = 0
         for c in sampled:
@@ -258,8 +272,12 @@ class Coordinator:
                 record.update(extras)  # secure_aggregation, dp_epsilon, ... when configured
             if self.strategy.warnings:
                 record["warnings"] = list(self.strategy.warnings)
-        last = rnd == fed.rounds - 1
-        if last or (rnd + 1) % fed.evaluate_every == 0:
+        return self._end_round(rnd, record, t0, trainer_start)
+
+    def _end_round(self, rnd: int, record: dict[str, Any], t0: float, trainer_start: str | None) -> dict[str, Any]:
+        """Evaluate (when due), time, record and checkpoint the round."""
+        last = rnd == self.cfg.federation.rounds - 1
+        if last or (rnd + 1) % self.cfg.federation.evaluate_every == 0:
             record.update(self.evaluate())
         # Ray restarted the LLM trainer during the round (clients' in-flight split steps were re-sent).
         record["trainer_restarted"] = self._trainer_incarnation() != trainer_start
@@ -267,6 +285,166 @@ class Coordinator:
         self.rounds.append(record)
         self.next_round = rnd + 1
         self._checkpoint(rnd)
+        return record
+
+    # -- a round under secure aggregation ---------------------------------------------------------
+
+    def _secure_by_clients(self) -> bool:
+        return (
+            self.cfg.trust.secure_aggregation
+            and not self.strategy.personalize_only
+            and self.cfg.federation.strategy != "centralized"
+        )
+
+    def _gather(
+        self, refs: dict[Any, int], what: str, failures: dict[int, str], *, kill_stalled: bool = False
+    ) -> dict[int, Any]:
+        """Results of the calls ``refs`` (ref -> client id) that finish within the deadline; the
+        others become ``failures[client] = reason``. With ``kill_stalled`` the actors still busy
+        at the deadline are restarted (as after the fit phase of a plain round)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        fed = self.cfg.federation
+        results: dict[int, Any] = {}
+        pending = list(refs)
+        deadline = time.monotonic() + fed.deadline_s
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                break
+            for ref in done:
+                c = refs[ref]
+                try:
+                    results[c] = ray.get(ref, timeout=30)
+                except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                    failures[c] = f"{what}{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                if what == "":
+                    self.progress["done"] += 1
+        for ref in pending:
+            failures[refs[ref]] = f"{what}deadline of {fed.deadline_s:g} s exceeded"
+        if kill_stalled:
+            for actor in {id(a): a for a in (self._actor_for(refs[r]) for r in pending)}.values():
+                ray.kill(actor, no_restart=False)
+        return results
+
+    def _secure_round(self, rnd: int, sampled: list[int], global_ref) -> dict[str, Any]:
+        """A round under ``trust.secure_aggregation``: the client actors run SecAgg's client side.
+
+        AdvertiseKeys and ShareKeys go through the coordinator (it relays public keys and
+        AES-GCM-encrypted Shamir shares it cannot read); each client trains, builds its own term of
+        the strategy's sum plan, quantises and masks it, and uploads only the masked ``uint64``
+        vector; the coordinator asks the surviving clients for the shares that remove the masks
+        (recovering clients that dropped after sharing keys, and summing those that drop after
+        uploading) and turns the sum into the new global state with the plan's ``finish``. The
+        coordinator never holds a client's state, Fisher or example count.
+        """
+
+        from fednano_ray.trust.secagg import (
+            DEFAULT_FRAC_BITS,
+            SecAggError,
+            SecAggServer,
+            default_threshold,
+            protocol_info,
+            sum_template,
+        )
+
+        cfg, fed = self.cfg, self.cfg.federation
+        frac_bits = DEFAULT_FRAC_BITS
+        session = b"fednano round %d" % rnd
+        index = {c: i + 1 for i, c in enumerate(sampled)}
+        client_of = {i: c for c, i in index.items()}
+        threshold = default_threshold(len(sampled))
+        server = SecAggServer(threshold, session)
+        self.strategy.begin_round(rnd)
+        self.strategy.warnings = []
+        template = sum_template(self.strategy, self.global_state, len(sampled))
+        failures: dict[int, str] = {}
+        fitted: dict[int, dict[str, Any]] = {}
+        silent: list[int] = []
+        dropped: set[int] = set()
+        record: dict[str, Any] = {"round": rnd, "clients": sampled}
+        note = None
+        self.progress = {"round": rnd, "done": 0, "total": len(sampled)}
+        bytes_down = 0
+        try:
+            advertised = self._gather(
+                {self._actor_for(c).secagg_advertise.remote(rnd, c, index[c], session): c for c in sampled},
+                "secagg advertise keys: ", failures,
+            )
+            public = server.collect_keys({index[c]: keys for c, keys in advertised.items()})
+            sent = self._gather(
+                {self._actor_for(c).secagg_share_keys.remote(rnd, c, public, threshold): c for c in advertised},
+                "secagg share keys: ", failures,
+            )
+            inbox = server.route_shares({index[c]: shares for c, shares in sent.items()})
+            refs: dict[Any, int] = {}
+            for c in sorted(sent):
+                tier = self.client_tier[c]
+                bytes_down += _nbytes(truncate_to_rank(self.global_state, cfg.tier_rank(tier)))
+                secagg = {
+                    "round": rnd, "shares": inbox[index[c]], "strategy": self.strategy, "rank": template.rank,
+                    "keys": template.keys, "num_clients": len(public), "frac_bits": frac_bits,
+                }
+                ref = self._actor_for(c).fit.remote(
+                    c, self.data.client_train[c], global_ref, steps=tier.local_steps, batch_size=tier.batch_size,
+                    lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, prox_mu=self.strategy.proximal_mu,
+                    seed=_seed(fed.seed, rnd, c), chaos=self.chaos.get((rnd, c)), secagg=secagg,
+                )
+                refs[ref] = c
+            fitted = self._gather(refs, "", failures, kill_stalled=True)
+            quorum = math.ceil(fed.quorum * len(sampled))
+            if len(fitted) < quorum:
+                raise SecAggError(
+                    f"quorum not met: {len(fitted)} of {len(sampled)} reported, {quorum} needed; global adapters unchanged"
+                )
+            survivors, dropped_idx = server.collect_masked({index[c]: out["masked"] for c, out in fitted.items()})
+            dropped = {client_of[u] for u in dropped_idx}
+            unmask_failures: dict[int, str] = {}
+            responses = self._gather(
+                {
+                    self._actor_for(client_of[u]).secagg_unmask.remote(
+                        rnd, client_of[u], sorted(survivors), sorted(dropped_idx)
+                    ): client_of[u]
+                    for u in sorted(survivors)
+                },
+                "secagg unmask: ", unmask_failures,
+            )
+            silent = sorted(unmask_failures)
+            total = server.unmask({index[c]: r for c, r in responses.items()})
+            self.global_state = template.finish_ring(total, frac_bits)
+        except SecAggError as e:
+            note = str(e) if str(e).startswith("quorum") else f"secure aggregation failed: {e}; global adapters unchanged"
+        losses = {str(c): out["metrics"]["loss"] for c, out in sorted(fitted.items())}
+        record.update(
+            completed=sorted(fitted),
+            failures=[{"client_id": str(c), "reason": r} for c, r in sorted(failures.items())],
+            loss=float(np.mean(list(losses.values()))) if losses else None,
+            client_loss=losses,
+            placement={str(c): out.get("node_id") for c, out in fitted.items()},
+            bytes_down=bytes_down,
+            bytes_up=sum(int(out["masked"].nbytes) for out in fitted.values()),
+            aggregated=note is None,
+        )
+        if note is not None:
+            record["note"] = note
+        record["secure_aggregation"] = {
+            "masked_by": "clients",
+            **protocol_info(
+                clients=len(sampled),
+                threshold=threshold,
+                summed=[str(c) for c in fitted] if note is None else [],
+                dropped_before_upload=[str(c) for c in sorted(dropped)],
+                dropped_before_unmask=[str(c) for c in silent],
+                vector_length=template.length,
+                frac_bits=frac_bits,
+                num_masked=len(fitted),
+            ),
+        }
+        if note is None:
+            record.update(self.trust.dp_extras(len(sampled), self.rounds))
+        if self.strategy.warnings:
+            record["warnings"] = list(self.strategy.warnings)
         return record
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -312,9 +490,14 @@ class Coordinator:
             res = self._get_eval(fn, f"client {c}", failures, ref=ref)
             if res is not None and res["n"] > 0:
                 per_client[str(c)] = res
-        states = [self.initial_state] if initial or not self.strategy.personalize_only else [
-            self._client_model(c) for c in range(n)
-        ]
+        # The global test split is scored with the pretrained adapters (initial), the global adapters,
+        # or, for strategies without a global model, every client's own adapters (then averaged).
+        if initial:
+            states = [self.initial_state]
+        elif self.strategy.personalize_only:
+            states = [self._client_model(c) for c in range(n)]
+        else:
+            states = [self.global_state]
         everything = list(range(len(self.data.test)))
         tests = [
             t for t in (
@@ -329,6 +512,8 @@ class Coordinator:
             "global_test_accuracy": float(np.mean([t["accuracy"] for t in tests])) if tests else None,
             "global_test_by_category": {k.split("/", 1)[1]: v for k, v in tests[0].items() if k.startswith("accuracy/")}
             if len(tests) == 1 else {},
+            # Which adapters the global test scored (an audit trail: compare with a checkpoint's).
+            "global_test_adapters": adapters_fingerprint(states[0]) if len(states) == 1 else None,
         }
         if failures:
             out["eval_failures"] = failures

@@ -98,6 +98,11 @@ class TrustPolicy:
             global_state, updates, failures: As :meth:`Strategy.aggregate`.
             history: The records of the rounds before this one (to count DP releases on resume).
 
+        With ``trust.secure_aggregation`` this runs every SecAgg party in this process on plaintext
+        updates (:func:`~fednano_ray.trust.secagg.secure_aggregate`); the coordinator of a
+        federated run does not come here then: its client actors mask their own terms
+        (``Coordinator._secure_round``), and it uses :meth:`dp_extras` for the record.
+
         Returns:
             ``(state, extras)``; ``extras`` may hold ``secure_aggregation`` (the protocol's run)
             and ``dp_epsilon`` / ``dp_delta`` / ``dp_noise_std`` / ``dp_releases``.
@@ -113,16 +118,22 @@ class TrustPolicy:
             extras["secure_aggregation"] = info
         else:
             state = strategy.aggregate(global_state, updates, failures)
-        dp = self.trust.dp
-        if dp is not None:
-            releases = 1 + sum(1 for r in history if "dp_epsilon" in r)
-            extras["dp_epsilon"] = self.epsilon(releases)
-            extras["dp_delta"] = dp.delta
-            extras["dp_noise_std"] = dp.noise_multiplier * dp.clip_norm / (
-                len(updates) + len(failures)
-            )
-            extras["dp_releases"] = releases
+        extras.update(self.dp_extras(len(updates) + len(failures), history))
         return state, extras
+
+    def dp_extras(self, num_sampled: int, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The round record's DP figures for a release among ``num_sampled`` clients (empty
+        without DP)."""
+        dp = self.trust.dp
+        if dp is None:
+            return {}
+        releases = 1 + sum(1 for r in history if "dp_epsilon" in r)
+        return {
+            "dp_epsilon": self.epsilon(releases),
+            "dp_delta": dp.delta,
+            "dp_noise_std": dp.noise_multiplier * dp.clip_norm / num_sampled,
+            "dp_releases": releases,
+        }
 
     def epsilon(self, releases: int) -> float | None:
         """ε after ``releases`` DP rounds at ``trust.dp.delta`` (None without DP)."""

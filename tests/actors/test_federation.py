@@ -38,6 +38,32 @@ def test_run_writes_the_run_directory(ray_cluster, tmp_path):
     assert ckpt["vision.lora_A"].shape == (4, 128) and ckpt["text.lora_B"].shape == (128, 4)
     assert ckpt["vision.lora_B"].abs().sum() > 0  # trained away from the B = 0 init
     assert res["trainer_stats"]["requests"] >= 4 * 2 * 2  # every split step went through the LLM trainer
+    # The reported global test accuracy is that of the final global adapters (and "before" that of the
+    # pretrained ones): the record names the adapters it scored, and re-scoring both in-process agrees.
+    from fednano_ray.actors.coordinator import adapters_fingerprint
+
+    assert on_disk["rounds"][-1]["global_test_adapters"] == adapters_fingerprint(ckpt)
+    assert s["global_test_accuracy"] == pytest.approx(_global_test_accuracy(tiny(), ckpt))
+    assert s["global_test_accuracy_before"] == pytest.approx(_global_test_accuracy(tiny(), None))
+
+
+def _global_test_accuracy(cfg, adapters) -> float:
+    """Accuracy on the global test split of the tiny model with ``adapters`` (None: B = 0, pretrained)."""
+    from fednano_ray.features import cached_features
+    from fednano_ray.models.adapter import load_adapter_state
+    from fednano_ray.models.build import build_mllm
+    from fednano_ray.task import prepare_data
+    from fednano_ray.training import LocalServer, evaluate
+
+    mllm = build_mllm(cfg.model)
+    data = prepare_data(cfg)
+    edge, server_llm = mllm.split(cfg.adapter, r=max(cfg.tier_rank(t) for t in cfg.tiers),
+                                  autocast_bf16=cfg.model.autocast_bf16)
+    if adapters is not None:
+        load_adapter_state(edge.adapters, adapters)
+    questions = [([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category) for e in data.test]
+    feats = cached_features(mllm, "", data.test, None)
+    return evaluate(edge, LocalServer(server_llm), feats, questions, pad_id=mllm.pad_id)["accuracy"]
 
 
 def test_dead_and_stalled_clients_are_reported_and_rounds_go_on(ray_cluster, tmp_path):
@@ -196,3 +222,52 @@ def test_cli_joins_an_existing_cluster_with_address(ray_cluster, tmp_path):
     assert len(printed) == 4 and len(set(printed)) == 4
     stored = (run / "tokens.json").read_text()
     assert all(tok not in stored for tok in printed)
+
+
+def _adapters(run, rnd: int):
+    return load_file(str(run / "checkpoints" / f"round_{rnd:04d}" / "adapters.safetensors"))
+
+
+def test_secure_aggregation_masks_on_the_clients_and_matches_the_plain_run(ray_cluster, tmp_path):
+    """trust.secure_aggregation: the client actors run SecAgg's client side (own keys, own masked
+    sum-plan terms); the coordinator relays keys and encrypted shares, receives only masked uint64
+    vectors and unmasks the sum. Two rounds end with the adapters of a plain run (same seed), up
+    to fixed-point rounding."""
+    res = train(tiny("federation.strategy=fedavg", "trust.secure_aggregation=true"), tmp_path / "sec", progress=False)
+    train(tiny("federation.strategy=fedavg"), tmp_path / "plain", progress=False)
+
+    for r in json.loads((tmp_path / "sec" / "results.json").read_text())["rounds"]:
+        sa = r["secure_aggregation"]
+        assert r["aggregated"] and r["failures"] == [] and r["completed"] == [0, 1, 2, 3], r
+        assert sa["masked_by"] == "clients" and sa["summed"] == ["0", "1", "2", "3"]
+        assert sa["dropped_before_upload"] == [] and sa["dropped_before_unmask"] == []
+        # What came up: exactly four masked Z_2^64 vectors of the padded plan (n θ at rank 4, and n).
+        assert sa["vector_length"] == sum(v.numel() for v in _adapters(tmp_path / "plain", 0).values()) + 1
+        assert r["bytes_up"] == sa["masked_bytes_up"] == 4 * 8 * sa["vector_length"]
+    assert res["summary"]["secure_aggregation"] is True
+    a, b = _adapters(tmp_path / "sec", 1), _adapters(tmp_path / "plain", 1)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_secure_aggregation_recovers_clients_that_die_after_key_sharing(ray_cluster, tmp_path):
+    """Round 0: client 1 dies while training (after sharing keys): its pairwise masks are rebuilt
+    from the others' shares and the sum is of clients 0, 2, 3. Round 1: client 2 uploads its masked
+    input and dies before unmasking: its self-mask is rebuilt and its term stays in the sum. The
+    adapters equal a plain run in which client 1 dies in round 0."""
+    chaos = {(0, 1): "die", (1, 2): "die_after_mask"}
+    cfg = ("federation.mode=deployment", "federation.strategy=fedavg")
+    res = train(tiny(*cfg, "trust.secure_aggregation=true"), tmp_path / "sec", chaos=chaos, progress=False)
+    train(tiny(*cfg), tmp_path / "plain", chaos={(0, 1): "die"}, progress=False)
+
+    r0, r1 = res["rounds"]
+    assert r0["aggregated"] and r0["completed"] == [0, 2, 3]
+    assert [f["client_id"] for f in r0["failures"]] == ["1"] and "Actor" in r0["failures"][0]["reason"]
+    assert r0["secure_aggregation"]["dropped_before_upload"] == ["1"]
+    assert r0["secure_aggregation"]["summed"] == ["0", "2", "3"]
+    assert r1["aggregated"] and r1["completed"] == [0, 1, 2, 3] and r1["failures"] == []
+    assert r1["secure_aggregation"]["dropped_before_unmask"] == ["2"]
+    assert r1["secure_aggregation"]["summed"] == ["0", "1", "2", "3"]
+    a, b = _adapters(tmp_path / "sec", 1), _adapters(tmp_path / "plain", 1)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -22,6 +22,8 @@ from fednano_ray.trust.secagg import (
     SecAggClient,
     SecAggError,
     SecAggServer,
+    client_masked_input,
+    default_threshold,
     dequantize,
     prg,
     quantize,
@@ -29,6 +31,7 @@ from fednano_ray.trust.secagg import (
     secure_sum,
     shamir_reconstruct,
     shamir_split,
+    sum_template,
 )
 
 FRAC = 32
@@ -263,3 +266,45 @@ def test_median_cannot_run_under_secure_aggregation() -> None:
     glob, updates = het_round(fisher=False)
     with pytest.raises(NotImplementedError, match="secure aggregation"):
         secure_aggregate(Median(), glob, updates)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fednano", "dp"])
+def test_separate_parties_mask_their_own_terms_and_match_the_plain_rule(name: str) -> None:
+    """The actor path's split: each client masks its own sum-plan term (client_masked_input), the
+    server builds the plan from the global state alone (sum_template) and only sees uint64 masked
+    vectors. Client 1 drops after sharing keys, client 3 uploads but skips unmasking: the result
+    is the plain rule over clients 0, 2, 3, 4."""
+    glob, updates = het_round(seed=2, fisher=name == "fednano")
+
+    def make():
+        if name == "dp":
+            s = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, seed=1)
+            s.begin_round(3)
+            return s
+        return FedNano() if name == "fednano" else FedAvg()
+
+    n, session = len(updates), b"round 3"
+    t = default_threshold(n)
+    strategy = make()
+    template = sum_template(strategy, glob, n)
+    clients = {u: SecAggClient(u, session) for u in range(1, n + 1)}
+    server = SecAggServer(t, session)
+    keys = server.collect_keys({u: c.advertise_keys() for u, c in clients.items()})
+    inbox = server.route_shares({u: c.share_keys(keys, t) for u, c in clients.items()})
+    uploads = {
+        u: client_masked_input(
+            c, make(), glob, updates[u - 1], shares=inbox[u], rank=template.rank,
+            keys=template.keys, num_clients=n,
+        )
+        for u, c in clients.items()
+        if u != 2  # client "1" drops before upload
+    }
+    assert all(y.dtype == np.uint64 and y.size == template.length for y in uploads.values())
+    survivors, dropped = server.collect_masked(uploads)
+    responses = {u: clients[u].unmask(survivors, dropped) for u in survivors if u != 4}
+    state = template.finish_ring(server.unmask(responses), FRAC)
+
+    rest = [u for u in updates if u.client_id != "1"]
+    plain = make()
+    expected = plain.aggregate(glob, rest, [object()])  # DP counts the dropped client as sampled
+    assert_states_close(state, expected, atol=1e-5)
