@@ -182,7 +182,6 @@ class Coordinator:
     def run_round(self, rnd: int) -> dict[str, Any]:
         """Sample, fit with deadline and quorum, aggregate, evaluate, checkpoint. Returns the round record."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         cfg, fed = self.cfg, self.cfg.federation
         t0 = time.perf_counter()
@@ -215,31 +214,12 @@ class Coordinator:
             )
             refs[ref] = c
         self.progress = {"round": rnd, "done": 0, "total": len(refs)}
-        updates: list[ClientUpdate] = []
-        failures: list[ClientFailure] = []
-        placement: dict[str, str | None] = {}
-        pending = list(refs)
-        deadline = time.monotonic() + fed.deadline_s
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not done:
-                break
-            for ref in done:
-                c = refs[ref]
-                try:
-                    out = ray.get(ref, timeout=30)
-                    updates.append(ClientUpdate(str(c), out["state"], out["num_examples"], out["fisher"], out["metrics"]))
-                    placement[str(c)] = out.get("node_id")
-                except (RayActorError, RayTaskError, GetTimeoutError) as e:
-                    failures.append(ClientFailure(str(c), f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
-                self.progress["done"] += 1
-        stalled_actors = []
-        for ref in pending:  # past the deadline: record, and restart the actor so its queue clears
-            c = refs[ref]
-            failures.append(ClientFailure(str(c), f"deadline of {fed.deadline_s:g} s exceeded"))
-            stalled_actors.append(self._actor_for(c))
-        for actor in {id(a): a for a in stalled_actors}.values():
-            ray.kill(actor, no_restart=False)
+        # Past the deadline: recorded as failures, and the actors restarted so their queues clear.
+        reasons: dict[int, str] = {}
+        outs = self._gather(refs, "", reasons, kill_stalled=True)
+        updates = [ClientUpdate(str(c), o["state"], o["num_examples"], o["fisher"], o["metrics"]) for c, o in outs.items()]
+        placement: dict[str, str | None] = {str(c): o.get("node_id") for c, o in outs.items()}
+        failures = [ClientFailure(str(c), reason) for c, reason in reasons.items()]
 
         # Invalid updates (bad keys/shapes/dtypes, NaN/Inf, norm above trust.max_update_norm) become
         # failures "rejected: <reason>": never aggregated, not counted towards the quorum.

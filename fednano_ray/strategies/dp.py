@@ -28,7 +28,12 @@ from torch import Tensor
 
 from fednano_ray.strategies.aggregate import State
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate, Strategy, SumPlan
-from fednano_ray.strategies.robust import apply_delta, client_deltas, clip_by_norm, sum_states
+from fednano_ray.strategies.robust import (
+    aggregate_by_sum_plan,
+    apply_delta,
+    client_deltas,
+    clip_by_norm,
+)
 
 __all__ = ["DPFedAvg", "gaussian_noise", "noisy_mean"]
 
@@ -174,8 +179,7 @@ class DPFedAvg(Strategy):
         self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
     ) -> State:
         """The noisy clipped average at ``rank`` (see the class docstring)."""
-        terms, finish = self.sum_plan_updates(global_state, updates, rank)
-        return finish(sum_states(terms))
+        return aggregate_by_sum_plan(self, global_state, updates, rank)
 
     def describe(self) -> dict[str, str | float | bool]:
         """As :meth:`Strategy.describe`, plus the DP parameters."""

@@ -149,6 +149,13 @@ def apply_delta(
     return out
 
 
+def aggregate_by_sum_plan(strategy: Strategy, global_state: State, updates: list[ClientUpdate], rank: int) -> State:
+    """``finish(Σ terms)`` of ``strategy.sum_plan_updates``: the plain (non-secure) aggregation of a
+    rule that is a function of sums."""
+    terms, finish = strategy.sum_plan_updates(global_state, updates, rank)
+    return finish(sum_states(terms))
+
+
 def sum_states(states: Sequence[Mapping[str, Tensor]]) -> State:
     """Elementwise float64 sum of state dicts with identical keys and shapes.
 
@@ -383,8 +390,7 @@ class NormClip(_DeltaStrategy):
         self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
     ) -> State:
         """``θ_global + Σ n_i clip(δ_i, C) / Σ n_i`` at ``rank``."""
-        terms, finish = self.sum_plan_updates(global_state, updates, rank)
-        return finish(sum_states(terms))
+        return aggregate_by_sum_plan(self, global_state, updates, rank)
 
     def describe(self) -> dict[str, str | float | bool]:
         """As :meth:`Strategy.describe`, plus ``clip_norm``."""
