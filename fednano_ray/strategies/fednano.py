@@ -58,18 +58,24 @@ class FedNano(Strategy):
             raise ValueError(f"fednano: eps must be finite and >= 0, got {eps}")
         self.eps = float(eps)
 
+    def _falls_back_to_fedavg(self, updates: list[ClientUpdate]) -> bool:
+        """True, after logging and recording a warning, if any update came without a Fisher."""
+        missing = [u.client_id for u in updates if u.fisher is None]
+        if not missing:
+            return False
+        message = (
+            f"fednano: no Fisher from client(s) {missing}; aggregated this round with FedAvg "
+            "(example-weighted mean, padded zeros dilute)"
+        )
+        logger.warning(message)
+        self.warnings.append(message)
+        return True
+
     def aggregate_updates(
         self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
     ) -> State:
         """Fisher-merge the updates at ``rank``; FedAvg if any update has no Fisher."""
-        missing = [u.client_id for u in updates if u.fisher is None]
-        if missing:
-            message = (
-                f"fednano: no Fisher from client(s) {missing}; aggregated this round with FedAvg "
-                "(example-weighted mean, padded zeros dilute)"
-            )
-            logger.warning(message)
-            self.warnings.append(message)
+        if self._falls_back_to_fedavg(updates):
             return fedavg([(u.state, u.num_examples) for u in updates], rank=rank)
         for u in updates:
             _check_fisher(u)
@@ -88,14 +94,7 @@ class FedNano(Strategy):
         forms ``num = ΣnF⊙θ + eps Σnθ`` and ``den = ΣnF + eps Σn`` and divides, with the global
         state as the fallback. FedAvg terms if any update has no Fisher (as :meth:`aggregate`).
         """
-        missing = [u.client_id for u in updates if u.fisher is None]
-        if missing:
-            message = (
-                f"fednano: no Fisher from client(s) {missing}; aggregated this round with FedAvg "
-                "(example-weighted mean, padded zeros dilute)"
-            )
-            logger.warning(message)
-            self.warnings.append(message)
+        if self._falls_back_to_fedavg(updates):
             return fedavg_sum_plan(updates, rank)
         terms = []
         for u in updates:
