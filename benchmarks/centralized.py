@@ -7,6 +7,8 @@ the global test split every 50 steps, per category. This is what the README's ze
 
 ``--train connector`` trains the (otherwise frozen) connector instead of the adapters, at the same
 cost per step: a diagnostic of whether the edge *can* learn the benchmark, not a FedNano setting.
+``--train llm-lora`` trains PEFT LoRA inside the LLM (``adapter.lora_target_modules``), as a
+``fedavg-lora`` client does: the centralised upper bound of that baseline.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--train", choices=["adapters", "connector"], default="adapters",
-                   help="what to train: the NanoAdapters (FedNano) or, as a diagnostic, the connector")
+    p.add_argument("--train", choices=["adapters", "connector", "llm-lora"], default="adapters",
+                   help="what to train: the NanoAdapters (FedNano), PEFT LoRA inside the LLM (fedavg-lora's "
+                        "clients) or, as a diagnostic, the connector")
     a = p.parse_args(argv)
 
     cfg = load_config(a.config, a.set)
@@ -55,7 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     cache = None if cfg.model.kind == "tiny" else cache_dir() / "features"
     train_f = cached_features(mllm, key, data.train, cache)
     test_f = cached_features(mllm, key, data.test, cache)
-    edge, server_llm = mllm.split(cfg.adapter, autocast_bf16=cfg.model.autocast_bf16)
+    params = None
+    if a.train == "llm-lora":  # an own copy of the model: the LoRA goes into its decoder in place
+        edge, server_llm, params = build_mllm.__wrapped__(cfg.model).with_llm_lora(
+            cfg.adapter, autocast_bf16=cfg.model.autocast_bf16
+        )
+    else:
+        edge, server_llm = mllm.split(cfg.adapter, autocast_bf16=cfg.model.autocast_bf16)
     server = LocalServer(server_llm)
     if a.train == "connector":  # diagnostic: the connector's 1M parameters take the adapters' place
         connector = edge.connector
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     while done < a.steps:
         n = min(a.eval_every, a.steps - done)
         _, _, metrics = local_fit(edge, server, train_f, rows, steps=n, batch_size=a.batch_size, lr=a.lr,
-                                  pad_id=mllm.pad_id, seed=done)
+                                  pad_id=mllm.pad_id, seed=done, params=params)
         done += n
         report(done, {"train_loss": round(metrics["loss"], 3), "wall_s": round(time.perf_counter() - t0, 1)})
 

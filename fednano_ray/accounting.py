@@ -32,9 +32,15 @@ Counting rules:
 - Adapters are counted arithmetically (``2·r·d`` per modality: ``lora_A`` r×d and ``lora_B`` d×r), so
   meta-device parts work, and are sized at float32: they are trained, exchanged and checkpointed in
   fp32 (:func:`fednano_ray.models.adapter.adapter_state`) whatever the frozen model's dtype.
-- This describes the FedNano split, which every strategy except ``fedavg-lora`` uses. Round traffic
+- The above is the FedNano split, which every strategy but ``fedavg-lora`` uses. Round traffic
   follows the formula above for every strategy (``local`` and ``centralized`` exchange no adapters
   in practice; the run's ``results.json`` records what was actually sent).
+- ``fedavg-lora`` (the conventional baseline: every client holds the whole MLLM and trains PEFT LoRA
+  inside its LLM, :mod:`fednano_ray.models.lora`): the client stores the whole MLLM plus the LoRA
+  (``client_storage_fraction`` is slightly *above* 1), the server holds no model part for training
+  (``server_params`` 0), the adapters exchanged each round are the LoRA, ``r·(in + out)`` fp32
+  parameters per targeted linear layer of the decoder (``adapter_kind`` ``llm_lora``), and no
+  activations cross the network (``step_bytes_up``/``step_bytes_down`` 0).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fednano_ray.config import CLIENTS_HOLD_LLM
 from fednano_ray.models.split import MLLMParts
 
 FLOAT32_BYTES = 4
@@ -119,14 +126,33 @@ def adapter_param_count(hidden_size: int, r: int, modalities: Sequence[str]) -> 
     return 2 * r * hidden_size * len(modalities)
 
 
+def trained_param_count(
+    parts: MLLMParts, *, r: int, strategy: str, modalities: Sequence[str], lora_target_modules: Sequence[str]
+) -> int:
+    """Parameters a client trains and exchanges: its NanoAdapters, or under ``fedavg-lora`` the LoRA
+    inside the LLM (:func:`~fednano_ray.models.lora.lora_param_count`).
+
+    Raises:
+        ValueError: naming ``adapter.lora_target_modules`` when they fit no linear layer of the LLM.
+    """
+    if strategy in CLIENTS_HOLD_LLM:
+        from fednano_ray.models.lora import lora_param_count
+
+        return lora_param_count(parts.decoder, r=r, target_modules=lora_target_modules)
+    return adapter_param_count(parts.hidden_size, r, modalities)
+
+
 def step_activation_bytes(
-    batch_size: int, sequence_length: int, hidden_size: int
+    batch_size: int, sequence_length: int, hidden_size: int, *, strategy: str | None = None
 ) -> tuple[int, int]:
     """(up, down) bytes of one split step for one client batch.
 
     Up: ``z'`` (B×T×d float32) + attention mask (B×T int8) + labels (B×T int32).
-    Down: ``dL/dz'`` (B×T×d float32).
+    Down: ``dL/dz'`` (B×T×d float32). (0, 0) under a ``strategy`` whose clients hold the whole
+    MLLM (``fedavg-lora``): they train in-process, nothing crosses the network per step.
     """
+    if strategy in CLIENTS_HOLD_LLM:
+        return 0, 0
     bt = batch_size * sequence_length
     up = bt * hidden_size * FLOAT32_BYTES + bt * MASK_BYTES + bt * LABEL_BYTES
     down = bt * hidden_size * FLOAT32_BYTES
@@ -146,8 +172,10 @@ def account(
     strategy: str,
     dtype_bytes: int | None = None,
     local_steps: int | None = None,
+    lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
 ) -> dict[str, Any]:
-    """Storage and traffic accounting of a FedNano split of ``parts`` (see the module docstring).
+    """Storage and traffic accounting of a FedNano split of ``parts`` (see the module docstring),
+    or of ``fedavg-lora``'s full-model clients.
 
     Args:
         parts: the MLLM (real, random or meta-device tensors; only shapes are read).
@@ -155,12 +183,17 @@ def account(
         num_image_tokens, text_tokens: sequence length T of one row is their sum.
         batch_size: rows of one client batch (B of the split step).
         clients_per_round: clients exchanging adapters each round.
-        strategy: ``fednano`` also uploads a diagonal Fisher the size of the adapters.
+        strategy: ``fednano`` also uploads a diagonal Fisher the size of the adapters;
+            ``fedavg-lora`` trains LoRA on ``lora_target_modules`` of the LLM instead of NanoAdapters.
         dtype_bytes: bytes per floating-point weight of the frozen model (None: each tensor's own).
         local_steps: if given, also report per-round activation traffic (steps × clients).
+        lora_target_modules: ``fedavg-lora`` only: the decoder's LoRA-adapted linear layers.
 
     Returns:
         One flat JSON-able dict (plus a ``parts`` breakdown of parameter counts).
+
+    Raises:
+        ValueError: under ``fedavg-lora``, when ``lora_target_modules`` fit no linear layer.
     """
     d = parts.hidden_size
     embed = _tensors(parts.embed_tokens)
@@ -172,9 +205,10 @@ def account(
     }
     tied = bool(set(embed) & set(lm_head))
 
-    client_frozen = {**encoder, **connector, **embed}
-    server = {**decoder, **lm_head}
-    whole = {**client_frozen, **server}
+    whole = {**encoder, **connector, **embed, **decoder, **lm_head}
+    full = strategy in CLIENTS_HOLD_LLM  # fedavg-lora: the client holds it all, the server nothing
+    client_frozen = whole if full else {**encoder, **connector, **embed}
+    server = {} if full else {**decoder, **lm_head}
     shared = {k: v for k, v in client_frozen.items() if k in server}
 
     total_params, total_bytes = _sum(whole, dtype_bytes)
@@ -182,7 +216,9 @@ def account(
     server_params, server_bytes = _sum(server, dtype_bytes)
     shared_params, _ = _sum(shared, dtype_bytes)
 
-    adapter_params = adapter_param_count(d, adapter_rank, modalities)
+    adapter_params = trained_param_count(
+        parts, r=adapter_rank, strategy=strategy, modalities=modalities, lora_target_modules=lora_target_modules
+    )
     adapter_bytes = adapter_params * FLOAT32_BYTES
     client_params = client_frozen_params + adapter_params
     client_bytes = client_frozen_bytes + adapter_bytes
@@ -192,7 +228,7 @@ def account(
     round_up = adapter_bytes * (2 if fisher else 1) * clients_per_round
 
     seq = num_image_tokens + text_tokens
-    step_up, step_down = step_activation_bytes(batch_size, seq, d)
+    step_up, step_down = step_activation_bytes(batch_size, seq, d, strategy=strategy)
 
     out: dict[str, Any] = {
         "hidden_size": d,
@@ -212,7 +248,9 @@ def account(
         "adapter_fraction": adapter_params / total_params,
         "adapter_rank": adapter_rank,
         "lora_alpha": lora_alpha,
-        "modalities": list(modalities),
+        "adapter_kind": "llm_lora" if full else "nano_adapter",
+        "modalities": [] if full else list(modalities),
+        "lora_target_modules": list(lora_target_modules) if full else [],
         "strategy": strategy,
         "fisher_upload": fisher,
         "clients_per_round": clients_per_round,
@@ -364,19 +402,25 @@ def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40)
         strategy=cfg.federation.strategy,
         dtype_bytes=dtype_bytes,
         local_steps=tier.local_steps,
+        lora_target_modules=cfg.adapter.lora_target_modules,
     )
     d = out["hidden_size"]
     seq = out["sequence_length"]
+    strategy = cfg.federation.strategy
     tiers = []
     for t in cfg.tiers:
         r = cfg.tier_rank(t)
-        up, down = step_activation_bytes(t.batch_size, seq, d)
+        up, down = step_activation_bytes(t.batch_size, seq, d, strategy=strategy)
+        trained = trained_param_count(
+            parts, r=r, strategy=strategy, modalities=cfg.adapter.modalities,
+            lora_target_modules=cfg.adapter.lora_target_modules,
+        )
         tiers.append(
             {
                 "name": t.name,
                 "clients": t.clients,
                 "adapter_rank": r,
-                "adapter_bytes": adapter_param_count(d, r, cfg.adapter.modalities) * FLOAT32_BYTES,
+                "adapter_bytes": trained * FLOAT32_BYTES,
                 "batch_size": t.batch_size,
                 "local_steps": t.local_steps,
                 "step_bytes_up": up,

@@ -17,7 +17,8 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
     Raises:
         ConfigError: naming the tier key, what it asks for and what the cluster has.
     """
-    need_cpu = cfg.train.trainer_num_cpus
+    trainer = not cfg.clients_hold_llm()  # fedavg-lora starts no LLM trainer
+    need_cpu = cfg.train.trainer_num_cpus if trainer else 0.0
     for i, t in enumerate(cfg.tiers):
         actors = t.clients if cfg.federation.mode == "deployment" else min(t.pool_size, t.clients)
         need_cpu += t.num_cpus * actors
@@ -32,7 +33,7 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
                     f"tiers[{i}].resources.{res} = {amount:g} ({t.name}) but the cluster offers {available.get(res, 0.0):g}: "
                     f"start nodes with --resources='{{\"{res}\": N}}' (see cluster.yaml) or remove it"
                 )
-    if cfg.train.trainer_num_gpus > available.get("GPU", 0.0):
+    if trainer and cfg.train.trainer_num_gpus > available.get("GPU", 0.0):
         raise ConfigError(f"train.trainer_num_gpus = {cfg.train.trainer_num_gpus:g} but the cluster has no GPU")
     if need_cpu > available.get("CPU", 0.0) + 1e-9:
         raise ConfigError(

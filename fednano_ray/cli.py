@@ -43,8 +43,11 @@ def summary_table(results: dict[str, Any]) -> str:
     if s.get("chance_accuracy") is not None:
         lines.append(f"chance (uniform guess)     {s['chance_accuracy']:.3f}")
     lines.append(f"adapters sent up / down    {_fmt_bytes(s['bytes_up'])} / {_fmt_bytes(s['bytes_down'])} in total")
+    # fedavg-lora: every client trains its own full MLLM, so no activations cross the network.
+    no_split = " (no split step: each client holds the whole MLLM)" if s.get("adapter_kind") == "llm_lora" else ""
     lines.append(
-        f"split-step activations     {_fmt_bytes(s['step_bytes_up'])} up + {_fmt_bytes(s['step_bytes_down'])} down per step"
+        f"split-step activations     {_fmt_bytes(s['step_bytes_up'])} up + {_fmt_bytes(s['step_bytes_down'])} down "
+        f"per step{no_split}"
     )
     lines.append(
         f"client storage             {_fmt_bytes(s['client_bytes'])} of {_fmt_bytes(s['total_bytes'])} "

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
+#: Strategies whose clients hold the whole MLLM and train LoRA inside its LLM: no split step, no
+#: shared LLM trainer, client storage = the full model (the baseline FedNano is compared with).
+CLIENTS_HOLD_LLM = frozenset({"fedavg-lora"})
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -77,13 +82,24 @@ class ModelConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    """NanoAdapter hyper-parameters (PEFT names): z' = z + (lora_alpha / r) * B(A(dropout(z)))."""
+    """NanoAdapter hyper-parameters (PEFT names): z' = z + (lora_alpha / r) * B(A(dropout(z))).
+
+    Under ``federation.strategy: fedavg-lora`` the same r, lora_alpha and dropout (and a tier's
+    adapter_rank) configure PEFT LoRA on the LLM decoder's ``lora_target_modules`` instead.
+    """
 
     r: int = Field(8, ge=1, description="Default adapter rank (a tier may override it).")
     lora_alpha: float = Field(16.0, gt=0, description="Scaling numerator; scaling = lora_alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     modalities: tuple[Literal["vision", "text"], ...] = Field(
-        ("vision", "text"), min_length=1, description="Which NanoAdapters to train: vision, text or both."
+        ("vision", "text"), min_length=1,
+        description="Which NanoAdapters to train: vision, text or both (fedavg-lora trains none).",
+    )
+    lora_target_modules: tuple[str, ...] = Field(
+        ("q_proj", "v_proj"), min_length=1,
+        description="fedavg-lora only: the LLM decoder's Linear layers that get PEFT LoRA (PEFT's target_modules: "
+        "a module matches when its name is, or ends with, .NAME); q_proj and v_proj are LLaVA's and PEFT's usual "
+        "choice, add k_proj, o_proj, gate_proj, up_proj, down_proj for more. Rank, alpha and dropout as above.",
     )
 
     @field_validator("modalities")
@@ -91,6 +107,19 @@ class AdapterConfig(_Section):
     def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if len(set(v)) != len(v):
             raise ValueError("adapter.modalities lists a modality twice")
+        return v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _linear_targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("adapter.lora_target_modules lists a module twice")
+        frozen = sorted(set(v) & {"embed_tokens", "lm_head"})
+        if frozen:
+            raise ValueError(
+                f"adapter.lora_target_modules names {frozen}: fedavg-lora trains LoRA on the decoder's linear "
+                "layers only; the token embeddings (computed on the client before the LLM) and the LM head stay frozen"
+            )
         return v
 
 
@@ -129,8 +158,10 @@ class FederationConfig(_Section):
     num_clients: int = Field(8, ge=1, description="Number of clients the data is split across.")
     clients_per_round: int = Field(8, ge=1, description="Clients sampled each round.")
     rounds: int = Field(3, ge=0, description="Federated rounds.")
-    strategy: Literal["fednano", "fedavg", "fedprox", "local", "centralized"] = Field(
-        "fednano", description="Aggregation rule (fednano = Fisher merging)."
+    strategy: Literal["fednano", "fedavg", "fedprox", "local", "centralized", "fedavg-lora"] = Field(
+        "fednano",
+        description="Aggregation rule (fednano = Fisher merging). fedavg-lora: the conventional baseline, every "
+        "client holds the whole MLLM and trains PEFT LoRA inside its LLM (adapter.lora_target_modules), FedAvg.",
     )
     fedprox_mu: float = Field(0.01, ge=0, description="fedprox only: proximal coefficient mu.")
     fisher_eps: float = Field(1e-8, gt=0, description="fednano only: epsilon of Fisher merging.")
@@ -153,7 +184,7 @@ class TierConfig(_Section):
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per client actor.")
     batch_size: int = Field(8, ge=1, description="Local batch size.")
     local_steps: int = Field(5, ge=1, description="Local optimizer steps per round.")
-    adapter_rank: int | None = Field(None, ge=1, description="Adapter rank for this tier (default adapter.r).")
+    adapter_rank: int | None = Field(None, ge=1, description="Adapter rank for this tier (default adapter.r; fedavg-lora: of its LLM LoRA).")
     pool_size: int = Field(1, ge=1, description="simulation only: actors serving this tier's virtual clients.")
 
 
@@ -277,15 +308,17 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_trust(self) -> Config:
         trust, fed = self.trust, self.federation
-        if trust.aggregator != "mean" and fed.strategy not in ("fedavg", "fedprox"):
+        # fedavg-lora is FedAvg over the LLM's LoRA: robust rules, DP-FedAvg and SecAgg apply to any state.
+        mean_based = ("fedavg", "fedprox", "fedavg-lora")
+        if trust.aggregator != "mean" and fed.strategy not in mean_based:
             raise ValueError(
                 f"trust.aggregator {trust.aggregator!r} replaces the example-weighted mean, so it needs "
-                f"federation.strategy fedavg or fedprox, not {fed.strategy!r}"
+                f"federation.strategy fedavg, fedprox or fedavg-lora, not {fed.strategy!r}"
             )
         if trust.dp is not None:
-            if fed.strategy not in ("fedavg", "fedprox"):
+            if fed.strategy not in mean_based:
                 raise ValueError(
-                    f"trust.dp needs federation.strategy fedavg or fedprox, not {fed.strategy!r} "
+                    f"trust.dp needs federation.strategy fedavg, fedprox or fedavg-lora, not {fed.strategy!r} "
                     "(fednano's Fisher is not privatised; local and centralized do not aggregate)"
                 )
             if trust.dp.delta >= 1 / fed.num_clients:
@@ -298,6 +331,11 @@ class Config(_Section):
                 f"trust.secure_aggregation needs a federated sum; federation.strategy {fed.strategy!r} has none"
             )
         return self
+
+    def clients_hold_llm(self) -> bool:
+        """True when every client trains its own copy of the whole MLLM (``fedavg-lora``): no split
+        step, so no shared LLM trainer."""
+        return self.federation.strategy in CLIENTS_HOLD_LLM
 
     def tier_rank(self, tier: TierConfig) -> int:
         """The adapter rank a tier trains at."""

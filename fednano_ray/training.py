@@ -7,12 +7,12 @@ itself in-process, or a handle to the Ray ``LLMTrainer`` actor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fednano_ray.models.adapter import adapter_state
 from fednano_ray.models.prompt import collate
@@ -55,17 +55,24 @@ def local_fit(
     weight_decay: float = 0.0,
     prox_mu: float = 0.0,
     seed: int = 0,
+    params: Mapping[str, nn.Parameter] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
-    """Run ``steps`` split steps on one client's data, starting from the edge's current adapters.
+    """Run ``steps`` split steps on one client's data, starting from the current ``params``.
 
     Each step: the edge computes z' (B, T, d), the server returns loss and dL/dz', the edge
     back-propagates into its adapters (plus FedProx's proximal gradient) and AdamW steps.
 
+    Args:
+        params: what is trained, by state key; default the edge's NanoAdapters. ``fedavg-lora``
+            passes the LoRA inside an in-process LLM
+            (:meth:`fednano_ray.models.build.MLLM.with_llm_lora`): its edge has no trainable part
+            and the server's backward fills the LoRA grads.
+
     Returns:
         (adapter state, diagonal Fisher = mean squared loss gradient over this pass, metrics).
     """
-    params = dict(edge.adapters.named_parameters())
-    global_state = adapter_state(edge.adapters) if prox_mu > 0 else None
+    params = dict(edge.adapters.named_parameters() if params is None else params)
+    global_state = adapter_state(params) if prox_mu > 0 else None
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
     rng = np.random.default_rng(seed)
@@ -79,10 +86,11 @@ def local_fit(
         pos += batch_size
         batch = collate([rows[i] for i in idx], pad_id)
         feats = torch.from_numpy(np.ascontiguousarray(features[idx])).float()
+        opt.zero_grad()  # before the server call: an in-process server's backward fills grads
         z = edge(batch["input_ids"], batch["image_mask"], features=feats)
         loss, grad = server.loss_and_grad(z.detach(), batch["attention_mask"], batch["labels"])
-        opt.zero_grad()
-        z.backward(grad)
+        if z.requires_grad:  # an edge with adapters: finish the backward into them
+            z.backward(grad)
         for k, p in params.items():  # Fisher from the task-loss gradient only (before the prox term)
             fisher[k] += p.grad.detach() ** 2
         if global_state is not None:
@@ -93,7 +101,7 @@ def local_fit(
     edge.eval()
     fisher = {k: v / max(1, steps) for k, v in fisher.items()}
     metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "loss_last": losses[-1] if losses else float("nan")}
-    return adapter_state(edge.adapters), fisher, metrics
+    return adapter_state(params), fisher, metrics
 
 
 def choice_rows(encode_row: Callable[[str, str], Row], question: str, choices: Sequence[str]) -> list[Row]:

@@ -140,6 +140,26 @@ def test_traffic_formulas_by_hand(tiny_parts):
     assert fedavg["round_bytes_up"] == fedavg["round_bytes_down"] == adapter_bytes // 2 * 3
 
 
+def test_fedavg_lora_clients_store_the_whole_mllm_and_send_no_activations(tiny_parts):
+    """fedavg-lora: the client holds every part plus its LLM LoRA (r·(in+out) per q_proj/v_proj, fp32),
+    exchanges the LoRA each round and sends nothing per step."""
+    split = account(tiny_parts, **_kw(strategy="fedavg"))
+    out = account(tiny_parts, **_kw(strategy="fedavg-lora", local_steps=10))
+    lora = 2 * 2 * 4 * (128 + 128)  # 2 layers x (q_proj, v_proj) x r (in + out)
+    assert out["adapter_kind"] == "llm_lora" and out["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert out["adapter_params"] == out["parts"]["adapters"] == lora and out["adapter_bytes"] == 4 * lora
+    assert out["total_bytes"] == split["total_bytes"] and out["total_params"] == split["total_params"]
+    assert out["client_bytes"] == out["total_bytes"] + out["adapter_bytes"]
+    assert out["client_storage_fraction"] == pytest.approx(1 + 4 * lora / out["total_bytes"])
+    assert out["server_params"] == out["server_bytes"] == out["shared_params"] == 0
+    assert out["client_params"] - out["adapter_params"] + out["server_params"] - out["shared_params"] == out["total_params"]
+    assert out["round_bytes_up"] == out["round_bytes_down"] == 4 * lora * 3
+    assert out["step_bytes_up"] == out["step_bytes_down"] == 0
+    assert out["round_activation_bytes_up"] == out["round_activation_bytes_down"] == 0
+    with pytest.raises(ValueError, match="adapter.lora_target_modules"):
+        account(tiny_parts, **_kw(strategy="fedavg-lora"), lora_target_modules=("c_attn",))
+
+
 def test_dtype_override_scales_frozen_bytes_not_adapters(tiny_parts):
     f32 = account(tiny_parts, **_kw())
     f16 = account(tiny_parts, **_kw(), dtype_bytes=2)
@@ -202,6 +222,20 @@ def test_nano_on_meta_counts():
     assert out["client_storage_fraction"] == pytest.approx(0.2361, abs=5e-4)
     # bytes = fp32 params + batch-norm running statistics (persistent buffers)
     assert out["total_bytes"] > out["total_params"] * 4
+
+
+def test_nano_fedavg_lora_on_meta_counts():
+    """SmolLM2-135M: 30 layers, q_proj 576->576 and v_proj 576->192 (3 KV heads of 64): rank-8 LoRA is
+    30 * 8 * (1152 + 768) = 460,800 parameters, 25x the NanoAdapters, and the client stores everything."""
+    cfg = load_config(None, ["federation.strategy=fedavg-lora"])
+    out = inspect_config(cfg)
+    nano = inspect_config(load_config(None))
+    assert out["adapter_params"] == 30 * 8 * (1152 + 768) == 25 * nano["adapter_params"]
+    assert out["client_bytes"] == out["total_bytes"] + 4 * out["adapter_params"]
+    assert out["total_bytes"] == nano["total_bytes"]
+    assert out["step_bytes_up"] == out["step_bytes_down"] == out["round_activation_bytes_up"] == 0
+    assert [t["adapter_bytes"] for t in out["tiers"]] == [4 * out["adapter_params"]]
+    assert out["tiers"][0]["step_bytes_up"] == 0
 
 
 def test_llava_15_7b_on_meta():

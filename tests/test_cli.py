@@ -169,3 +169,22 @@ def test_train_gpu_tier_on_cpu_machine(cli, tmp_path):
     assert "tiers[0].num_gpus" in proc.stderr
     assert "Started a local Ray" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_refuses_a_fedavg_lora_run_before_ray(cli, tmp_path):
+    """A fedavg-lora run's LoRA lives inside the LLM, which serving keeps frozen and shared: exit 2, no Ray."""
+    # Prepare: a run directory as `fednano-ray train` starts it (its resolved config.yaml)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        _config_with(tmp_path, lambda t: t["federation"].update(strategy="fedavg-lora")).read_text()
+    )
+
+    # Execute
+    proc = cli("serve", str(run), timeout=30)
+
+    # Assert
+    assert proc.returncode == 2
+    assert "fedavg-lora run" in proc.stderr and "cannot be served" in proc.stderr
+    assert "Started a local Ray" not in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -227,6 +227,33 @@ def test_dump_round_trips(path, tmp_path):
     assert dump_config(again) == dump_config(cfg)
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("adapter.lora_target_modules=[q_proj, embed_tokens]", "names ['embed_tokens']: fedavg-lora trains LoRA"),
+        ("adapter.lora_target_modules=[lm_head]", "names ['lm_head']"),
+        ("adapter.lora_target_modules=[q_proj, q_proj]", "lists a module twice"),
+        ("adapter.lora_target_modules=[]", "at least 1 item"),
+    ],
+)
+def test_fedavg_lora_bad_target_modules_name_the_key(override, needle):
+    """fedavg-lora's LoRA goes on the decoder's linear layers only; errors name adapter.lora_target_modules."""
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["federation.strategy=fedavg-lora", override])
+    assert "adapter.lora_target_modules" in str(info.value) and needle in str(info.value)
+
+
+def test_fedavg_lora_defaults_and_no_llm_trainer():
+    """fedavg-lora validates with LLaVA's q_proj/v_proj LoRA; it starts no LLM trainer, so the trainer's
+    CPUs are not asked of the cluster."""
+    cfg = load_config(TINY, ["federation.strategy=fedavg-lora"])
+    assert cfg.adapter.lora_target_modules == ("q_proj", "v_proj") and cfg.clients_hold_llm()
+    assert not load_config(TINY).clients_hold_llm()
+    check_resources(cfg, {"CPU": 0.5})  # one actor per tier at 0.25 CPUs, no trainer_num_cpus = 0.5 on top
+    with pytest.raises(ConfigError, match="trainer_num_cpus"):
+        check_resources(load_config(TINY), {"CPU": 0.5})
+
+
 def test_check_resources_accepts_tiny_on_two_cpus():
     """tiny.yaml fits a 2-CPU machine without GPUs."""
     # Execute / Assert: no exception

@@ -3,6 +3,10 @@
 One actor serves one client (deployment mode) or many virtual clients of one tier in turn
 (simulation mode): the edge and the frozen-feature arrays stay loaded between rounds, and each
 call brings the adapters to start from, so no per-client model is ever rebuilt.
+
+Under ``fedavg-lora`` (``llm_lora=True``) the actor holds the whole MLLM instead, with PEFT LoRA in
+its own copy of the LLM, and trains and evaluates in-process: no split step reaches the shared
+``LLMTrainer``, and every score it reports is that of the LoRA-adapted LLM.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 
 from fednano_ray.models.adapter import adapter_state, load_adapter_state
-from fednano_ray.training import evaluate, local_fit
+from fednano_ray.training import LocalServer, evaluate, local_fit
 
 
 class RemoteServer:
@@ -54,28 +58,41 @@ class ClientActor:
     """Holds one tier's NanoEdge (rank ``rank``) and the feature arrays of the data it may be asked about.
 
     Args:
-        model_cfg: ``ModelConfig``; the LLM body is dropped right after the split.
+        model_cfg: ``ModelConfig``; the LLM body is dropped right after the split (kept under
+            ``llm_lora``).
         adapter_cfg: ``AdapterConfig``.
         rank: adapter rank of this tier.
-        server: the ``LLMTrainer`` handle (or any object with the Server protocol).
+        server: the ``LLMTrainer`` handle (or any object with the Server protocol); unused (None)
+            under ``llm_lora``.
         data: ``{"train": (features, questions), "test": (...)}`` (from the object store).
         num_threads: torch threads for this actor.
+        llm_lora: ``fedavg-lora``: keep the whole MLLM and train rank-``rank`` PEFT LoRA inside its
+            LLM (``adapter_cfg.lora_target_modules``) instead of NanoAdapters.
     """
 
     def __init__(
-        self, model_cfg, adapter_cfg, *, rank: int, server, data: dict[str, Any], num_threads: int = 1, seed: int = 0
+        self, model_cfg, adapter_cfg, *, rank: int, server, data: dict[str, Any], num_threads: int = 1, seed: int = 0,
+        llm_lora: bool = False,
     ) -> None:
         from fednano_ray.models.build import build_mllm
 
         torch.set_num_threads(max(1, num_threads))
-        mllm = build_mllm.__wrapped__(model_cfg)
-        self.edge, _ = mllm.split(adapter_cfg, r=rank, seed=seed)
-        self._initial = adapter_state(self.edge.adapters)
-        mllm.parts.decoder = None  # the client keeps no LLM layers (NanoEdge only)
+        mllm = build_mllm.__wrapped__(model_cfg)  # uncached: this process's own copy, LoRA goes in in place
+        self._llm = None
+        if llm_lora:
+            self.edge, self._llm, self.params = mllm.with_llm_lora(
+                adapter_cfg, r=rank, autocast_bf16=model_cfg.autocast_bf16, seed=seed
+            )
+            self.server = LocalServer(self._llm)
+        else:
+            self.edge, _ = mllm.split(adapter_cfg, r=rank, seed=seed)
+            self.params = dict(self.edge.adapters.named_parameters())
+            mllm.parts.decoder = None  # the client keeps no LLM layers (NanoEdge only)
+            self.server = RemoteServer(server) if hasattr(server.loss_and_grad, "remote") else server
+        self._initial = adapter_state(self.params)
         self.encode_row = mllm.encode_row
         self.pad_id = mllm.pad_id
         self.rank = rank
-        self.server = RemoteServer(server) if hasattr(server.loss_and_grad, "remote") else server
         self.data = data
         self._train_rows: dict[int, Any] = {}
         # SecAgg (trust.secure_aggregation): this actor's protocol state per (round, client id);
@@ -133,13 +150,19 @@ class ClientActor:
         if not indices:
             raise ClientError(f"client {client_id} has no training examples")
         t0 = time.perf_counter()
-        load_adapter_state(self.edge.adapters, start_state)
+        load_adapter_state(self.params, start_state)
         feats = self.data["train"][0][indices]
         rows = [self._rows(i) for i in indices]
-        state, fisher, metrics = local_fit(
-            self.edge, self.server, feats, rows, steps=steps, batch_size=batch_size, lr=lr, pad_id=self.pad_id,
-            weight_decay=weight_decay, prox_mu=prox_mu, seed=seed,
-        )
+        if self._llm is not None:
+            self._llm.train()  # for PEFT's LoRA dropout (the decoders here have no active dropout of their own)
+        try:
+            state, fisher, metrics = local_fit(
+                self.edge, self.server, feats, rows, steps=steps, batch_size=batch_size, lr=lr, pad_id=self.pad_id,
+                weight_decay=weight_decay, prox_mu=prox_mu, seed=seed, params=self.params,
+            )
+        finally:
+            if self._llm is not None:
+                self._llm.eval()
         metrics["fit_s"] = time.perf_counter() - t0
         if chaos == "nan":  # a diverged or corrupted upload: the coordinator must reject it
             first = next(iter(state))
@@ -212,8 +235,10 @@ class ClientActor:
         return response
 
     def evaluate(self, state: dict[str, torch.Tensor], split: str, indices: list[int], batch_size: int = 32) -> dict[str, float]:
-        """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or "test")."""
-        load_adapter_state(self.edge.adapters, state)
+        """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or "test").
+
+        Under ``llm_lora`` ``state`` is the LLM's LoRA, scored by this actor's own LoRA-adapted LLM."""
+        load_adapter_state(self.params, state)
         feats, qs = self.data[split]
         questions = [
             ([self.encode_row(q, c) for c in choices], answer, cat) for q, choices, answer, cat in (qs[i] for i in indices)

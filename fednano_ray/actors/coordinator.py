@@ -4,6 +4,10 @@ Each round it samples clients, sends the global NanoAdapters as one object-store
 collects updates with a deadline (``ray.wait``) and a quorum, hands failures to the strategy as
 data, aggregates, evaluates and checkpoints, so ``--resume`` continues a killed run exactly.
 A plain class: ``app.py`` wraps it (and the client and trainer actors) with ``ray.remote``.
+
+Under ``fedavg-lora`` the "adapters" are the PEFT LoRA weights inside the LLM and every client
+actor holds the whole MLLM: no LLM trainer is started, and evaluation (which always runs on the
+client actors) scores the LoRA-adapted LLM.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class Coordinator:
             mllm.parts, adapter_rank=max_rank, lora_alpha=cfg.adapter.lora_alpha, modalities=cfg.adapter.modalities,
             num_image_tokens=mllm.num_image_tokens, text_tokens=40, batch_size=cfg.tiers[0].batch_size,
             clients_per_round=fed.clients_per_round, strategy=fed.strategy,
+            lora_target_modules=cfg.adapter.lora_target_modules,  # fedavg-lora: fails here if they fit no layer
         )
         del mllm
         gc.collect()
@@ -117,8 +122,9 @@ class Coordinator:
         self._data_ref = data_ref = ray.put({"train": (train_f, qs(self.data.train)), "test": (test_f, qs(self.data.test))})
         t = cfg.train
         # The frozen LLM prefers the coordinator's (head) node, as cluster.yaml provisions it.
+        # fedavg-lora clients train their own LLM copies: no shared trainer.
         head = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-        self.trainer = actor_classes["trainer"].options(
+        self.trainer = None if cfg.clients_hold_llm() else actor_classes["trainer"].options(
             num_cpus=t.trainer_num_cpus, num_gpus=t.trainer_num_gpus, max_restarts=-1, max_task_retries=-1,
             scheduling_strategy=head,
         ).remote(cfg.model, max_batch_size=t.max_batch_size, batch_wait_ms=t.batch_wait_ms,
@@ -134,7 +140,7 @@ class Coordinator:
                     num_cpus=tier.num_cpus, num_gpus=tier.num_gpus, resources=dict(tier.resources),
                     max_restarts=-1, max_task_retries=0,
                 ).remote(cfg.model, cfg.adapter, rank=cfg.tier_rank(tier), server=self.trainer, data=data_ref,
-                         num_threads=max(1, int(tier.num_cpus)), seed=fed.seed)
+                         num_threads=max(1, int(tier.num_cpus)), seed=fed.seed, llm_lora=cfg.clients_hold_llm())
                 for _ in range(min(n, tier.clients))
             ]
         top = max(cfg.tiers, key=cfg.tier_rank)
@@ -583,6 +589,7 @@ class Coordinator:
             total_bytes=acct["total_bytes"],
             step_bytes_up=acct["step_bytes_up"],
             step_bytes_down=acct["step_bytes_down"],
+            adapter_kind=acct["adapter_kind"],  # nano_adapter, or llm_lora (fedavg-lora: full-model clients)
             rank_rule=getattr(self.strategy, "rank_rule", None),
             wall_time_s=round(wall_time_s, 1),
         )
@@ -590,16 +597,20 @@ class Coordinator:
         return self.write_results()
 
     def _trainer_incarnation(self) -> str | None:
-        """Which start of the LLM trainer actor serves now (None if it does not answer in time)."""
+        """Which start of the LLM trainer actor serves now (None if it does not answer in time, or
+        if the run has none)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+        if self.trainer is None:
+            return None
         try:
             return ray.get(self.trainer.incarnation.remote(), timeout=self.cfg.federation.deadline_s)
         except (RayActorError, RayTaskError, GetTimeoutError):
             return None
 
     def trainer_stats(self) -> dict[str, float]:
+        """The LLM trainer's batching counters (empty when the run has no trainer: fedavg-lora)."""
         import ray
 
-        return ray.get(self.trainer.get_stats.remote())
+        return {} if self.trainer is None else ray.get(self.trainer.get_stats.remote())

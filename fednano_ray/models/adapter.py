@@ -15,6 +15,7 @@ PEFT's ``...lora_A.weight`` / ``...lora_B.weight``; shapes are PEFT's: ``lora_A`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -49,21 +50,33 @@ class NanoAdapter(nn.Module):
         return f"dim={self.dim}, r={self.r}, lora_alpha={self.lora_alpha}"
 
 
-def adapter_state(adapters: nn.ModuleDict) -> dict[str, Tensor]:
-    """Detached fp32 copy of the adapters' parameters, keyed ``<modality>.lora_A`` etc."""
-    return {k: v.detach().to(torch.float32).clone() for k, v in adapters.state_dict().items()}
+Adapters = nn.ModuleDict | Mapping[str, Tensor]
 
 
-def load_adapter_state(adapters: nn.ModuleDict, state: dict[str, Tensor]) -> None:
+def _tensors(adapters: Adapters) -> Mapping[str, Tensor]:
+    return adapters.state_dict() if isinstance(adapters, nn.Module) else adapters
+
+
+def adapter_state(adapters: Adapters) -> dict[str, Tensor]:
+    """Detached fp32 copy of the adapters' parameters, keyed ``<modality>.lora_A`` etc.
+
+    ``adapters`` is the NanoAdapters' ModuleDict, or the trained parameters by state key
+    (``fedavg-lora``'s LoRA inside the LLM, :func:`fednano_ray.models.lora.inject_llm_lora`).
+    """
+    return {k: v.detach().to(torch.float32).clone() for k, v in _tensors(adapters).items()}
+
+
+def load_adapter_state(adapters: Adapters, state: dict[str, Tensor]) -> None:
     """Load a (possibly larger-rank) adapter state, truncating to each adapter's own rank.
 
     Heterogeneous ranks follow HetLoRA (Cho et al., 2024): the server keeps the largest rank; a
     client of rank r takes the first r rows of ``lora_A`` and the first r columns of ``lora_B``.
+    ``adapters`` as in :func:`adapter_state`; the tensors are written in place.
 
     Raises:
         ValueError: if a key is missing or a shape cannot be truncated to this adapter.
     """
-    own = adapters.state_dict()
+    own = _tensors(adapters)
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"adapter state is missing keys {missing} (has {sorted(state)})")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from fednano_ray.config import AdapterConfig, ModelConfig
 from fednano_ray.models.prompt import CHATML, LLAVA, PromptFormat
@@ -59,6 +59,24 @@ class MLLM:
             autocast_bf16=autocast_bf16,
             seed=seed,
         )
+
+    def with_llm_lora(
+        self, adapter: AdapterConfig, *, r: int | None = None, autocast_bf16: bool = False, seed: int | None = 0
+    ) -> tuple[NanoEdge, ServerLLM, dict[str, nn.Parameter]]:
+        """``fedavg-lora``'s whole MLLM: (edge without NanoAdapters, this model's own LLM with PEFT LoRA on
+        ``adapter.lora_target_modules``, the LoRA parameters by state key).
+
+        The edge computes the LLM's input embeddings from frozen parts only; the LLM's backward fills
+        the LoRA grads (:meth:`ServerLLM.loss_and_grad`). The decoder is changed in place, so never
+        call this on the cached :func:`build_mllm`.
+        """
+        from fednano_ray.models.lora import inject_llm_lora
+
+        edge, llm = split_mllm(self.parts, r=1, lora_alpha=1.0, modalities=(), autocast_bf16=autocast_bf16)  # r: unused
+        # Inject after the split: ServerLLM freezes its decoder, LoRA injected before would be frozen too.
+        params = inject_llm_lora(llm.decoder, r=r or adapter.r, lora_alpha=adapter.lora_alpha, dropout=adapter.dropout,
+                                 target_modules=adapter.lora_target_modules, seed=seed)
+        return edge, llm, params
 
 
 @functools.lru_cache(maxsize=2)

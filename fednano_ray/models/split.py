@@ -131,6 +131,9 @@ class NanoEdge(nn.Module):
 class ServerLLM(nn.Module):
     """The frozen LLM on the server: forward and backward to its inputs only.
 
+    (``fedavg-lora`` clients hold their own copy with PEFT LoRA in the decoder: there the backward
+    also fills the LoRA parameters' gradients.)
+
     Rows may come from different clients: ``groups`` (B,) names the client of each row and the
     loss of each group is the mean over that group's label tokens, so merging requests from many
     clients into one padded batch gives every client exactly the gradient it would get alone.
@@ -185,7 +188,9 @@ class ServerLLM(nn.Module):
             num_groups: number of groups (default max(groups)+1).
 
         Returns:
-            (losses (G,), dL/dz' (B, T, d)) where L = sum of the group losses.
+            (losses (G,), dL/dz' (B, T, d)) where L = sum of the group losses. Trainable decoder
+            parameters, if any (PEFT LoRA injected by
+            :meth:`fednano_ray.models.build.MLLM.with_llm_lora`), accumulate dL/dθ in ``.grad``.
         """
         if groups is None:
             groups = torch.zeros(inputs_embeds.shape[0], dtype=torch.long)
@@ -197,8 +202,10 @@ class ServerLLM(nn.Module):
             sums = torch.zeros(g).index_add(0, row_group, -logp)
             counts = torch.zeros(g).index_add(0, row_group, torch.ones_like(logp))
             losses = sums / counts.clamp_min(1)
-            (grad,) = torch.autograd.grad(losses.sum(), z)
-        return losses.detach(), grad
+            # backward, not autograd.grad(z): any trainable decoder parameters get their grads too
+            # (fedavg-lora's LoRA, in a client's own copy of the LLM); the shared LLM has none.
+            losses.sum().backward()
+        return losses.detach(), z.grad
 
     @torch.no_grad()
     def score(self, inputs_embeds: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:

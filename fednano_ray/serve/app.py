@@ -71,13 +71,19 @@ def export_server_llm(run_dir: str | Path) -> Path:
 
 
 def _check_run_dir(run_dir: str | Path) -> Path:
-    from fednano_ray.config import ConfigError
+    from fednano_ray.config import ConfigError, load_config
 
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(
             f"{run_dir} is not a training run directory (no config.yaml): pass the --run-dir of "
             "`fednano-ray train`"
+        )
+    if load_config(run_dir / "config.yaml").clients_hold_llm():
+        # Serving runs NanoEdges in front of one frozen, shared LLM; this run's LoRA lives inside it.
+        raise ConfigError(
+            f"{run_dir} is a federation.strategy fedavg-lora run: its LoRA is inside the LLM, which the "
+            "serving engines keep frozen and shared, so it cannot be served; serve a NanoAdapter run"
         )
     return run_dir
 

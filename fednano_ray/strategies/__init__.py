@@ -27,6 +27,7 @@ from fednano_ray.strategies.base import ClientFailure, ClientUpdate, Strategy
 from fednano_ray.strategies.centralized import Centralized
 from fednano_ray.strategies.dp import DPFedAvg
 from fednano_ray.strategies.fedavg import FedAvg
+from fednano_ray.strategies.fedavg_lora import FedAvgLoRA
 from fednano_ray.strategies.fednano import FedNano
 from fednano_ray.strategies.fedprox import FedProx
 from fednano_ray.strategies.local import Local
@@ -46,6 +47,7 @@ __all__ = [
     "ClientUpdate",
     "DPFedAvg",
     "FedAvg",
+    "FedAvgLoRA",
     "FedNano",
     "FedProx",
     "Local",
@@ -74,6 +76,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (
         FedAvg,
+        FedAvgLoRA,
         FedProx,
         FedNano,
         Local,
@@ -91,8 +94,8 @@ def build_strategy(name: str, **kwargs: Any) -> Strategy:
 
     Args:
         name: One of ``STRATEGIES`` (``fedavg``, ``fedprox``, ``fednano``, ``local``,
-            ``centralized``; the robust rules ``median``, ``trimmed_mean``, ``clip``; and
-            ``dp_fedavg``).
+            ``centralized``, ``fedavg-lora``; the robust rules ``median``, ``trimmed_mean``,
+            ``clip``; and ``dp_fedavg``).
         **kwargs: Constructor options, e.g. ``mu`` for ``fedprox``, ``eps`` for ``fednano``,
             ``trim_fraction`` for ``trimmed_mean``, ``clip_norm`` for ``clip``.
 

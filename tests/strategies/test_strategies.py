@@ -11,6 +11,7 @@ from fednano_ray.strategies import (
     ClientFailure,
     ClientUpdate,
     FedAvg,
+    FedAvgLoRA,
     FedNano,
     FedProx,
     Local,
@@ -42,7 +43,7 @@ GLOBAL_SCALAR = {"w": t([0.0])}
 def test_registry_names_and_build() -> None:
     """Every registered name builds an instance of its class with that name."""
     assert set(STRATEGIES) == {
-        "fedavg", "fedprox", "fednano", "local", "centralized",  # federation.strategy
+        "fedavg", "fedprox", "fednano", "local", "centralized", "fedavg-lora",  # federation.strategy
         "median", "trimmed_mean", "clip", "dp_fedavg",  # chosen by the trust section
     }
     for name, cls in STRATEGIES.items():
@@ -62,7 +63,7 @@ def test_build_strategy_unknown_name_lists_valid_names() -> None:
     """An unknown name is a ValueError that lists the valid ones."""
     with pytest.raises(
         ValueError,
-        match="centralized, clip, dp_fedavg, fedavg, fednano, fedprox, local, median, trimmed_mean",
+        match="centralized, clip, dp_fedavg, fedavg, fedavg-lora, fednano, fedprox, local, median, trimmed_mean",
     ):
         build_strategy("fedsgd")
 
@@ -106,7 +107,7 @@ def test_client_update_rejects_negative_examples() -> None:
 # ------------------------------------------------------------------------------ FedAvg & friends
 
 
-@pytest.mark.parametrize("strategy", [FedAvg(), FedProx(mu=0.5), Centralized()])
+@pytest.mark.parametrize("strategy", [FedAvg(), FedProx(mu=0.5), Centralized(), FedAvgLoRA()])
 def test_fedavg_family_by_hand(strategy: Strategy) -> None:
     """n = (1, 3), θ = (1, 5) -> 4 for FedAvg, FedProx and Centralized alike."""
     updates = [scalar_update("a", 1.0, 1), scalar_update("b", 5.0, 3)]

@@ -7,7 +7,15 @@ import torch
 import yaml
 
 from fednano_ray.config import ConfigError, dump_config, load_config
-from fednano_ray.strategies import DPFedAvg, FedNano, FedProx, Median, NormClip, TrimmedMean
+from fednano_ray.strategies import (
+    DPFedAvg,
+    FedAvgLoRA,
+    FedNano,
+    FedProx,
+    Median,
+    NormClip,
+    TrimmedMean,
+)
 from fednano_ray.strategies.base import ClientUpdate
 from fednano_ray.trust.dp import dp_epsilon
 from fednano_ray.trust.round import TrustPolicy
@@ -52,6 +60,10 @@ def test_defaults_change_nothing() -> None:
             DPFedAvg,
         ),
         (["federation.strategy=fedprox", "federation.fedprox_mu=0.1"], FedProx),
+        # fedavg-lora aggregates with FedAvg, so every FedAvg-family rule applies to its LLM LoRA.
+        (["federation.strategy=fedavg-lora", "trust.aggregator=median"], Median),
+        (["federation.strategy=fedavg-lora", "trust.dp.clip_norm=0.5", "trust.dp.noise_multiplier=1.1"], DPFedAvg),
+        (["federation.strategy=fedavg-lora", "trust.secure_aggregation=true"], FedAvgLoRA),
     ],
 )
 def test_trust_selects_the_strategy(overrides: list[str], cls: type) -> None:
@@ -98,8 +110,8 @@ def test_trust_selects_the_strategy(overrides: list[str], cls: type) -> None:
             ["federation.strategy=fedavg", "trust.aggregator=median", "trust.dp.clip_norm=1"],
             "trust.dp clips and averages by itself",
         ),
-        (["trust.aggregator=median"], "needs federation.strategy fedavg or fedprox, not 'fednano'"),
-        (["trust.dp.clip_norm=1"], "trust.dp needs federation.strategy fedavg or fedprox"),
+        (["trust.aggregator=median"], "needs federation.strategy fedavg, fedprox or fedavg-lora, not 'fednano'"),
+        (["trust.dp.clip_norm=1"], "trust.dp needs federation.strategy fedavg, fedprox or fedavg-lora"),
         (
             ["federation.strategy=fedavg", "trust.dp.clip_norm=1", "trust.dp.delta=0.3"],
             "trust.dp.delta (0.3) must be below 1/federation.num_clients (0.25)",
