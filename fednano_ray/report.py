@@ -561,6 +561,10 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, 
         raise ReportError("no run directories given")
     seen: dict[Path, Run] = {}
     for d in run_dirs:
+        if (Path(d) / "report.md").is_file() and not (Path(d) / "results.json").exists():
+            # A report's own folder: `fednano-ray grid` writes RUNS_DIR/report, which RUNS_DIR/*/ matches.
+            warn(f"{d}: a report folder, not a run directory; skipped")
+            continue
         run = load_run(d)
         seen.setdefault(Path(d).resolve(), run)
     runs = list(seen.values())

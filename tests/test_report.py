@@ -143,6 +143,15 @@ def test_unfinished_runs_are_left_out(runs, tmp_path):
         build_report([half], tmp_path / "out2")
 
 
+def test_a_report_folder_among_the_run_dirs_is_skipped(runs, tmp_path):
+    """`fednano-ray grid` writes RUNS_DIR/report, so `fednano-ray report RUNS_DIR/*/` passes it too."""
+    first = build_report(runs, tmp_path / "report").parent
+    warnings = []
+    md = build_report([*runs, first], tmp_path / "again", warn=warnings.append).read_text()
+    assert warnings == [f"{first}: a report folder, not a run directory; skipped"]
+    assert md == (first / "report.md").read_text()
+
+
 def test_missing_or_invalid_results_name_the_path(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
