@@ -179,13 +179,16 @@ def test_cli_report(runs, tmp_path, capsys):
     assert f"report: {tmp_path / 'cli' / 'report.md'}" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(
-    not Path("/tmp/run-tiny1/results.json").is_file(), reason="no real run in /tmp/run-tiny1"
-)
-def test_report_on_a_real_run(tmp_path):
+def test_report_on_a_real_run(ray_cluster, tmp_path):
+    """The CLI reports a run `fednano-ray train` really wrote (one round of the tiny config on Ray)."""
+    from fednano_ray.app import train
+    from fednano_ray.config import load_config
+
+    run = tmp_path / "run"
+    train(load_config("examples/tiny.yaml", ["federation.rounds=1"]), run, progress=False)
     out = tmp_path / "real"
     proc = subprocess.run(
-        [sys.executable, "-m", "fednano_ray", "report", "/tmp/run-tiny1", "--out", str(out)],
+        [sys.executable, "-m", "fednano_ray", "report", str(run), "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -193,7 +196,7 @@ def test_report_on_a_real_run(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    real = json.loads(Path("/tmp/run-tiny1/results.json").read_text())["summary"]
+    real = json.loads((run / "results.json").read_text())["summary"]
     header, body = _table((out / "report.md").read_text())
     assert len(body) == 1 and body[0][header.index("n")] == "1"
     assert (
