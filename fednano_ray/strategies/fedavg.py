@@ -14,10 +14,11 @@ from fednano_ray.strategies.base import NUM_EXAMPLES, ClientUpdate, Strategy, Su
 __all__ = ["FedAvg", "fedavg_sum_plan"]
 
 
-def fedavg_sum_plan(updates: list[ClientUpdate], rank: int) -> SumPlan:
+def fedavg_sum_plan(updates: list[ClientUpdate], rank: int, *, label: str = "fedavg") -> SumPlan:
     """FedAvg as sums: terms ``n_i θ_i`` (zero-padded to ``rank``) and ``n_i``; finish divides.
 
-    ``finish`` returns the dtype of the first update's state, as :func:`fedavg` does.
+    ``finish`` returns the dtype of the first update's state, as :func:`fedavg` does. ``label`` names
+    the strategy in the error for a zero total (the clip rule averages clipped deltas with it too).
     """
     dtypes = {key: tensor.dtype for key, tensor in updates[0].state.items()}
     terms = []
@@ -33,7 +34,7 @@ def fedavg_sum_plan(updates: list[ClientUpdate], rank: int) -> SumPlan:
     def finish(sums: State) -> State:
         total = float(sums[NUM_EXAMPLES][0])
         if not total > 0:
-            raise ValueError(f"fedavg: total num_examples must be positive, got {total}")
+            raise ValueError(f"{label}: total num_examples must be positive, got {total}")
         return {
             key: (value / total).to(dtypes[key])
             for key, value in sums.items()

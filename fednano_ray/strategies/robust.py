@@ -25,6 +25,7 @@ end wrap them for :func:`~fednano_ray.strategies.build_strategy`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -39,7 +40,8 @@ from fednano_ray.strategies.aggregate import (
     rank_dim,
     truncate_to_rank,
 )
-from fednano_ray.strategies.base import NUM_EXAMPLES, ClientUpdate, Strategy, SumPlan
+from fednano_ray.strategies.base import ClientUpdate, Strategy, SumPlan
+from fednano_ray.strategies.fedavg import fedavg_sum_plan
 
 __all__ = [
     "Median",
@@ -369,22 +371,12 @@ class NormClip(_DeltaStrategy):
     ) -> SumPlan:
         """Terms ``n_i clip(δ_i)`` and ``n_i``; finish: ``θ_global + Σ n_i clip(δ_i) / Σ n_i``."""
         deltas = client_deltas(global_state, [u.state for u in updates], rank)
-        terms = []
-        for delta, update in zip(deltas, updates, strict=True):
-            clipped, _ = clip_by_norm(delta, self.clip_norm)
-            n = float(update.num_examples)
-            term = {key: value * n for key, value in clipped.items()}
-            term[NUM_EXAMPLES] = torch.tensor([n], dtype=torch.float64)
-            terms.append(term)
-
-        def finish(sums: State) -> State:
-            total = float(sums[NUM_EXAMPLES][0])
-            if not total > 0:
-                raise ValueError(f"clip: total num_examples must be positive, got {total}")
-            mean = {key: value / total for key, value in sums.items() if key != NUM_EXAMPLES}
-            return apply_delta(global_state, mean, rank)
-
-        return terms, finish
+        clipped = [
+            dataclasses.replace(update, state=clip_by_norm(delta, self.clip_norm)[0])
+            for delta, update in zip(deltas, updates, strict=True)
+        ]
+        terms, weighted_mean = fedavg_sum_plan(clipped, rank, label="clip")
+        return terms, lambda sums: apply_delta(global_state, weighted_mean(sums), rank)
 
     def aggregate_updates(
         self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
