@@ -152,6 +152,13 @@ def _axis(options: Any, where: str) -> tuple[tuple[str, ...], ...]:
     return tuple(_overrides(o, f"{where}[{i}]") for i, o in enumerate(options))
 
 
+def _check_keys(where: str, tree: dict[str, Any], allowed: set[str]) -> None:
+    """A GridError naming the keys of ``tree`` that ``allowed`` does not list, and the allowed ones."""
+    unknown = sorted(set(tree) - allowed)
+    if unknown:
+        raise GridError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
 def load_grid(path: str | Path) -> GridSpec:
     """Parse and check a grid spec file (not the cells' configs: see :func:`check_cells`)."""
     path = Path(path)
@@ -163,11 +170,7 @@ def load_grid(path: str | Path) -> GridSpec:
         raise GridError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise GridError(f"{path}: the top level must be a mapping (base, seeds, groups, ...)")
-    unknown = sorted(set(tree) - _TOP_KEYS)
-    if unknown:
-        raise GridError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}"
-        )
+    _check_keys(str(path), tree, _TOP_KEYS)
     if not tree.get("base"):
         raise GridError(f"{path}: `base` (the base config, relative to the spec) is required")
     base = (path.parent / str(tree["base"])).resolve()
@@ -190,11 +193,7 @@ def load_grid(path: str | Path) -> GridSpec:
         g = g or {}
         if not isinstance(g, dict):
             raise GridError(f"{where}: expected a mapping with `set` and/or `axes`")
-        bad = sorted(set(g) - _GROUP_KEYS)
-        if bad:
-            raise GridError(
-                f"{where}: unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(_GROUP_KEYS))}"
-            )
+        _check_keys(where, g, _GROUP_KEYS)
         axes_tree = g.get("axes") or {}
         if not isinstance(axes_tree, dict):
             raise GridError(f"{where}.axes: expected a mapping of axis name -> options")
