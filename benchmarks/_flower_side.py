@@ -50,7 +50,7 @@ class TrivialClient:
         self.questions = [(e.question, list(e.choices), e.answer) for e in data.train]
         self.shards = data.client_train
         self.edge, server_llm = mllm.split(
-            cfg.adapter, r=cfg.tier_rank(tier), autocast_bf16=cfg.model.autocast_bf16, seed=cfg.federation.seed
+            cfg.adapter, r=cfg.tier_rank(tier), autocast_bf16=cfg.model.runtime_precision().autocast_bf16, seed=cfg.federation.seed
         )
         self.server = LocalServer(server_llm)
         self.encode_row = mllm.encode_row

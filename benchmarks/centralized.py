@@ -33,7 +33,7 @@ class _Wrapped(torch.nn.Module):
 
 def main(argv: list[str] | None = None) -> None:
     from fednano_ray.config import load_config
-    from fednano_ray.features import cached_features
+    from fednano_ray.features import cached_features, feature_key
     from fednano_ray.models.build import build_mllm
     from fednano_ray.models.pretrained import cache_dir
     from fednano_ray.task import prepare_data
@@ -54,17 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(a.config, a.set)
     mllm = build_mllm(cfg.model)
     data = prepare_data(cfg)
-    key = json.dumps(cfg.model.model_dump(mode="json"), sort_keys=True)
+    key = feature_key(cfg.model, mllm)
     cache = None if cfg.model.kind == "tiny" else cache_dir() / "features"
     train_f = cached_features(mllm, key, data.train, cache)
     test_f = cached_features(mllm, key, data.test, cache)
     params = None
     if a.train == "llm-lora":  # an own copy of the model: the LoRA goes into its decoder in place
         edge, server_llm, params = build_mllm.__wrapped__(cfg.model).with_llm_lora(
-            cfg.adapter, autocast_bf16=cfg.model.autocast_bf16
+            cfg.adapter, autocast_bf16=cfg.model.runtime_precision().autocast_bf16
         )
     else:
-        edge, server_llm = mllm.split(cfg.adapter, autocast_bf16=cfg.model.autocast_bf16)
+        edge, server_llm = mllm.split(cfg.adapter, autocast_bf16=cfg.model.runtime_precision().autocast_bf16)
     server = LocalServer(server_llm)
     if a.train == "connector":  # diagnostic: the connector's 1M parameters take the adapters' place
         connector = edge.connector

@@ -63,15 +63,16 @@ def _free_port() -> int:
 def make_config(connector_steps: int | None):
     """quickstart.yaml with 16 clients (tiers of 8 + 8); an unaligned connector if none is cached."""
     from fednano_ray.config import load_config
-    from fednano_ray.models.nano import connector_cache_path
+    from fednano_ray.models.nano import connector_cache_path, connector_key, shipped_connector_path
 
     overrides = ["federation.num_clients=16", "tiers.0.clients=8", "tiers.1.clients=8"]
     cfg = load_config(QUICKSTART, overrides)
     if connector_steps is None:
         steps = cfg.model.connector_steps
-        if not connector_cache_path(cfg.model.grid, steps).exists():
+        key = connector_key(grid=cfg.model.grid, steps=steps, instruct_steps=cfg.model.instruct_steps)
+        if not (connector_cache_path(key).exists() or shipped_connector_path(key).exists()):
             print(
-                f"note: no cached aligned nano connector ({steps} steps): serving an unaligned one "
+                f"note: no cached or shipped aligned nano connector ({steps} steps): serving an unaligned one "
                 "(connector_steps=0; the same cost per request, odder answers). Pass "
                 f"--connector-steps {steps} to align it first (~5 min, once).",
                 flush=True,
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--max-new-tokens", type=int, default=16, help="greedy tokens per answer, at most"
     )
-    ap.add_argument("--dtype", default="float32", help="LLM dtype of both engines (float32: exact)")
+    ap.add_argument("--dtype", default="auto", help="LLM dtype of both engines (auto: bfloat16 where native, else float32; float32: exact)")
     ap.add_argument("--engines", default="hf,vllm", help="comma-separated, measured in this order")
     ap.add_argument(
         "--connector-steps",

@@ -173,6 +173,7 @@ def account(
     dtype_bytes: int | None = None,
     local_steps: int | None = None,
     lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    scaling: float | None = None,
 ) -> dict[str, Any]:
     """Storage and traffic accounting of a FedNano split of ``parts`` (see the module docstring),
     or of ``fedavg-lora``'s full-model clients.
@@ -188,6 +189,9 @@ def account(
         dtype_bytes: bytes per floating-point weight of the frozen model (None: each tensor's own).
         local_steps: if given, also report per-round activation traffic (steps × clients).
         lora_target_modules: ``fedavg-lora`` only: the decoder's LoRA-adapted linear layers.
+        scaling: the adapters' one scaling on every tier, ``adapter.lora_alpha / adapter.r``
+            (:attr:`~fednano_ray.config.AdapterConfig.scaling`); default ``lora_alpha / adapter_rank``,
+            right only when ``adapter_rank`` is ``adapter.r``. Reported as ``adapter_scaling``.
 
     Returns:
         One flat JSON-able dict (plus a ``parts`` breakdown of parameter counts).
@@ -248,6 +252,7 @@ def account(
         "adapter_fraction": adapter_params / total_params,
         "adapter_rank": adapter_rank,
         "lora_alpha": lora_alpha,
+        "adapter_scaling": lora_alpha / adapter_rank if scaling is None else scaling,
         "adapter_kind": "llm_lora" if full else "nano_adapter",
         "modalities": [] if full else list(modalities),
         "lora_target_modules": list(lora_target_modules) if full else [],
@@ -403,6 +408,7 @@ def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40)
         dtype_bytes=dtype_bytes,
         local_steps=tier.local_steps,
         lora_target_modules=cfg.adapter.lora_target_modules,
+        scaling=cfg.adapter.scaling,
     )
     d = out["hidden_size"]
     seq = out["sequence_length"]
@@ -427,6 +433,8 @@ def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40)
                 "step_bytes_down": down,
             }
         )
+    from fednano_ray.precision import hardware_info
+
     return {
         "model": name,
         "model_kind": m.kind,
@@ -434,4 +442,7 @@ def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40)
         "adapter_dtype": "float32",
         **out,
         "tiers": tiers,
+        # What the frozen LLM would compute in on this machine (model.precision resolved here), and the machine.
+        "precision": m.runtime_precision().as_dict(),
+        "hardware": hardware_info(),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from datetime import datetime
@@ -21,24 +22,67 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _f(x: float | None) -> str:
-    return "   n/a" if x is None else f"{x:.3f}"
+TABLE_MAX_CLIENTS = 24  # more clients than this: the table lists the first TABLE_HEAD_CLIENTS and a spread
+TABLE_HEAD_CLIENTS = 10
+
+
+def _acc_ci(acc: float | None, ci: Any = None, n: float | None = None) -> str:
+    """``0.386 [0.33, 0.44]``: an accuracy and its 95% interval (computed from ``n`` when not recorded)."""
+    if acc is None or math.isnan(acc):
+        return "n/a"
+    if ci is None and n:
+        from fednano_ray.stats import wilson_interval
+
+        ci = wilson_interval(acc * n, n)
+    return f"{acc:.3f}" if ci is None else f"{acc:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """The end-of-run table: per-client accuracy before/after, averages, bytes, storage."""
+    """The end-of-run table: per-client accuracy before/after with test size n and 95% Wilson intervals,
+    the test-size-weighted average, global test accuracy, bytes, storage."""
     s = results["summary"]
     before = s.get("accuracy_before_per_client", {})
     after = s.get("accuracy_after_per_client", {})
-    lines = [f"{'client':>8} | {'before':>7} | {'after':>7}", "-" * 29]
-    for c in sorted(after, key=int):
-        lines.append(f"{c:>8} | {before.get(c, float('nan')):7.3f} | {after[c]:7.3f}")
-    lines.append("-" * 29)
-    lines.append(f"{'average':>8} | {_f(s['accuracy_before']):>7} | {_f(s['accuracy_after']):>7}")
+    ns = s.get("accuracy_n_per_client", {})
+    before_ci = s.get("accuracy_before_per_client_ci95", {})
+    after_ci = s.get("accuracy_after_per_client_ci95", {})
+    clients = sorted(after, key=int)
+    total_n = sum(ns.get(c, 0) for c in clients) or None
+    nw = max(4, len(str(total_n or "")))
+    cw = 18  # "0.386 [0.33, 0.44]"
+    head = f"{'client':>8} | {'n':>{nw}} | {'before':^{cw}} | {'after':^{cw}}".rstrip()
+    rule = "-" * len(head)
+    lines = [head, rule]
+    shown = clients if len(clients) <= TABLE_MAX_CLIENTS else clients[:TABLE_HEAD_CLIENTS]
+    for c in shown:
+        n = ns.get(c)
+        lines.append(
+            f"{c:>8} | {n if n is not None else '?':>{nw}} | {_acc_ci(before.get(c), before_ci.get(c), n):<{cw}} | "
+            f"{_acc_ci(after[c], after_ci.get(c), n)}"
+        )
+    if len(shown) < len(clients):
+        import statistics
+
+        vals = [after[c] for c in clients]
+        lines.append(
+            f"{'...':>8}   {len(clients) - len(shown)} more clients (all in results.json); after: min {min(vals):.3f}, "
+            f"median {statistics.median(vals):.3f}, max {max(vals):.3f}"
+        )
+    lines.append(rule)
+    lines.append(
+        f"{'average':>8} | {total_n if total_n is not None else '':>{nw}} | "
+        f"{_acc_ci(s['accuracy_before'], s.get('accuracy_before_ci95'), total_n):<{cw}} | "
+        f"{_acc_ci(s['accuracy_after'], s.get('accuracy_after_ci95'), total_n)}"
+        + ("  weighted by test size" if total_n else "")
+    )
+    lines.append("n: held-out questions; [lo, hi]: 95% Wilson interval (the average's: all questions pooled)")
     lines.append("")
     lines.append(f"strategy                   {s['strategy']} ({s['rounds']} rounds, {s['failures']} client failures)")
+    gn = s.get("global_test_n")
     lines.append(
-        f"global test accuracy       {_f(s.get('global_test_accuracy_before'))} -> {_f(s['global_test_accuracy'])}"
+        f"global test accuracy       {_acc_ci(s.get('global_test_accuracy_before'), s.get('global_test_accuracy_before_ci95'), gn)}"
+        f" -> {_acc_ci(s['global_test_accuracy'], s.get('global_test_accuracy_ci95'), gn)}"
+        + (f"  (n={gn})" if gn else "")
     )
     if s.get("chance_accuracy") is not None:
         lines.append(f"chance (uniform guess)     {s['chance_accuracy']:.3f}")
@@ -132,6 +176,18 @@ def _benchmarks_dir() -> Path:
     raise ConfigError("no benchmarks/ folder found: run from the fednano-ray checkout")
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    from fednano_ray.models.nano import align_nano
+
+    cfg = load_config(args.config, args.set)
+    try:
+        record = align_nano(cfg.model, out=args.out, force=args.force)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(json.dumps(record, indent=2))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
@@ -200,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="issue each client's serving token at the end (auto: when there are at most 64 clients)",
     )
     t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser(
+        "align",
+        help="align the nano model's connector (LLaVA stages 1 and 2) once and cache it; the default config's ships",
+    )
+    a.add_argument("config", nargs="?", default="examples/quickstart.yaml")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
+    a.add_argument("--out", help="also write the connector and its checksummed record here (fednano_ray/assets ships)")
+    a.add_argument("--force", action="store_true", help="align again even if a cached or shipped connector matches")
+    a.set_defaults(func=cmd_align)
 
     i = sub.add_parser("inspect", help="parameter/byte accounting of NanoEdge vs. the full MLLM")
     i.add_argument("config")

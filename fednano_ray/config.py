@@ -67,12 +67,30 @@ class ModelConfig(_Section):
     instruct_steps: int = Field(
         100, ge=0, description="nano only: stage-2 short-answer VQA steps of the connector after stage 1 (0 = none; cached)."
     )
-    autocast_bf16: bool = Field(
-        True,
-        description="Run the frozen LLM under bfloat16 autocast (weights stay fp32): 2x faster on AVX-512 CPUs; "
-        "turn off for bit-exact checks.",
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Precision of the frozen LLM (stages 1 and 2, training, evaluation, serving): auto = bf16 "
+        "autocast only where the hardware runs bf16 natively (CUDA with bf16, a CPU with avx512_bf16 or amx_bf16), "
+        "fp32 elsewhere (on an AVX2-only CPU bf16 is emulated and ~50-70x slower); fp32 for exact checks; bf16 forces "
+        "autocast. Weights, connector and adapters stay fp32.",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="tiny only: model sizes.")
+
+    def runtime_precision(self):
+        """``precision`` resolved on this process's hardware (:func:`fednano_ray.precision.resolve_precision`)."""
+        from fednano_ray.precision import resolve_precision
+
+        return resolve_precision(self.precision)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "autocast_bf16" in data:
+            raise ValueError(
+                "model.autocast_bf16 was replaced by model.precision: use precision: auto (bf16 only where the "
+                "hardware runs it natively), fp32 or bf16"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -84,12 +102,25 @@ class ModelConfig(_Section):
 class AdapterConfig(_Section):
     """NanoAdapter hyper-parameters (PEFT names): z' = z + (lora_alpha / r) * B(A(dropout(z))).
 
+    The scaling ``lora_alpha / r`` uses this section's ``r`` (the reference rank) on EVERY tier,
+    whatever a tier's ``adapter_rank``: one scaling, so the same global adapter state computes the
+    same function on every client (DESIGN.md §1, heterogeneous clients).
+
     Under ``federation.strategy: fedavg-lora`` the same r, lora_alpha and dropout (and a tier's
-    adapter_rank) configure PEFT LoRA on the LLM decoder's ``lora_target_modules`` instead.
+    adapter_rank) configure PEFT LoRA on the LLM decoder's ``lora_target_modules`` instead, with the
+    same one scaling (PEFT's per-layer lora_alpha is set to lora_alpha * adapter_rank / r).
     """
 
-    r: int = Field(8, ge=1, description="Default adapter rank (a tier may override it).")
-    lora_alpha: float = Field(16.0, gt=0, description="Scaling numerator; scaling = lora_alpha / r.")
+    r: int = Field(
+        8, ge=1,
+        description="Default adapter rank (a tier may override it) and the reference rank of the scaling "
+        "lora_alpha / r, which every tier uses whatever its adapter_rank.",
+    )
+    lora_alpha: float = Field(
+        16.0, gt=0,
+        description="Scaling numerator; scaling = lora_alpha / r with r = adapter.r, the same for every tier "
+        "(not lora_alpha / the tier's adapter_rank).",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     modalities: tuple[Literal["vision", "text"], ...] = Field(
         ("vision", "text"), min_length=1,
@@ -122,6 +153,11 @@ class AdapterConfig(_Section):
             )
         return v
 
+    @property
+    def scaling(self) -> float:
+        """The adapters' one scaling, ``lora_alpha / r`` with this section's r, for every tier rank."""
+        return self.lora_alpha / self.r
+
 
 class SynthConfig(_Section):
     """The offline synthetic benchmark, generated when ``data.path`` is not set."""
@@ -148,8 +184,51 @@ class DataConfig(_Section):
     partition_by: Literal["answer", "category"] = Field("category", description="Label the partitioner uses.")
     labels_per_client: int = Field(2, ge=1, description="pathological only: labels per client.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Part of each client's shard kept for its own test.")
+    min_holdout: int = Field(
+        0,
+        ge=0,
+        description="Fewest held-out test questions per client: each client holds out "
+        "max(round(holdout_fraction * shard size), min_holdout) and the partitioner gives every client at least "
+        "min_holdout + 1 examples (one left to train on). 0 = no minimum beyond one question. A client accuracy "
+        "measured on 2-3 questions is noise (its 95% interval spans most of [0, 1]); ~30 makes it usable.",
+    )
     max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples (quick runs).")
     max_test_examples: int | None = Field(200, ge=1, description="Cap on global test examples evaluated.")
+
+
+def min_holdout_error(data: DataConfig, num_clients: int, num_train: int | None = None) -> str | None:
+    """Why ``data.min_holdout`` cannot be met (every client needs ``min_holdout + 1`` examples), or None.
+
+    ``num_train``: the size of the training pool once loaded; None = what the config alone says
+    (``data.synth.num_train`` or ``data.max_train_examples``; unknown for a ``data.path`` dataset).
+    """
+    m = data.min_holdout
+    if m <= 0:
+        return None
+    per = m + 1
+    need = per * num_clients
+    capped = data.max_train_examples is not None
+    if num_train is None:
+        if data.path is None and not (capped and data.max_train_examples < data.synth.num_train):
+            avail, src = data.synth.num_train, "data.synth.num_train"
+        elif capped:
+            avail, src = data.max_train_examples, "data.max_train_examples"
+        else:
+            return None
+    else:
+        avail = num_train
+        if capped and num_train >= data.max_train_examples:
+            src = "data.max_train_examples"
+        else:
+            src = "data.synth.num_train" if data.path is None else f"the training split of data.path ({data.path})"
+    if avail >= need:
+        return None
+    raise_it = f"raise {src}" if src.startswith("data.") else "use a larger dataset"
+    return (
+        f"data.min_holdout={m} needs at least {per} examples per client ({m} held out + 1 to train), "
+        f"{need} for federation.num_clients={num_clients}, but {src} gives {avail}; "
+        f"lower data.min_holdout, {raise_it}, or lower federation.num_clients"
+    )
 
 
 class FederationConfig(_Section):
@@ -196,6 +275,12 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(32, ge=1, description="Rows per forward when scoring choices.")
     max_batch_size: int = Field(64, ge=1, description="LLM trainer: most rows merged into one forward/backward.")
     batch_wait_ms: float = Field(5.0, ge=0, description="LLM trainer: how long to wait for more requests to merge.")
+    pad_to_multiple: int = Field(
+        8, ge=1,
+        description="LLM trainer: pad each split step to a multiple of this many tokens and merge only requests of "
+        "the same padded length, so a client's loss and gradient are bit-identical whatever it was batched with "
+        "(runs reproduce exactly); larger values merge more requests at the cost of more padding.",
+    )
     trainer_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of the LLM trainer actor.")
     trainer_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of the LLM trainer actor.")
     trainer_threads: int | None = Field(
@@ -303,6 +388,14 @@ class Config(_Section):
         names = [t.name for t in self.tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_min_holdout(self) -> Config:
+        # Known here only for the synthetic set or a max_train_examples cap; prepare_data checks a data.path set.
+        msg = min_holdout_error(self.data, self.federation.num_clients, None)
+        if msg:
+            raise ValueError(msg)
         return self
 
     @model_validator(mode="after")

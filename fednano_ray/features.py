@@ -8,6 +8,7 @@ model and the image bytes. Clients then run only connector + adapters per step.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,23 @@ import torch
 from fednano_ray.data.dataset import VQAExample, open_image
 
 logger = logging.getLogger(__name__)
+
+
+def feature_key(model_cfg, mllm) -> str:
+    """What the cached features depend on: the encoder (model kind, checkpoint, grid or tiny sizes) and the
+    preprocessing (``mllm.preprocessing``), and nothing else, so a precision or connector change reuses them
+    while a change of normalisation never does."""
+    m = model_cfg
+    return json.dumps(
+        {
+            "kind": m.kind,
+            "name_or_path": m.name_or_path,
+            "grid": m.grid if m.kind == "nano" else None,
+            "tiny": m.tiny.model_dump(mode="json") if m.kind == "tiny" else None,
+            "preprocessing": mllm.preprocessing,
+        },
+        sort_keys=True,
+    )
 
 
 def _fingerprint(model_key: str, examples: Sequence[VQAExample]) -> str:

@@ -434,12 +434,16 @@ def train_subprocess(
 def _outcome(run_dir: Path) -> str:
     s = load_run(run_dir).summary
 
-    def pct(x: Any) -> str:
-        return "n/a" if x is None else f"{100 * x:.1f}%"
+    def pct(x: Any, ci: Any = None) -> str:
+        if x is None:
+            return "n/a"
+        return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
+    # Averages are weighted by each client's test size; [lo, hi]: 95% Wilson interval (fednano_ray/stats.py).
     return (
-        f"avg client acc. {pct(s.get('accuracy_before'))} -> {pct(s.get('accuracy_after'))}, "
-        f"global test {pct(s.get('global_test_accuracy'))}, {s.get('wall_time_s', 0):.0f} s"
+        f"avg client acc. {pct(s.get('accuracy_before'))} -> {pct(s.get('accuracy_after'), s.get('accuracy_after_ci95'))}, "
+        f"global test {pct(s.get('global_test_accuracy'), s.get('global_test_accuracy_ci95'))}, "
+        f"{s.get('wall_time_s', 0):.0f} s"
     )
 
 

@@ -538,16 +538,23 @@ def _plot(groups, columns, out: Path, stem: str, kind: str) -> list[Path]:
 # -- the report ---------------------------------------------------------------------------------
 
 _NOTES = """\
-- **avg client acc. after**: accuracy on each client's own held-out split, averaged over clients, \
-after the last round.
+- **avg client acc. after**: accuracy on each client's own held-out split, averaged over clients \
+weighted by their test sizes (all held-out questions pooled), after the last round.
 - **global test acc.**: accuracy on the shared test set after the last round (for personalised \
 strategies, the mean over the clients' models); n/a when not recorded.
+- **[lo, hi]** in the runs list: the 95% Wilson interval of a run's accuracy on its questions (pooled \
+over clients: it ignores the variance between clients); the ± above is the spread over seeds.
 - **client storage**: bytes a client holds (encoder, connector, embeddings, adapters) and their share \
 of the whole MLLM.
 - **adapter bytes / round**: adapters (and Fisher, for fednano) sent up plus down in one round, over \
 all sampled clients, averaged over rounds.
 - **activations / split step**: hidden states and gradients crossing the client/server split in one \
 training step.""".splitlines()
+
+
+def _ci_pct(ci: Sequence[float] | None) -> str:
+    """`` [33.1, 44.2]``: a recorded 95% interval in percent, or nothing (runs from before intervals)."""
+    return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, warn=None) -> Path:
@@ -613,15 +620,17 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, 
     md += [
         "## Runs",
         "",
-        "| run | strategy | seed | rounds | avg client acc. before → after (%) |",
-        "|---|---|---|---|---|",
+        "| run | strategy | seed | rounds | avg client acc. before → after (%) [95% interval] | global test acc. (%) |",
+        "|---|---|---|---|---|---|",
     ]
     for g in groups:
         for r in sorted(g.runs, key=lambda r: r.seed):
             s = r.summary
             md.append(
                 f"| `{r.path}` | {r.strategy} | {r.seed or '—'} | {s.get('rounds', len(r.rounds))} | "
-                f"{fmt_pct([s.get('accuracy_before')], 1)} → {fmt_pct([s.get('accuracy_after')], 1)} |"
+                f"{fmt_pct([s.get('accuracy_before')], 1)} → {fmt_pct([s.get('accuracy_after')], 1)}"
+                f"{_ci_pct(s.get('accuracy_after_ci95'))} | "
+                f"{fmt_pct([s.get('global_test_accuracy')], 1)}{_ci_pct(s.get('global_test_accuracy_ci95'))} |"
             )
     if unfinished:
         md += ["", "Left out (not finished): " + ", ".join(f"`{r.path}`" for r in unfinished)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fednano_ray.config import Config, DataConfig
+from fednano_ray.config import Config, ConfigError, DataConfig, min_holdout_error
 from fednano_ray.data import generate, load_dataset, partition, split_holdout
 from fednano_ray.data.dataset import VQAExample
 from fednano_ray.data.synth import GENERATOR_VERSION
@@ -70,13 +70,28 @@ def prepare_data(cfg: Config) -> FederatedData:
         labels = [ex.category or "none" for ex in train]
     else:
         labels = [ex.choices[ex.answer] for ex in train]
-    shards = partition(
-        labels, fed.num_clients, d.partition, alpha=d.alpha, labels_per_client=d.labels_per_client,
-        seed=fed.seed, min_examples=2,
-    )
+    # Every client holds out max(round(holdout_fraction * shard), min_holdout) and trains on at least one.
+    msg = min_holdout_error(d, fed.num_clients, len(train))
+    if msg:
+        raise ConfigError(msg)
+    try:
+        shards = partition(
+            labels, fed.num_clients, d.partition, alpha=d.alpha, labels_per_client=d.labels_per_client,
+            seed=fed.seed, min_examples=max(2, d.min_holdout + 1),
+        )
+    except ValueError as e:
+        if d.min_holdout <= 0:
+            raise
+        raise ConfigError(
+            f"data.min_holdout={d.min_holdout} needs at least {d.min_holdout + 1} examples on every client "
+            f"({d.min_holdout} held out + 1 to train) and the {d.partition} partition of {len(train)} examples "
+            f"over federation.num_clients={fed.num_clients} cannot give that ({e}); lower data.min_holdout, "
+            "raise data.synth.num_train (or data.max_train_examples), use fewer clients, or a less skewed split "
+            "(a larger data.alpha, data.partition=iid)"
+        ) from e
     client_train, client_test = [], []
     for c, shard in enumerate(shards):
-        tr, te = split_holdout(shard, d.holdout_fraction, seed=fed.seed + c)
+        tr, te = split_holdout(shard, d.holdout_fraction, seed=fed.seed + c, min_test=d.min_holdout)
         client_train.append(tr)
         client_test.append(te)
     return FederatedData(root=root, train=train, test=test, client_train=client_train, client_test=client_test)

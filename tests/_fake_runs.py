@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from fednano_ray.config import load_config
+from fednano_ray.stats import client_accuracy_stats, global_test_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -70,15 +71,28 @@ def write_run(
     bytes_down: int = 24576,
     finished: bool = True,
     wall_time_s: float = 11.5,
+    test_n: list[int] | None = None,
+    global_n: int = 40,
 ) -> Path:
     """Write run_dir/{config.yaml,results.json}: one round per entry of ``accs`` (None: not evaluated).
 
     ``after`` is the final accuracy (default: the last evaluated one), as finish() evaluates when no round did.
+    ``test_n``: each client's held-out questions (default 10 each); every client scores the same accuracy,
+    so the test-size-weighted average equals it. Intervals are computed as the Coordinator does.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = config["federation"]
     n, strategy = fed["num_clients"], fed["strategy"]
     clients = list(range(n))
+    test_n = test_n or [10] * n
+
+    def per_client(acc: float) -> dict[str, Any]:
+        out = client_accuracy_stats({str(c): {"accuracy": acc, "n": test_n[c]} for c in clients})
+        return {**out, "avg_accuracy": acc}  # the weighted mean of equal accuracies, without rounding error
+
+    def global_test(acc: float | None) -> dict[str, Any]:
+        return global_test_stats([] if acc is None else [{"accuracy": acc, "n": global_n}])
+
     rounds = []
     for rnd, acc in enumerate(accs):
         rec: dict[str, Any] = {
@@ -95,23 +109,34 @@ def write_run(
         }
         if acc is not None:
             rec.update(
-                accuracy={str(c): acc for c in clients},
-                avg_accuracy=acc,
-                global_test_accuracy=global_acc,
+                **per_client(acc),
+                **global_test(global_acc),
                 global_test_by_category={"colour": 0.3, "count": 0.4},
             )
         rec["wall_time_s"] = 0.9
         rounds.append(rec)
+    ev_before = per_client(before)
     summary: dict[str, Any] = {
         "accuracy_before": before,
         "global_test_accuracy_before": 0.2,
-        "accuracy_before_per_client": {str(c): before for c in clients},
+        "accuracy_before_per_client": ev_before["accuracy"],
+        "accuracy_before_ci95": ev_before["avg_accuracy_ci95"],
+        "global_test_accuracy_before_ci95": global_test(0.2)["global_test_accuracy_ci95"],
+        "accuracy_before_per_client_ci95": ev_before["accuracy_ci95"],
+        "accuracy_n_per_client": ev_before["accuracy_n"],
+        "global_test_n": global_n,
         "global_test_by_category_before": {"colour": 0.2, "count": 0.3},
         "chance_accuracy": 0.29,
     }
     evaluated = [a for a in accs if a is not None]
     after = after if after is not None else (evaluated[-1] if evaluated else None)
     if finished:
+        ev_after = per_client(after) if after is not None else {}
+        summary.update(
+            accuracy_after_ci95=ev_after.get("avg_accuracy_ci95"),
+            global_test_accuracy_ci95=global_test(global_acc)["global_test_accuracy_ci95"],
+            accuracy_after_per_client_ci95=ev_after.get("accuracy_ci95", {}),
+        )
         summary.update(
             strategy=strategy,
             rounds=len(accs),

@@ -181,6 +181,14 @@ def test_inspect_tiny_matches_account():
     assert out["batch_size"] == cfg.tiers[0].batch_size
     assert out["clients_per_round"] == cfg.federation.clients_per_round
     assert out["adapter_params"] == 2 * 2 * cfg.adapter.r * 128
+    assert out["adapter_scaling"] == cfg.adapter.lora_alpha / cfg.adapter.r == cfg.adapter.scaling
+
+
+def test_adapter_scaling_is_the_reference_ranks_whatever_the_accounted_rank(tiny_parts):
+    """The run accounts adapters at the largest tier rank; the scaling it reports is the one every tier
+    uses (adapter.lora_alpha / adapter.r), not lora_alpha / that rank."""
+    assert account(tiny_parts, **_kw(adapter_rank=4, lora_alpha=8.0))["adapter_scaling"] == 2.0
+    assert account(tiny_parts, **_kw(adapter_rank=4, lora_alpha=16.0, scaling=16.0 / 8))["adapter_scaling"] == 2.0
 
 
 def test_inspect_hf_local_folder_on_meta(tmp_path):

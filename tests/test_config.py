@@ -41,7 +41,7 @@ def test_tiny_example_values():
 
     # Assert
     assert cfg.model.kind == "tiny"
-    assert cfg.model.autocast_bf16 is False
+    assert cfg.model.precision == "fp32"
     assert cfg.data.synth.num_train == 160
     assert [t.name for t in cfg.tiers] == ["edge-small", "edge-large"]
     assert [cfg.tier_rank(t) for t in cfg.tiers] == [2, 4]
@@ -95,7 +95,7 @@ def test_set_overrides_scalars_lists_and_nested():
         TINY,
         [
             "federation.rounds=7",
-            "model.autocast_bf16=true",
+            "model.precision=bf16",
             "adapter.modalities=[vision]",
             "model.tiny.hidden_size=256",
             "tiers.1.batch_size=2",
@@ -106,7 +106,7 @@ def test_set_overrides_scalars_lists_and_nested():
 
     # Assert
     assert cfg.federation.rounds == 7 and isinstance(cfg.federation.rounds, int)
-    assert cfg.model.autocast_bf16 is True
+    assert cfg.model.precision == "bf16"
     assert cfg.adapter.modalities == ("vision",)
     assert cfg.model.tiny.hidden_size == 256
     assert cfg.model.tiny.num_layers == 2  # siblings untouched
@@ -292,3 +292,11 @@ def test_check_resources_too_many_cpus():
     msg = str(info.value)
     assert "tiers[*].num_cpus" in msg  # a sum over all actors, so no single tier index
     assert "4.75 CPUs" in msg  # trainer 0.5 + 4 + 0.25
+
+
+def test_min_holdout_default_and_quickstart():
+    """data.min_holdout is off by default (0) and the quickstart asks for 30 held-out questions per client."""
+    assert load_config(TINY).data.min_holdout == 0
+    assert load_config(QUICKSTART).data.min_holdout == 30
+    with pytest.raises(ConfigError, match="data.min_holdout"):
+        load_config(TINY, ["data.min_holdout=-1"])

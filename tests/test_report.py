@@ -197,6 +197,15 @@ def test_report_on_a_real_run(ray_cluster, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     real = json.loads((run / "results.json").read_text())["summary"]
+    # The Coordinator's averages are weighted by test size, and every accuracy has its 95% interval.
+    ns, after = real["accuracy_n_per_client"], real["accuracy_after_per_client"]
+    assert set(ns) == set(after) and all(n >= 1 for n in ns.values())
+    weighted = sum(after[c] * ns[c] for c in after) / sum(ns[c] for c in after)
+    assert real["accuracy_after"] == pytest.approx(weighted)
+    for key in ("accuracy_before", "accuracy_after", "global_test_accuracy_before", "global_test_accuracy"):
+        lo, hi = real[f"{key}_ci95"]
+        assert 0 <= lo <= real[key] <= hi <= 1, key
+    assert set(real["accuracy_after_per_client_ci95"]) == set(after) and real["global_test_n"] == 40
     header, body = _table((out / "report.md").read_text())
     assert len(body) == 1 and body[0][header.index("n")] == "1"
     assert (

@@ -81,7 +81,7 @@ class ClientActor:
         self._llm = None
         if llm_lora:
             self.edge, self._llm, self.params = mllm.with_llm_lora(
-                adapter_cfg, r=rank, autocast_bf16=model_cfg.autocast_bf16, seed=seed
+                adapter_cfg, r=rank, autocast_bf16=model_cfg.runtime_precision().autocast_bf16, seed=seed
             )
             self.server = LocalServer(self._llm)
         else:

@@ -25,11 +25,22 @@ import numpy as np
 import torch
 
 from fednano_ray.config import Config, dump_config
+from fednano_ray.stats import client_accuracy_stats, global_test_stats
 from fednano_ray.strategies.aggregate import truncate_to_rank
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate
 from fednano_ray.trust.round import TrustPolicy
 
 CHECKPOINTS = "checkpoints"
+
+#: What results.json says about repeating a run (DESIGN.md: same config and seed, same accuracies).
+REPRODUCIBILITY = (
+    "Same config, seed, machine type, precision and thread counts give bit-identical adapters and accuracies: "
+    "sampling and local batches are seeded, updates are aggregated in client order, evaluation batches are "
+    "per client, and the LLM trainer merges a split step only with others of the same padded length "
+    "(train.pad_to_multiple), which leaves every client's result unchanged by what it was batched with. "
+    "Another CPU or GPU, another thread count, or fp32 vs bf16 rounds differently, so accuracies can then "
+    "differ slightly."
+)
 
 
 def adapters_fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -82,7 +93,7 @@ class Coordinator:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from fednano_ray.accounting import account
-        from fednano_ray.features import cached_features
+        from fednano_ray.features import cached_features, feature_key
         from fednano_ray.models.build import build_mllm
         from fednano_ray.models.pretrained import cache_dir
         from fednano_ray.task import prepare_data
@@ -103,7 +114,7 @@ class Coordinator:
 
         # Frozen encoder features, once per dataset (cached on disk for real models).
         mllm = build_mllm.__wrapped__(cfg.model)
-        key = json.dumps(cfg.model.model_dump(mode="json"), sort_keys=True)
+        key = feature_key(cfg.model, mllm)
         cache = None if cfg.model.kind == "tiny" else cache_dir() / "features"
         train_f = cached_features(mllm, key, self.data.train, cache)
         test_f = cached_features(mllm, key, self.data.test, cache)
@@ -113,6 +124,7 @@ class Coordinator:
             num_image_tokens=mllm.num_image_tokens, text_tokens=40, batch_size=cfg.tiers[0].batch_size,
             clients_per_round=fed.clients_per_round, strategy=fed.strategy,
             lora_target_modules=cfg.adapter.lora_target_modules,  # fedavg-lora: fails here if they fit no layer
+            scaling=cfg.adapter.scaling,  # one scaling for every tier (adapter_rank here is the largest tier's)
         )
         del mllm
         gc.collect()
@@ -128,6 +140,7 @@ class Coordinator:
             num_cpus=t.trainer_num_cpus, num_gpus=t.trainer_num_gpus, max_restarts=-1, max_task_retries=-1,
             scheduling_strategy=head,
         ).remote(cfg.model, max_batch_size=t.max_batch_size, batch_wait_ms=t.batch_wait_ms,
+                 pad_to_multiple=t.pad_to_multiple,
                  num_threads=t.trainer_threads or os.cpu_count() or 1)
 
         # Client actors: one per client (deployment) or a pool per tier (simulation).
@@ -144,6 +157,7 @@ class Coordinator:
                 for _ in range(min(n, tier.clients))
             ]
         top = max(cfg.tiers, key=cfg.tier_rank)
+        self.top_tier = top  # the largest rank: the global state's, and centralized's pooled client's
         self.top_actor = self.pools[top.name][0]
         self.global_state: dict[str, torch.Tensor] = ray.get(self.top_actor.initial_state.remote())
         self.initial_state = {k: v.clone() for k, v in self.global_state.items()}
@@ -155,6 +169,13 @@ class Coordinator:
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         if resume:
             self._restore()
+        from fednano_ray.precision import hardware_info
+
+        self.runtime: dict[str, Any] = {
+            "precision": cfg.model.runtime_precision().as_dict(),  # as resolved on the coordinator's node
+            "hardware": hardware_info(),
+            "reproducibility": REPRODUCIBILITY,
+        }
         self.setup_s = time.perf_counter() - t0
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -166,6 +187,14 @@ class Coordinator:
         if fed.strategy == "fednano":
             return {"eps": fed.fisher_eps}
         return {}
+
+    def _fit_tier_and_actor(self, client_id: int):
+        """The tier and actor that train ``client_id`` in a round: its own, except that
+        ``centralized``'s pooled client trains at the largest tier rank (the top tier's actor), the
+        rank its result is scored at."""
+        if self.cfg.federation.strategy == "centralized":
+            return self.top_tier, self.top_actor
+        return self.client_tier[client_id], self._actor_for(client_id)
 
     def _actor_for(self, client_id: int):
         pool = self.pools[self.client_tier[client_id].name]
@@ -205,7 +234,7 @@ class Coordinator:
         refs: dict[Any, int] = {}
         bytes_down = 0
         for c in sampled:
-            tier = self.client_tier[c]
+            tier, actor = self._fit_tier_and_actor(c)
             start = global_ref if not self.strategy.personalize_only else ray.put(self._start_state(c))
             idx = self.data.client_train[c]
             steps = tier.local_steps
@@ -213,7 +242,7 @@ class Coordinator:
                 idx = sorted(i for shard in self.data.client_train for i in shard)
                 steps = tier.local_steps * fed.clients_per_round
             bytes_down += _nbytes(truncate_to_rank(self._start_state(c), cfg.tier_rank(tier)))
-            ref = self._actor_for(c).fit.remote(
+            ref = actor.fit.remote(
                 c, idx, start, steps=steps, batch_size=tier.batch_size, lr=cfg.train.lr,
                 weight_decay=cfg.train.weight_decay, prox_mu=self.strategy.proximal_mu,
                 seed=_seed(fed.seed, rnd, c), chaos=self.chaos.get((rnd, c)),
@@ -223,7 +252,10 @@ class Coordinator:
         # Past the deadline: recorded as failures, and the actors restarted so their queues clear.
         reasons: dict[int, str] = {}
         outs = self._gather(refs, "", reasons, kill_stalled=True)
-        updates = [ClientUpdate(str(c), o["state"], o["num_examples"], o["fisher"], o["metrics"]) for c, o in outs.items()]
+        # In client order, not arrival order: float sums then add up the same way in every run.
+        updates = [
+            ClientUpdate(str(c), o["state"], o["num_examples"], o["fisher"], o["metrics"]) for c, o in sorted(outs.items())
+        ]
         placement: dict[str, str | None] = {str(c): o.get("node_id") for c, o in outs.items()}
         failures = [ClientFailure(str(c), reason) for c, reason in reasons.items()]
 
@@ -310,7 +342,7 @@ class Coordinator:
         for ref in pending:
             failures[refs[ref]] = f"{what}deadline of {fed.deadline_s:g} s exceeded"
         if kill_stalled:
-            for actor in {id(a): a for a in (self._actor_for(refs[r]) for r in pending)}.values():
+            for actor in {id(a): a for a in (self._fit_tier_and_actor(refs[r])[1] for r in pending)}.values():
                 ray.kill(actor, no_restart=False)
         return results
 
@@ -477,30 +509,32 @@ class Coordinator:
             if res is not None and res["n"] > 0:
                 per_client[str(c)] = res
         # The global test split is scored with the pretrained adapters (initial), the global adapters,
-        # or, for strategies without a global model, every client's own adapters (then averaged).
+        # or, for strategies without a global model, every client's own adapters (then averaged), each
+        # by an actor of that client's own tier: a rank-r client's state does not fit a larger rank.
+        # A state that cannot be scored is an eval failure; global_test_states_scored counts the rest.
         if initial:
-            states = [self.initial_state]
+            states = [(None, self.initial_state, self.top_actor)]
         elif self.strategy.personalize_only:
-            states = [self._client_model(c) for c in range(n)]
+            states = [(c, self._client_model(c), self._actor_for(c)) for c in range(n)]
         else:
-            states = [self.global_state]
+            states = [(None, self.global_state, self.top_actor)]
         everything = list(range(len(self.data.test)))
-        tests = [
-            t for t in (
-                self._get_eval(lambda s=s: self.top_actor.evaluate.remote(s, "test", everything, bs), "global test", failures)
-                for s in states
-            ) if t is not None
-        ]
-        accs = {c: m["accuracy"] for c, m in per_client.items()}
+        test_subs = []
+        for c, s, actor in states:  # submit all, then collect: the actors score in parallel
+            fn = lambda s=s, actor=actor: actor.evaluate.remote(s, "test", everything, bs)
+            test_subs.append((fn, fn(), "global test" if c is None else f"global test, client {c}'s adapters"))
+        tests = [t for t in (self._get_eval(fn, what, failures, ref=ref) for fn, ref, what in test_subs) if t is not None]
+        # Per-client accuracy with its test size n and 95% Wilson interval; avg_accuracy is weighted by
+        # test size (pooled correct / pooled n), with the pooled interval (fednano_ray/stats.py).
         out: dict[str, Any] = {
-            "accuracy": accs,
-            "avg_accuracy": float(np.mean(list(accs.values()))) if accs else None,
-            "global_test_accuracy": float(np.mean([t["accuracy"] for t in tests])) if tests else None,
+            **client_accuracy_stats(per_client),
+            **global_test_stats(tests),
             "global_test_by_category": {k.split("/", 1)[1]: v for k, v in tests[0].items() if k.startswith("accuracy/")}
             if len(tests) == 1 else {},
             # Which adapters the global test scored (an audit trail: compare with a checkpoint's).
-            "global_test_adapters": adapters_fingerprint(states[0]) if len(states) == 1 else None,
+            "global_test_adapters": adapters_fingerprint(states[0][1]) if len(states) == 1 else None,
         }
+        out["global_test_states_scored"] = len(tests)  # of len(states): 1, or num_clients under `local`
         if failures:
             out["eval_failures"] = failures
         return out
@@ -548,6 +582,7 @@ class Coordinator:
             "summary": self.summary,
             "accounting": self.accounting,
             "coordinator_node": ray.get_runtime_context().get_node_id(),
+            "runtime": self.runtime,  # precision, hardware (coordinator's and the LLM trainer's), reproducibility
         }
         tmp = self.run_dir / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
@@ -558,11 +593,21 @@ class Coordinator:
 
     def begin(self) -> dict[str, Any]:
         """Evaluate the pretrained model (round 0 = B zero) once, unless resumed past it."""
+        import ray
+
+        if self.trainer is not None and "llm_trainer" not in self.runtime:  # it may sit on another node (a GPU)
+            self.runtime["llm_trainer"] = ray.get(self.trainer.runtime.remote(), timeout=self.cfg.federation.deadline_s)
         if "accuracy_before" not in self.summary:
             ev = self.evaluate(initial=True)
             self.summary.update(
                 accuracy_before=ev["avg_accuracy"], global_test_accuracy_before=ev["global_test_accuracy"],
                 accuracy_before_per_client=ev["accuracy"],
+                # 95% Wilson intervals; per-client test sizes (held-out questions) weight the average.
+                accuracy_before_ci95=ev["avg_accuracy_ci95"],
+                global_test_accuracy_before_ci95=ev["global_test_accuracy_ci95"],
+                accuracy_before_per_client_ci95=ev["accuracy_ci95"],
+                accuracy_n_per_client=ev["accuracy_n"],
+                global_test_n=ev["global_test_n"],
                 global_test_by_category_before=ev["global_test_by_category"],
                 # Expected accuracy of guessing uniformly among each question's choices.
                 chance_accuracy=float(np.mean([1 / len(e.choices) for e in self.data.test])),
@@ -580,6 +625,12 @@ class Coordinator:
             accuracy_after=last["avg_accuracy"],
             accuracy_after_per_client=last["accuracy"],
             global_test_accuracy=last["global_test_accuracy"],
+            # .get: rounds recorded before intervals existed (a resumed older run) have none.
+            accuracy_after_ci95=last.get("avg_accuracy_ci95"),
+            global_test_accuracy_ci95=last.get("global_test_accuracy_ci95"),
+            accuracy_after_per_client_ci95=last.get("accuracy_ci95", {}),
+            accuracy_n_per_client={**self.summary.get("accuracy_n_per_client", {}), **last.get("accuracy_n", {})},
+            global_test_n=last.get("global_test_n") or self.summary.get("global_test_n"),
             global_test_by_category=last.get("global_test_by_category", {}),
             bytes_up=sum(r["bytes_up"] for r in self.rounds),
             bytes_down=sum(r["bytes_down"] for r in self.rounds),

@@ -199,7 +199,7 @@ def partition(
 
 
 def split_holdout(
-    indices: Sequence[int], fraction: float, seed: int = 0
+    indices: Sequence[int], fraction: float, seed: int = 0, min_test: int = 0
 ) -> tuple[list[int], list[int]]:
     """Split one client's indices into a training part and a held-out test part.
 
@@ -208,13 +208,17 @@ def split_holdout(
         fraction: Share held out for testing, in ``[0, 1)``. When it is > 0 and there are at least two
             indices, the held-out part gets at least one and the training part keeps at least one.
         seed: Random seed (use a different one per client, e.g. ``seed + client_id``).
+        min_test: Fewest examples held out: ``max(round(fraction * n), min_test)`` are (``0`` = no
+            minimum beyond the one above). The training part still keeps at least one, so this needs
+            ``len(indices) >= min_test + 1``.
 
     Returns:
         ``(train_idx, test_idx)``, disjoint, together equal to ``indices``, each in the input order.
 
     Raises:
-        TypeError: If ``fraction`` is not a number or ``seed`` is not an integer.
-        ValueError: If ``fraction`` is not in ``[0, 1)``.
+        TypeError: If ``fraction`` is not a number or ``seed`` or ``min_test`` is not an integer.
+        ValueError: If ``fraction`` is not in ``[0, 1)``, ``min_test`` is negative, or there are fewer
+            than ``min_test + 1`` indices.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating):
         raise TypeError(f"fraction must be a number in [0, 1), got {fraction!r}")
@@ -222,9 +226,14 @@ def split_holdout(
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"seed must be an integer, got {seed!r}")
+    min_test = _check_int("min_test", min_test, 0)
     items = [int(i) for i in indices]
     n = len(items)
-    n_test = round(n * fraction)
+    if min_test > 0 and n < min_test + 1:
+        raise ValueError(
+            f"min_test={min_test} needs at least {min_test + 1} indices ({min_test} held out + 1 to train), got {n}"
+        )
+    n_test = max(round(n * fraction), min_test)
     if fraction > 0 and n >= 2:
         n_test = min(max(n_test, 1), n - 1)
     rng = np.random.default_rng(int(seed) % (1 << 64))

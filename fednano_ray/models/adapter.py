@@ -4,12 +4,22 @@ FedNano (Zhang et al., 2025, arXiv 2506.14824, §3.2) puts one adapter per modal
 
       z ───────────────────────────────┐
       │                                 ▼
-      └─► dropout ─► A (d→r) ─► B (r→d) ─► × lora_alpha/r ─► (+) ─► z'
+      └─► dropout ─► A (d→r) ─► B (r→d) ─► × scaling ─► (+) ─► z'
 
 ``B`` starts at zero, so round 0 is exactly the pretrained model. Parameter names follow PEFT
 (``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``scaling``) so a state dict maps one-to-one onto
 PEFT's ``...lora_A.weight`` / ``...lora_B.weight``; shapes are PEFT's: ``lora_A`` is (r, d) and
 ``lora_B`` is (d, r).
+
+Scaling. The adapter takes its ``scaling`` explicitly; a run uses ONE value for every tier,
+``adapter.lora_alpha / adapter.r`` (the config's reference rank, :attr:`AdapterConfig.scaling
+<fednano_ray.config.AdapterConfig.scaling>`), whatever a tier's own ``adapter_rank``. PEFT's
+per-rank ``lora_alpha / r_tier`` would make the same global components act with ``r_ref / r_tier``
+times the gain on a smaller-rank client (and, since gradients scale with the scaling, give it
+``(r_ref / r_tier)²`` times the Fisher weight in merging): with one scaling, a global state truncated
+to a client's rank (HetLoRA) computes on that client exactly the function its first ``r_tier``
+components compute on every other tier. ``lora_alpha`` is kept as PEFT's equivalent numerator at this
+adapter's own rank, ``scaling * r``.
 """
 
 from __future__ import annotations
@@ -26,17 +36,18 @@ class NanoAdapter(nn.Module):
 
     Args:
         dim: Embedding width d of the LLM.
-        r: Rank.
-        lora_alpha: Scaling numerator; ``scaling = lora_alpha / r``.
+        r: Rank (this tier's).
+        scaling: The residual's gain, the same for every rank of a run: ``adapter.lora_alpha /
+            adapter.r`` (:attr:`fednano_ray.config.AdapterConfig.scaling`), not ``lora_alpha / r``.
         dropout: Dropout probability on the adapter input.
     """
 
-    def __init__(self, dim: int, *, r: int, lora_alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, *, r: int, scaling: float, dropout: float = 0.0) -> None:
         super().__init__()
         if r < 1:
             raise ValueError(f"adapter rank r must be >= 1, got {r}")
-        self.dim, self.r, self.lora_alpha = dim, r, lora_alpha
-        self.scaling = lora_alpha / r
+        self.dim, self.r, self.scaling = dim, r, float(scaling)
+        self.lora_alpha = self.scaling * r  # PEFT's equivalent numerator at this rank (scaling = lora_alpha / r)
         self.lora_A = nn.Parameter(torch.empty(r, dim))  # (r, d)
         self.lora_B = nn.Parameter(torch.zeros(dim, r))  # (d, r), zero: starts as identity map
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of lora_A
@@ -47,7 +58,7 @@ class NanoAdapter(nn.Module):
         return z + (self.scaling * delta).to(z.dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, r={self.r}, lora_alpha={self.lora_alpha}"
+        return f"dim={self.dim}, r={self.r}, scaling={self.scaling:g}"
 
 
 Adapters = nn.ModuleDict | Mapping[str, Tensor]

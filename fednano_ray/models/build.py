@@ -29,6 +29,13 @@ class MLLM:
     num_image_tokens: int
     image_token_id: int
 
+    @property
+    def preprocessing(self) -> str:
+        """Names :meth:`preprocess` (size, resampling, mean, std) for cache keys."""
+        from fednano_ray.models.nano import preprocessing_id
+
+        return preprocessing_id(self.image_size, self.mean, self.std)
+
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
         """PIL images -> normalised pixels (B, 3, S, S)."""
         s = self.image_size
@@ -53,7 +60,7 @@ class MLLM:
         return split_mllm(
             self.parts,
             r=r or adapter.r,
-            lora_alpha=adapter.lora_alpha,
+            scaling=adapter.scaling,  # one scaling for every tier rank r
             dropout=adapter.dropout,
             modalities=adapter.modalities,
             autocast_bf16=autocast_bf16,
@@ -72,9 +79,10 @@ class MLLM:
         """
         from fednano_ray.models.lora import inject_llm_lora
 
-        edge, llm = split_mllm(self.parts, r=1, lora_alpha=1.0, modalities=(), autocast_bf16=autocast_bf16)  # r: unused
+        edge, llm = split_mllm(self.parts, r=1, scaling=1.0, modalities=(), autocast_bf16=autocast_bf16)  # r: unused
         # Inject after the split: ServerLLM freezes its decoder, LoRA injected before would be frozen too.
-        params = inject_llm_lora(llm.decoder, r=r or adapter.r, lora_alpha=adapter.lora_alpha, dropout=adapter.dropout,
+        # The same scaling on every tier (PEFT's lora_alpha becomes adapter.lora_alpha * r / adapter.r).
+        params = inject_llm_lora(llm.decoder, r=r or adapter.r, scaling=adapter.scaling, dropout=adapter.dropout,
                                  target_modules=adapter.lora_target_modules, seed=seed)
         return edge, llm, params
 
@@ -114,17 +122,19 @@ def build_mllm(cfg: ModelConfig) -> MLLM:
             image_token_id=model.config.image_token_index,
         )
     from fednano_ray.models.nano import nano_parts
-    from fednano_ray.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+    from fednano_ray.models.pretrained import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
 
-    parts, tok = nano_parts(grid=cfg.grid, connector_steps=cfg.connector_steps, instruct_steps=cfg.instruct_steps)
+    parts, tok = nano_parts(
+        grid=cfg.grid, connector_steps=cfg.connector_steps, instruct_steps=cfg.instruct_steps, precision=cfg.precision
+    )
     return MLLM(
         name="nano (EfficientNet-Lite0 + SmolLM2-135M-Instruct)",
         parts=parts,
         tokenizer=tok,
         prompt=CHATML,
         image_size=224,
-        mean=tuple(IMAGENET_MEAN),
-        std=tuple(IMAGENET_STD),
+        mean=tuple(EFFICIENTNET_LITE_MEAN),  # the Lite checkpoints' (x - 127) / 128, not ImageNet's
+        std=tuple(EFFICIENTNET_LITE_STD),
         num_image_tokens=cfg.grid**2,
         image_token_id=int(tok.pad_token_id),
     )

@@ -15,6 +15,12 @@ apart from NanoAdapter keys, and ending in ``lora_A``/``lora_B`` with PEFT's sha
 ``(out, r)``) is what the rank layout of :mod:`fednano_ray.strategies.aggregate` and
 :func:`~fednano_ray.models.adapter.load_adapter_state` key off, so heterogeneous tier ranks are
 zero-padded and truncated exactly as for NanoAdapters (HetLoRA).
+
+Scaling. PEFT scales a LoRA layer by ``lora_alpha / r`` (``LoraLayer.update_layer``, without
+``use_rslora``), so a rank-``r_tier`` client given the config's ``lora_alpha`` would act with
+``adapter.r / r_tier`` times the gain of the same global components. :func:`inject_llm_lora` takes
+the run's one ``scaling`` (``adapter.lora_alpha / adapter.r``) instead and hands PEFT
+``lora_alpha = scaling * r``, so every tier's LoRA has the same scaling (as NanoAdapters do).
 """
 
 from __future__ import annotations
@@ -86,12 +92,15 @@ def inject_llm_lora(
     decoder: nn.Module,
     *,
     r: int,
-    lora_alpha: float,
+    scaling: float,
     dropout: float = 0.0,
     target_modules: Sequence[str] = ("q_proj", "v_proj"),
     seed: int | None = None,
 ) -> dict[str, nn.Parameter]:
     """Inject PEFT LoRA into ``decoder`` in place and return its parameters by state key.
+
+    ``scaling`` is the run's one LoRA scaling (``adapter.lora_alpha / adapter.r``), the same at
+    every rank: PEFT gets ``lora_alpha = scaling * r``, so its ``lora_alpha / r`` equals ``scaling``.
 
     PEFT freezes every other decoder parameter. ``seed`` makes the ``lora_A`` init identical across
     processes (``lora_B`` starts at zero, so the model is exactly the pretrained one); the global
@@ -103,7 +112,7 @@ def inject_llm_lora(
     """
     from peft import inject_adapter_in_model
 
-    config = lora_config(r=r, lora_alpha=lora_alpha, dropout=dropout, target_modules=target_modules)
+    config = lora_config(r=r, lora_alpha=scaling * r, dropout=dropout, target_modules=target_modules)
     _targets(decoder, config)  # fail with the config key, not PEFT's message
     training = decoder.training
     gen_state = torch.random.get_rng_state()

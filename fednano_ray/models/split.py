@@ -243,7 +243,7 @@ def split_mllm(
     parts: MLLMParts,
     *,
     r: int,
-    lora_alpha: float,
+    scaling: float,
     dropout: float = 0.0,
     modalities: Sequence[str] = ("vision", "text"),
     autocast_bf16: bool = False,
@@ -252,7 +252,9 @@ def split_mllm(
     """Split any MLLM into (NanoEdge with fresh NanoAdapters, frozen ServerLLM).
 
     The two halves share the frozen tensors (no copy); in a real deployment each side loads only
-    its own half. ``seed`` makes the adapter init identical across processes.
+    its own half. ``seed`` makes the adapter init identical across processes. ``scaling`` is the
+    run's one adapter scaling (``adapter.lora_alpha / adapter.r``, the same at every rank ``r``; see
+    :mod:`fednano_ray.models.adapter`).
     """
     bad = set(modalities) - {"vision", "text"}
     if bad:
@@ -261,7 +263,7 @@ def split_mllm(
     if seed is not None:
         torch.manual_seed(seed)
     try:
-        adapters = {m: NanoAdapter(parts.hidden_size, r=r, lora_alpha=lora_alpha, dropout=dropout) for m in modalities}
+        adapters = {m: NanoAdapter(parts.hidden_size, r=r, scaling=scaling, dropout=dropout) for m in modalities}
     finally:
         torch.random.set_rng_state(gen_state)
     edge = NanoEdge(encoder=parts.encoder, connector=parts.connector, embed_tokens=parts.embed_tokens, adapters=adapters)

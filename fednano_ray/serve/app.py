@@ -41,7 +41,9 @@ class ServeArgs(BaseModel):
     )
     engine: Literal["hf", "vllm"] = Field("hf", description="Generation engine of the frozen LLM.")
     dtype: str = Field(
-        "float32", description="LLM weights dtype in the engine (float32, bfloat16, float16)."
+        "auto",
+        description="LLM weights dtype in the engine: auto (the run's model.precision, resolved on the LLM "
+        "server's node: bfloat16 only where the hardware runs it natively, else float32), float32, bfloat16, float16.",
     )
     checkpoint: str | None = Field(
         None, description="Serve this checkpoint (round_XXXX); default the newest."
@@ -133,6 +135,11 @@ def build_app(
     if llm_server_cls is None:
         from fednano_ray.serve.llm_server import LLMServer as llm_server_cls
     model_dir = export_server_llm(run_dir)
+    dtype = args.dtype
+    if dtype == "auto":  # the run's own setting; "auto" resolves in the LLM server replica, on its hardware
+        from fednano_ray.config import load_config
+
+        dtype = load_config(run_dir / "config.yaml").model.precision
     llm = serve.deployment(
         llm_server_cls,
         name="LLMServer",
@@ -142,7 +149,7 @@ def build_app(
     ).bind(
         str(model_dir),
         engine=args.engine,
-        dtype=args.dtype,
+        dtype=dtype,
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
     )

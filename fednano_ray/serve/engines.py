@@ -41,7 +41,7 @@ __all__ = ["Engine", "HFEngine", "VLLMEngine", "make_engine", "vllm_available"]
 
 _T = TypeVar("_T")
 
-_DTYPES = {
+_DTYPES = {  # and "auto" (see _torch_dtype)
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -52,10 +52,14 @@ _DTYPES = {
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype == "auto":  # model.precision's auto: bf16 only where this machine runs it natively
+        from fednano_ray.precision import resolve_precision
+
+        dtype = resolve_precision("auto").dtype
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {sorted(_DTYPES)}") from None
 
 
 def _check_prompts(prompts: Sequence[torch.Tensor], hidden_size: int) -> None:
@@ -114,9 +118,9 @@ class HFEngine:
 
         start = time.perf_counter()
         self.model_dir = str(model_dir)
-        self.dtype = dtype
         self.batched = batched
         self._torch_dtype = _torch_dtype(dtype)
+        self.dtype = str(self._torch_dtype).removeprefix("torch.")  # "auto" -> what it resolved to
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=self._torch_dtype, local_files_only=True
         ).eval()

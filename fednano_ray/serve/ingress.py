@@ -332,7 +332,8 @@ class Ingress:
         a = self.cfg.adapter
         d = self.mllm.parts.hidden_size
         # No dropout: inference only.
-        adapters = {m: NanoAdapter(d, r=rank, lora_alpha=a.lora_alpha) for m in a.modalities}
+        # The run's one scaling (adapter.lora_alpha / adapter.r), as every tier trained with.
+        adapters = {m: NanoAdapter(d, r=rank, scaling=a.scaling) for m in a.modalities}
         for ad in adapters.values():
             torch.nn.init.zeros_(ad.lora_B)  # identity unless a checkpoint says otherwise
         p = self.mllm.parts

@@ -121,7 +121,8 @@ class LLMServer:
         model_dir: A Hugging Face causal-LM folder with its tokenizer
             (:func:`fednano_ray.serve.export.export_llm`).
         engine: "hf" or "vllm".
-        dtype: Model dtype ("float32" for exact results; "bfloat16" is faster on AVX-512 CPUs).
+        dtype: Model dtype: "float32" (exact), "bfloat16", "float16", or a ``model.precision``
+            setting (``auto``, ``fp32``, ``bf16``) resolved here, on this replica's hardware.
         max_batch_size: HF engine: most requests decoded together.
         batch_wait_timeout_s: HF engine: how long a first request waits for others to join.
         engine_kwargs: Further engine arguments (vLLM: ``max_model_len``, ``kv_cache_gb``,
@@ -157,6 +158,11 @@ class LLMServer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
         kwargs = dict(engine_kwargs or {})
+        if dtype in ("auto", "fp32", "bf16"):
+            from fednano_ray.precision import resolve_precision
+
+            self.precision = resolve_precision(dtype)
+            dtype = self.precision.dtype
         self.engine: Engine = make_engine(engine, self.model_dir, dtype=dtype, **kwargs)
         self.hidden_size = int(self.engine.info()["hidden_size"])
         limit = int(getattr(config, "max_position_embeddings", 0) or 0) or None

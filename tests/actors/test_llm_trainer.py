@@ -55,8 +55,10 @@ def requests(cfg):
 
 @pytest.fixture
 def trainer(cfg):
-    """A fresh trainer per test: its batching queue lives on the event loop of one asyncio.run."""
-    return LLMTrainer(cfg.model, max_batch_size=64, batch_wait_ms=50)
+    """A fresh trainer per test: its batching queue lives on the event loop of one asyncio.run.
+
+    Every request here pads to 256 positions, so all of them may share one batch."""
+    return LLMTrainer(cfg.model, max_batch_size=64, batch_wait_ms=50, pad_to_multiple=256)
 
 
 def _run(coro, timeout: float = 60):
@@ -144,3 +146,31 @@ def test_failing_request_does_not_kill_the_trainer(trainer, requests):
     torch.testing.assert_close(torch.tensor(loss), alone_loss[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, alone_grad, rtol=1e-4, atol=1e-6)
     assert trainer.get_stats()["batches"] == 1  # only the good batch is counted
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 256])
+def test_results_are_the_same_bits_whatever_the_batching(cfg, requests, multiple):
+    """Each client's loss and dL/dz' are bit-identical sent alone or merged with other clients' steps.
+
+    Requests merge only with requests of the same padded length (a multiple of ``pad_to_multiple``):
+    with 1 the three lengths never merge, with 256 they all share one batch.
+    """
+    # Prepare
+    _, reqs = requests
+    make = lambda: LLMTrainer(cfg.model, max_batch_size=64, batch_wait_ms=50, pad_to_multiple=multiple)
+
+    async def together(trainer):
+        return await asyncio.gather(*(trainer.loss_and_grad(z, m, lab) for z, m, lab in reqs))
+
+    # Execute
+    alone = [_run(make().loss_and_grad(z, m, lab)) for z, m, lab in reqs]
+    merged_trainer = make()
+    merged = _run(together(merged_trainer))
+    lengths = {merged_trainer.padded_length(z.shape[1]) for z, _, _ in reqs}
+
+    # Assert
+    assert merged_trainer.get_stats()["batches"] == len(lengths)
+    assert (len(lengths), multiple) in {(3, 1), (1, 256)} or multiple == 8
+    for (loss_a, grad_a), (loss_m, grad_m) in zip(alone, merged, strict=True):
+        assert loss_a == loss_m
+        assert torch.equal(grad_a, grad_m)

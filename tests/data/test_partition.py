@@ -180,3 +180,18 @@ def test_split_holdout_edges() -> None:
 def test_split_holdout_invalid(fraction: object, error: type) -> None:
     with pytest.raises(error, match="fraction"):
         split_holdout([1, 2, 3], fraction)  # type: ignore[arg-type]
+
+
+def test_split_holdout_min_test() -> None:
+    """min_test raises the held-out part to at least min_test; without it nothing changes."""
+    indices = list(range(40))
+    assert split_holdout(indices, 0.2, seed=3, min_test=0) == split_holdout(indices, 0.2, seed=3)
+    train, test = split_holdout(indices, 0.2, seed=3, min_test=15)
+    assert len(test) == 15 and len(train) == 25 and sorted(train + test) == indices
+    assert len(split_holdout(indices, 0.5, seed=3, min_test=15)[1]) == 20  # the fraction is larger
+    train, test = split_holdout(indices, 0.2, seed=3, min_test=39)
+    assert len(train) == 1  # one example left to train on
+    with pytest.raises(ValueError, match="min_test=40 needs at least 41"):
+        split_holdout(indices, 0.2, min_test=40)
+    with pytest.raises(ValueError, match="min_test"):
+        split_holdout(indices, 0.2, min_test=-1)

@@ -51,7 +51,7 @@ def test_split_grads_match_monolithic_nano(nano):
     """Adapter grads via edge -> server.loss_and_grad -> z.backward equal one end-to-end autograd graph."""
     # Prepare
     parts = nano
-    edge, server = split_mllm(parts, r=4, lora_alpha=8, seed=0)
+    edge, server = split_mllm(parts, r=4, scaling=2.0, seed=0)
     assert not server.autocast_bf16  # fp32 throughout
     with torch.no_grad():
         for p in edge.adapters.parameters():
@@ -95,7 +95,7 @@ def test_split_grads_match_monolithic_nano(nano):
 def test_frozen_parts_get_no_grads(nano):
     """Only the adapters train: the split leaves every frozen tensor without a gradient."""
     # Prepare
-    edge, server = split_mllm(nano, r=2, lora_alpha=4, seed=0)
+    edge, server = split_mllm(nano, r=2, scaling=2.0, seed=0)
     batch = _batch(lengths=(16,))
     features = torch.randn(1, N_IMG, 1280)
 

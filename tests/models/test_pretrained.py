@@ -162,17 +162,19 @@ def test_frozen_encoder_stays_in_eval_mode() -> None:
 
 
 def test_preprocess_shape_and_normalisation() -> None:
+    """EfficientNet-Lite's own inception-style (x - 127) / 128, not ImageNet mean/std."""
     red = Image.new("RGB", (300, 200), (255, 0, 0))
-    grey = Image.new("L", (224, 224), 128)
+    grey = Image.new("L", (224, 224), 127)
     batch = preprocess([red, grey])
     assert batch.shape == (2, 3, 224, 224)
     assert batch.dtype == torch.float32
-    expected_red = torch.tensor(
-        [(1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], -IMAGENET_MEAN[1] / IMAGENET_STD[1]]
-    )
-    torch.testing.assert_close(batch[0, :2].mean(dim=(1, 2)), expected_red, atol=1e-4, rtol=0)
-    expected_grey = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(batch[1].mean(dim=(1, 2)), expected_grey, atol=1e-4, rtol=0)
+    # 255 -> (255 - 127) / 128 = 1.0 and 0 -> -127 / 128; 127 -> exactly 0 on every channel.
+    expected_red = torch.tensor([128 / 128, -127 / 128, -127 / 128])
+    torch.testing.assert_close(batch[0].mean(dim=(1, 2)), expected_red, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1].mean(dim=(1, 2)), torch.zeros(3), atol=1e-6, rtol=0)
+    imagenet = preprocess([grey], mean=IMAGENET_MEAN, std=IMAGENET_STD)  # still available for other encoders
+    expected_grey = (127 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(imagenet[0].mean(dim=(1, 2)), expected_grey, atol=1e-4, rtol=0)
     assert preprocess([red], size=64).shape == (1, 3, 64, 64)
     with pytest.raises(ValueError):
         preprocess([])
@@ -269,3 +271,27 @@ def test_efficientnet_classifies_chelsea_as_cat() -> None:
     assert feats.shape == (1, 1280, 7, 7)
     top = int(logits.argmax(dim=-1))
     assert top in CAT_CLASSES, top
+
+
+@pytest.mark.slow
+def test_lite_normalisation_matches_what_the_checkpoint_was_trained_on() -> None:
+    """With (x - 127) / 128 the stem BatchNorm sees about its running variance and the classifier is surer.
+
+    Measured on four skimage photos: median stem variance / running variance 0.68 with the Lite
+    normalisation against 3.37 with ImageNet mean/std, and a higher top-1 probability on every photo.
+    """
+    data = pytest.importorskip("skimage.data")
+    model = load_efficientnet_lite0(with_classifier=True)
+    photos = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.astronaut, data.rocket)]
+    stats = {}
+    for name, kwargs in (("lite", {}), ("imagenet", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})):
+        pixels = preprocess(photos, **kwargs)
+        with torch.no_grad():
+            stem = model.net._conv_stem(pixels)
+            probs = model.classify(pixels).softmax(-1)
+        running = model.net._bn0.running_var
+        live = running > 1e-3
+        ratio = (stem.var(dim=(0, 2, 3))[live] / running[live]).median()
+        stats[name] = (float(ratio.log().abs()), probs.max(-1).values)
+    assert stats["lite"][0] < 0.5 < stats["imagenet"][0]  # |log ratio|: 0.39 vs 1.22 measured
+    assert bool((stats["lite"][1] > stats["imagenet"][1]).all())

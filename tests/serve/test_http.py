@@ -437,6 +437,28 @@ def test_clients_get_their_own_adapters(url, tokens, run_dir):
     assert z0.shape == z1.shape and not torch.allclose(z0, z1)
 
 
+def test_served_edge_computes_what_the_client_trained(run_dir):
+    """The serving path builds each client's NanoEdge as the client actors do (mllm.split at the tier's rank,
+    the run's one scaling adapter.lora_alpha / adapter.r): the same adapters give the same z' on both."""
+    from fednano_ray.models.adapter import adapter_state, load_adapter_state
+    from fednano_ray.models.build import build_mllm
+    from fednano_ray.serve.ingress import Ingress, prompt_embeds
+    from fednano_ray.serve.schemas import decode_image
+
+    cfg = load_config(run_dir / "config.yaml")
+    ing = Ingress(run_dir, llm=None)
+    img = decode_image(png_b64())
+    for c in (0, 3):  # rank 2 with personal adapters; rank 4 with the global ones
+        served = ing.load_client_model(c).edge
+        rank = cfg.tier_rank(cfg.client_tiers()[c])
+        trained, _ = build_mllm(cfg.model).split(cfg.adapter, r=rank)
+        load_adapter_state(trained.adapters, adapter_state(served.adapters))
+        for m, ad in served.adapters.items():
+            assert ad.r == rank and ad.scaling == trained.adapters[m].scaling == cfg.adapter.scaling, (c, m)
+        q = "What colour is the square?"
+        torch.testing.assert_close(prompt_embeds(ing.mllm, served, img, q), prompt_embeds(ing.mllm, trained, img, q))
+
+
 def test_token_cli_and_rotation_while_serving(url, run_dir, tokens):
     """`fednano-ray token --rotate` prints a new token once; the running app honours it at once."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
