@@ -220,3 +220,78 @@ def test_evaluate_single_choice_is_always_correct(setup):
     assert out["accuracy"] == 1.0
     assert out["accuracy/colour"] == 1.0
     assert out["n"] == 4
+
+
+@pytest.mark.parametrize("kind", ["tiny", "nano"])
+def test_packed_choices_score_as_each_choice_alone(setup, kind):
+    """One packed pass (prompt once, then every choice) gives each choice the score it gets alone.
+
+    Checked for the tiny LLaVA and for the nano architecture (random weights, 2 of SmolLM2's layers),
+    with multi-token answers of different lengths, across a padded batch of questions.
+    """
+    # Prepare
+    from fednano_ray.models.nano import nano_parts
+    from fednano_ray.models.split import split_mllm
+    from fednano_ray.training import pack_choices
+
+    cfg, mllm, _, features = setup
+    if kind == "tiny":
+        edge, server_llm = mllm.split(cfg.adapter, seed=0)
+        encode, pad_id = mllm.encode_row, mllm.pad_id
+    else:
+        from fednano_ray.models.prompt import CHATML
+
+        parts, _ = nano_parts(pretrained=False, num_layers=2, grid=2)
+        edge, server_llm = split_mllm(parts, r=4, scaling=2.0, seed=0)
+        words = {"red": [700], "blue": [701], "triangle": [702, 703], "circle": [704], "star": [705, 706, 707]}
+
+        class Tok:
+            def encode(self, text, add_special_tokens=False):
+                out = []
+                for piece in text.replace("<|im_end|>", " <|im_end|> ").split():
+                    out += [2] if piece == "<|im_end|>" else words.get(piece, [hash(piece) % 500 + 10])
+                return out
+
+        encode = lambda q, a: CHATML.encode(Tok(), q, a, 4, 2)
+        pad_id = 2
+        features = edge.encode_images(torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(1))).numpy()
+    with torch.no_grad():
+        for p in edge.adapters.parameters():  # B = 0 at init: give the adapters an effect
+            p.normal_(0, 0.05)
+    choices = [["red", "blue"], ["triangle", "circle", "star"], ["star", "red", "blue", "triangle"]]
+    questions = [([encode(f"Which one {i}?", c) for c in cs], i % len(cs), None) for i, cs in enumerate(choices)]
+
+    # Execute
+    alone = []
+    for q, (rows, _, _) in enumerate(questions):
+        batch = collate(rows, pad_id)
+        with torch.no_grad():
+            z = edge(batch["input_ids"], batch["image_mask"], features=torch.from_numpy(features[[q] * len(rows)]).float())
+            alone.append(server_llm.score(z, batch["attention_mask"], batch["labels"]))
+    packed = [pack_choices(rows) for rows, _, _ in questions]
+    out = evaluate(edge, LocalServer(server_llm), features, questions, pad_id=pad_id, batch_size=3)
+
+    # Assert
+    assert all(len(p.ids) < sum(len(r[0]) for r in rows) for p, (rows, _, _) in zip(packed, questions, strict=True))
+    expected = np.mean([int(s.argmax()) == a for s, (_, a, _) in zip(alone, questions, strict=True)])
+    assert out["accuracy"] == pytest.approx(expected)
+    # the same scores, from the server directly, with the batch padded as evaluate pads it
+    from fednano_ray.training import _packed_batch
+
+    z_in, args, n_scores = _packed_batch(packed, questions, pad_id)
+    with torch.no_grad():
+        z = edge(z_in["input_ids"], z_in["image_mask"], features=torch.from_numpy(features[:3]).float())
+        got = server_llm.score_packed(z, *args, n_scores)
+    torch.testing.assert_close(got, torch.cat(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_pack_choices_refuses_rows_that_do_not_share_a_prompt(setup):
+    """Rows of different questions cannot be packed, and the error says why."""
+    # Prepare
+    from fednano_ray.training import pack_choices
+
+    _, mllm, _, _ = setup
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="prompt"):
+        pack_choices([mllm.encode_row("What colour?", "red"), mllm.encode_row("What shape?", "red")])

@@ -49,6 +49,11 @@ class RemoteServer:
 
         return ray.get(self.handle.score.remote(z, attention_mask, labels))
 
+    def score_packed(self, *args):
+        import ray
+
+        return ray.get(self.handle.score_packed.remote(*args))
+
 
 class ClientError(RuntimeError):
     """A client could not finish its work; the coordinator records it as a failure."""

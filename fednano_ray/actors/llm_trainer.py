@@ -88,6 +88,11 @@ class LLMTrainer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.server.score, z, attention_mask, labels)
 
+    async def score_packed(self, *args) -> Tensor:
+        """Summed log-likelihoods of choices packed behind their shared prompt (:meth:`ServerLLM.score_packed`)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.server.score_packed, *args)
+
     def runtime(self) -> dict:
         """The precision this trainer runs the LLM in, and the hardware it resolved it on."""
         from fednano_ray.precision import hardware_info

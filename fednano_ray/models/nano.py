@@ -250,6 +250,10 @@ def aligned_connector(
         if shipped is not None:
             logger.info("using the shipped aligned connector %s", shipped_connector_path(key).name)
             return shipped
+    if not key["steps"] and not key.get("instruct_steps"):  # an unaligned connector (ablations, benchmarks)
+        with torch.random.fork_rng():
+            torch.manual_seed(int(key["seed"]))
+            return dict(build_connector(FEATURE_DIM, parts.hidden_size).state_dict())
     stage1_key = {k: v for k, v in key.items() if not k.startswith("instruct")}
     stage1 = connector_cache_path(stage1_key)
     seed = int(key["seed"])
@@ -269,6 +273,8 @@ def aligned_connector(
     state, info = instruct_connector(
         parts, tokenizer, state, steps=key["instruct_steps"], seed=seed, precision=precision, images=images
     )
+    stage1_record = stage1.with_suffix(".json")
+    info["stage1"] = json.loads(stage1_record.read_text()) if stage1_record.exists() else None
     _save_cached(path, state, {**info, "key": key})
     return state
 

@@ -214,6 +214,57 @@ class ServerLLM(nn.Module):
         return torch.zeros(inputs_embeds.shape[0]).index_add(0, rows, logp)
 
     @torch.no_grad()
+    def score_packed(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        segments: Tensor,
+        source: Tensor,
+        target: Tensor,
+        owner: Tensor,
+        num_scores: int,
+    ) -> Tensor:
+        """Summed log-likelihood of several answers that share one prompt, in one forward pass.
+
+        Each row packs a prompt (segment 0) followed by every choice's answer tokens (segments 1, 2,
+        ...). A choice's tokens see the prompt and their own earlier tokens only, at the positions they
+        would have after the prompt, so each choice scores as if it were alone (lm-eval-harness's sum of
+        log-likelihoods), while the prompt runs once instead of once per choice.
+
+        Args:
+            inputs_embeds: (B, L, d) adapted embeddings of the packed rows.
+            attention_mask: (B, L) 1 for real tokens (right padding).
+            position_ids: (B, L) positions: the prompt's 0..P-1, each choice again from P.
+            segments: (B, L) 0 for the prompt, j for choice j's tokens.
+            source: (M,) flat index ``b * L + t`` of the position whose next-token distribution scores ...
+            target: (M,) ... this token id,
+            owner: (M,) for this score (0..num_scores-1).
+            num_scores: number of scores returned.
+
+        Returns:
+            (num_scores,) summed log-probabilities.
+        """
+        b, n, _ = inputs_embeds.shape
+        idx = torch.arange(n)
+        seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+        allowed = (idx[None, :] <= idx[:, None])[None] & attention_mask.bool()[:, None, :]  # causal, real keys
+        allowed &= (seg_k == 0) | (seg_k == seg_q)  # a choice never sees another choice
+        allowed |= torch.eye(n, dtype=torch.bool)[None]  # padding queries see themselves: no empty softmax row
+        mask = allowed[:, None]  # (B, 1, L, L), used as given by the decoder
+        if getattr(self.decoder.config, "_attn_implementation", "sdpa") != "sdpa":  # eager adds a float mask
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        with self._autocast():
+            hidden = self.decoder(
+                inputs_embeds=inputs_embeds.float(), attention_mask=mask, position_ids=position_ids
+            ).last_hidden_state
+        h = hidden.reshape(b * n, -1)[source]  # (M, d): the vocab projection only where it is scored
+        with self._autocast():
+            logits = self.lm_head(h)
+        logp = -F.cross_entropy(logits.float(), target, reduction="none")
+        return torch.zeros(num_scores).index_add(0, owner, logp)
+
+    @torch.no_grad()
     def generate(
         self, inputs_embeds: Tensor, attention_mask: Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int]
     ) -> list[list[int]]:
