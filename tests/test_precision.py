@@ -121,3 +121,17 @@ def test_server_llm_runs_in_the_resolved_precision(monkeypatch):
     # Assert
     assert trainer.server.autocast_bf16 is False
     assert forced.server.autocast_bf16 is True
+
+
+def test_inspect_records_precision_and_hardware():
+    """fednano-ray inspect says which precision this machine would run and on what CPU."""
+    # Prepare
+    from fednano_ray.accounting import inspect_config
+
+    # Execute
+    out = inspect_config(load_config(TINY, ["model.precision=auto"]))
+
+    # Assert
+    assert out["precision"]["requested"] == "auto"
+    assert out["precision"]["name"] == ("bf16" if native_bf16()[0] else "fp32")
+    assert out["hardware"]["cpu_model"] == out["precision"]["hardware"] or "gpu" in out["hardware"]
