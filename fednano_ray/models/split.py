@@ -252,8 +252,14 @@ class ServerLLM(nn.Module):
         allowed &= (seg_k == 0) | (seg_k == seg_q)  # a choice never sees another choice
         allowed |= torch.eye(n, dtype=torch.bool)[None]  # padding queries see themselves: no empty softmax row
         mask = allowed[:, None]  # (B, 1, L, L), used as given by the decoder
-        if getattr(self.decoder.config, "_attn_implementation", "sdpa") != "sdpa":  # eager adds a float mask
+        impl = getattr(self.decoder.config, "_attn_implementation", None) or "sdpa"
+        if impl == "eager":  # eager attention adds a float mask
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        elif impl != "sdpa":
+            raise ValueError(
+                f"packed choice scoring needs a 4-D attention mask, which attn_implementation={impl!r} does not "
+                "take: load the LLM with attn_implementation='sdpa' (or 'eager')"
+            )
         with self._autocast():
             hidden = self.decoder(
                 inputs_embeds=inputs_embeds.float(), attention_mask=mask, position_ids=position_ids
