@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     labels[:, -4:] = torch.randint(0, 49152, (8, 4))
     for name in ("fp32", "bf16"):
         server = ServerLLM(llm.model, llm.lm_head, autocast_bf16=name == "bf16")
-        step = _ms(lambda: server.loss_and_grad(z, mask, labels), a.repeats) / 1000
-        fwd = _ms(lambda: server.score(z, mask, labels), a.repeats) / 1000
+        step = _ms(lambda s=server: s.loss_and_grad(z, mask, labels), a.repeats) / 1000
+        fwd = _ms(lambda s=server: s.score(z, mask, labels), a.repeats) / 1000
         out[name] = {
             "split_step_s": round(step, 3), "split_step_tokens_per_s": round(8 * 48 / step),
             "score_s": round(fwd, 3), "score_tokens_per_s": round(8 * 48 / fwd),
