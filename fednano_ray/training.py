@@ -1,7 +1,7 @@
 """A client's local split-step training and multiple-choice evaluation (no Ray in here).
 
 ``server`` is anything with ``loss_and_grad(z, attention_mask, labels) -> (loss, grad)`` and
-``score(z, attention_mask, labels) -> (B,)``: the :class:`~fednano_ray.models.split.ServerLLM`
+``score_packed(...) -> (num_scores,)`` (packed multiple-choice scoring): the :class:`~fednano_ray.models.split.ServerLLM`
 itself in-process, or a handle to the Ray ``LLMTrainer`` actor.
 """
 
@@ -26,8 +26,6 @@ Row = tuple[list[int], list[int], list[bool]]
 class Server(Protocol):
     def loss_and_grad(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[float, Tensor]: ...
 
-    def score(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor: ...
-
     def score_packed(self, z: Tensor, attention_mask: Tensor, position_ids: Tensor, segments: Tensor, source: Tensor,
                      target: Tensor, owner: Tensor, num_scores: int) -> Tensor: ...
 
@@ -41,9 +39,6 @@ class LocalServer:
     def loss_and_grad(self, z, attention_mask, labels):
         losses, grad = self.llm.loss_and_grad(z, attention_mask, labels)
         return float(losses[0]), grad
-
-    def score(self, z, attention_mask, labels):
-        return self.llm.score(z, attention_mask, labels)
 
     def score_packed(self, *args):
         return self.llm.score_packed(*args)

@@ -44,11 +44,6 @@ class RemoteServer:
                 self.kill_in -= 1
         return ray.get(ref)
 
-    def score(self, z, attention_mask, labels):
-        import ray
-
-        return ray.get(self.handle.score.remote(z, attention_mask, labels))
-
     def score_packed(self, *args):
         import ray
 

@@ -83,11 +83,6 @@ class LLMTrainer:
         await self._queue.put(_Request(z, attention_mask, labels, fut))
         return await fut
 
-    async def score(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Summed log-likelihood of each row's labelled tokens (evaluation; forward only)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.server.score, z, attention_mask, labels)
-
     async def score_packed(self, *args) -> Tensor:
         """Summed log-likelihoods of choices packed behind their shared prompt (:meth:`ServerLLM.score_packed`)."""
         loop = asyncio.get_running_loop()

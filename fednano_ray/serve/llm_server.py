@@ -122,7 +122,7 @@ class LLMServer:
             (:func:`fednano_ray.serve.export.export_llm`).
         engine: "hf" or "vllm".
         dtype: Model dtype: "float32" (exact), "bfloat16", "float16", or a ``model.precision``
-            setting (``auto``, ``fp32``, ``bf16``) resolved here, on this replica's hardware.
+            setting (``auto``, ``fp32``, ``bf16``), which the engine resolves on this replica's hardware.
         max_batch_size: HF engine: most requests decoded together.
         batch_wait_timeout_s: HF engine: how long a first request waits for others to join.
         engine_kwargs: Further engine arguments (vLLM: ``max_model_len``, ``kv_cache_gb``,
@@ -158,11 +158,6 @@ class LLMServer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
         kwargs = dict(engine_kwargs or {})
-        if dtype in ("auto", "fp32", "bf16"):
-            from fednano_ray.precision import resolve_precision
-
-            self.precision = resolve_precision(dtype)
-            dtype = self.precision.dtype
         self.engine: Engine = make_engine(engine, self.model_dir, dtype=dtype, **kwargs)
         self.hidden_size = int(self.engine.info()["hidden_size"])
         limit = int(getattr(config, "max_position_embeddings", 0) or 0) or None
