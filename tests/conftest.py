@@ -41,6 +41,11 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from ray._common.utils import get_default_ray_temp_dir
+
+    # Cluster() records the head's address in Ray's default temp dir (/tmp/ray) whatever temp_dir says,
+    # and fails on a fresh machine where no Ray has run yet and that folder does not exist.
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     cluster = Cluster(
         initialize_head=True,
