@@ -70,3 +70,14 @@ def ray_cluster():
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_cluster, tmp_path_factory):
+    """ONE plain run of examples/tiny.yaml (2 rounds, fp32, seed 0), shared by the tests that read a
+    finished run or need an uninterrupted reference: ``(run_dir, results)``. Read it, never write to it."""
+    from fednano_ray.app import train
+    from fednano_ray.config import load_config
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    return run, train(load_config("examples/tiny.yaml"), run, progress=False)

@@ -179,13 +179,9 @@ def test_cli_report(runs, tmp_path, capsys):
     assert f"report: {tmp_path / 'cli' / 'report.md'}" in capsys.readouterr().out
 
 
-def test_report_on_a_real_run(ray_cluster, tmp_path):
-    """The CLI reports a run `fednano-ray train` really wrote (one round of the tiny config on Ray)."""
-    from fednano_ray.app import train
-    from fednano_ray.config import load_config
-
-    run = tmp_path / "run"
-    train(load_config("examples/tiny.yaml", ["federation.rounds=1"]), run, progress=False)
+def test_report_on_a_real_run(tiny_run, tmp_path):
+    """The CLI reports a run `fednano-ray train` really wrote (the tiny config on Ray)."""
+    run, _ = tiny_run
     out = tmp_path / "real"
     proc = subprocess.run(
         [sys.executable, "-m", "fednano_ray", "report", str(run), "--out", str(out)],

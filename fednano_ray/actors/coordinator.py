@@ -472,22 +472,25 @@ class Coordinator:
             return self.client_states.get(c, self.initial_state)
         return self.global_state
 
-    def _get_eval(self, submit, what: str, failures: list[dict[str, str]], ref=None):
+    def _get_eval(self, submit, what: str, failures: list[dict[str, str]], deadline: float, ref=None):
         """Result of an evaluation call (``ref``, already submitted, or ``submit()``), retried through an
-        actor restart; None (and a recorded failure) if it cannot run."""
+        actor restart until ``deadline`` (time.monotonic); None (and a recorded failure) if it cannot run."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-        reason = ""
+        reason = f"evaluation deadline of {self.cfg.federation.deadline_s:g} s exceeded"
         for attempt in range(3):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                return ray.get(ref if ref is not None else submit(), timeout=self.cfg.federation.deadline_s)
-            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                return ray.get(ref if ref is not None else submit(), timeout=left)
+            except GetTimeoutError:
+                break  # e.g. an actor whose node is gone: its restart waits for resources that left with it
+            except (RayActorError, RayTaskError) as e:
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 ref = None
-                if isinstance(e, GetTimeoutError):
-                    break
-                time.sleep(1.0 + attempt)
+                time.sleep(min(1.0 + attempt, max(0.0, deadline - time.monotonic())))
         failures.append({"what": what, "reason": reason})
         return None
 
@@ -497,17 +500,15 @@ class Coordinator:
         bs = cfg.train.eval_batch_size
         n = cfg.federation.num_clients
         failures: list[dict[str, str]] = []
+        # One deadline for the whole phase, as for the fit (_gather): k unreachable clients (a lost
+        # node) cost the round one deadline, not k of them.
+        deadline = time.monotonic() + cfg.federation.deadline_s
         submits = {}
         for c in range(n):  # submit everything first: the actors evaluate in parallel
             state = truncate_to_rank(self.initial_state if initial else self._client_model(c), cfg.tier_rank(self.client_tier[c]))
             idx = self.data.client_test[c]
             fn = lambda c=c, state=state, idx=idx: self._actor_for(c).evaluate.remote(state, "train", idx, bs)
             submits[c] = (fn, fn())
-        per_client = {}
-        for c, (fn, ref) in submits.items():
-            res = self._get_eval(fn, f"client {c}", failures, ref=ref)
-            if res is not None and res["n"] > 0:
-                per_client[str(c)] = res
         # The global test split is scored with the pretrained adapters (initial), the global adapters,
         # or, for strategies without a global model, every client's own adapters (then averaged), each
         # by an actor of that client's own tier: a rank-r client's state does not fit a larger rank.
@@ -523,7 +524,12 @@ class Coordinator:
         for c, s, actor in states:  # submit all, then collect: the actors score in parallel
             fn = lambda s=s, actor=actor: actor.evaluate.remote(s, "test", everything, bs)
             test_subs.append((fn, fn(), "global test" if c is None else f"global test, client {c}'s adapters"))
-        tests = [t for t in (self._get_eval(fn, what, failures, ref=ref) for fn, ref, what in test_subs) if t is not None]
+        per_client = {}
+        for c, (fn, ref) in submits.items():
+            res = self._get_eval(fn, f"client {c}", failures, deadline, ref=ref)
+            if res is not None and res["n"] > 0:
+                per_client[str(c)] = res
+        tests = [t for t in (self._get_eval(fn, what, failures, deadline, ref=ref) for fn, ref, what in test_subs) if t is not None]
         # Per-client accuracy with its test size n and 95% Wilson interval; avg_accuracy is weighted by
         # test size (pooled correct / pooled n), with the pooled interval (fednano_ray/stats.py).
         out: dict[str, Any] = {
