@@ -39,9 +39,8 @@ def ray_cluster():
     The head runs the dashboard, whose job agent `ray job submit` talks to (tests/actors/test_jobs.py).
     """
     import ray
-    from ray.cluster_utils import Cluster
-
     from ray._common.utils import get_default_ray_temp_dir
+    from ray.cluster_utils import Cluster
 
     # Cluster() records the head's address in Ray's default temp dir (/tmp/ray) whatever temp_dir says,
     # and fails on a fresh machine where no Ray has run yet and that folder does not exist.
