@@ -61,7 +61,7 @@ class TrivialClient:
     def _row(self, i: int):
         if i not in self._rows:
             q, choices, answer = self.questions[i]
-            self._rows[i] = self.encode_row(q, choices[answer])
+            self._rows[i] = ([self.encode_row(q, c) for c in choices], answer, None)
         return self._rows[i]
 
     def fit(self, client_id: int, state: dict, seed: int = 0) -> tuple[dict, int, float]:
@@ -72,10 +72,11 @@ class TrivialClient:
         tier = self.cfg.tiers[0]
         load_adapter_state(self.edge.adapters, state)
         idx = self.shards[client_id]
-        new, _fisher, metrics = local_fit(
+        new, _fisher, metrics, _ = local_fit(
             self.edge, self.server, self.features[idx], [self._row(i) for i in idx],
             steps=tier.local_steps, batch_size=tier.batch_size, lr=self.cfg.train.lr, pad_id=self.pad_id,
-            weight_decay=self.cfg.train.weight_decay, seed=seed,
+            weight_decay=self.cfg.train.weight_decay, seed=seed, objective=self.cfg.train.objective,
+            lm_weight=self.cfg.train.lm_weight,
         )
         return new, len(idx), float(metrics["loss"])
 

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             q.requires_grad_(True)
         edge.adapters = torch.nn.ModuleDict({"vision": _Wrapped(connector)})
         edge.connector = torch.nn.Identity()
-    rows = [mllm.encode_row(e.question, e.choices[e.answer]) for e in data.train]
+    train_qs = [([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category) for e in data.train]
     questions = [([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category) for e in data.test]
     chance = sum(1 / len(e.choices) for e in data.test) / len(data.test)
 
@@ -81,11 +81,15 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"step": step, "chance": round(chance, 3), **{k: round(v, 3) for k, v in ev.items()}, **(extra or {})}), flush=True)
 
     report(0)
-    t0, done = time.perf_counter(), 0
+    t0, done, opt_state = time.perf_counter(), 0, None
     while done < a.steps:
         n = min(a.eval_every, a.steps - done)
-        _, _, metrics = local_fit(edge, server, train_f, rows, steps=n, batch_size=a.batch_size, lr=a.lr,
-                                  pad_id=mllm.pad_id, seed=done, params=params)
+        # One optimiser for the whole run: AdamW's moments carry over between evaluation chunks.
+        _, _, metrics, opt_state = local_fit(
+            edge, server, train_f, train_qs, steps=n, batch_size=a.batch_size, lr=a.lr, pad_id=mllm.pad_id,
+            seed=done, params=params, objective=cfg.train.objective, lm_weight=cfg.train.lm_weight,
+            optimizer_state=opt_state,
+        )
         done += n
         report(done, {"train_loss": round(metrics["loss"], 3), "wall_s": round(time.perf_counter() - t0, 1)})
 

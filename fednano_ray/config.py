@@ -272,6 +272,21 @@ class TrainConfig(_Section):
 
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the adapters.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    objective: Literal["lm", "choice"] = Field(
+        "choice",
+        description="What local training minimises. choice: cross-entropy of the right answer among each question's "
+        "choices, scored as evaluation scores them (summed log-likelihood, one packed pass per question); lm: "
+        "next-token NLL of the right answer over the whole vocabulary. choice is the default because it trains what is "
+        "evaluated (docs/RESULTS.md, 'Objective', gives the measured difference).",
+    )
+    lm_weight: float = Field(
+        0.0, ge=0, description="choice objective only: weight of the answer's next-token NLL mixed into the loss (0: none)."
+    )
+    optimizer_state: Literal["keep", "reset"] = Field(
+        "keep",
+        description="keep: each client's AdamW moments carry over from one of its rounds to the next (in "
+        "checkpoints, exact under --resume); reset: fresh moments every round (the behaviour before).",
+    )
     eval_batch_size: int = Field(32, ge=1, description="Rows per forward when scoring choices.")
     max_batch_size: int = Field(64, ge=1, description="LLM trainer: most rows merged into one forward/backward.")
     batch_wait_ms: float = Field(5.0, ge=0, description="LLM trainer: how long to wait for more requests to merge.")

@@ -1,8 +1,15 @@
 """A client's local split-step training and multiple-choice evaluation (no Ray in here).
 
-``server`` is anything with ``loss_and_grad(z, attention_mask, labels) -> (loss, grad)`` and
-``score_packed(...) -> (num_scores,)`` (packed multiple-choice scoring): the :class:`~fednano_ray.models.split.ServerLLM`
-itself in-process, or a handle to the Ray ``LLMTrainer`` actor.
+``server`` is anything with the :class:`Server` protocol: ``loss_and_grad`` (the LM objective),
+``choice_loss_and_grad`` (the choice objective) and ``score_packed`` (packed multiple-choice
+scoring), in-process (:class:`LocalServer` over a :class:`~fednano_ray.models.split.ServerLLM`) or
+through the Ray ``LLMTrainer`` actor.
+
+Objectives (``train.objective``). Evaluation ranks each question's 2-4 choices by their summed
+log-likelihood. ``lm`` trains next-token NLL of the right answer over the whole vocabulary, most of
+whose early gain is the answer prior of each question type; ``choice`` trains the cross-entropy of
+the right answer among the choices' scores, the quantity evaluation ranks, computed from one packed
+pass per question (:func:`pack_choices`); ``train.lm_weight`` mixes the answer's NLL back in.
 """
 
 from __future__ import annotations
@@ -21,10 +28,17 @@ from fednano_ray.models.split import IGNORE_INDEX, NanoEdge
 from fednano_ray.strategies.aggregate import proximal_penalty
 
 Row = tuple[list[int], list[int], list[bool]]
+#: One multiple-choice example: (each choice's row ``prompt + choice``, index of the answer, category).
+Question = tuple[list[Row], int, "str | None"]
+OBJECTIVES = ("lm", "choice")
 
 
 class Server(Protocol):
     def loss_and_grad(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[float, Tensor]: ...
+
+    def choice_loss_and_grad(self, z: Tensor, attention_mask: Tensor, position_ids: Tensor, segments: Tensor,
+                             source: Tensor, target: Tensor, owner: Tensor, counts: Tensor, answers: Tensor,
+                             lm_weight: float) -> tuple[float, Tensor]: ...
 
     def score_packed(self, z: Tensor, attention_mask: Tensor, position_ids: Tensor, segments: Tensor, source: Tensor,
                      target: Tensor, owner: Tensor, num_scores: int) -> Tensor: ...
@@ -40,6 +54,10 @@ class LocalServer:
         losses, grad = self.llm.loss_and_grad(z, attention_mask, labels)
         return float(losses[0]), grad
 
+    def choice_loss_and_grad(self, *args):
+        losses, grad = self.llm.choice_loss_and_grad(*args)
+        return float(losses[0]), grad
+
     def score_packed(self, *args):
         return self.llm.score_packed(*args)
 
@@ -48,7 +66,7 @@ def local_fit(
     edge: NanoEdge,
     server: Server,
     features: np.ndarray,
-    rows: Sequence[Row],
+    questions: Sequence[Question],
     *,
     steps: int,
     batch_size: int,
@@ -58,39 +76,63 @@ def local_fit(
     prox_mu: float = 0.0,
     seed: int = 0,
     params: Mapping[str, nn.Parameter] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
+    objective: str = "lm",
+    lm_weight: float = 0.0,
+    optimizer_state: dict | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float], dict]:
     """Run ``steps`` split steps on one client's data, starting from the current ``params``.
 
     Each step: the edge computes z' (B, T, d), the server returns loss and dL/dz', the edge
     back-propagates into its adapters (plus FedProx's proximal gradient) and AdamW steps.
 
     Args:
+        questions: the client's training examples, (choice rows, answer index, category) each.
+        objective: ``lm`` (next-token NLL of the answer's row) or ``choice`` (cross-entropy of the
+            answer among the choices' summed log-likelihoods, plus ``lm_weight`` x the answer's NLL).
         params: what is trained, by state key; default the edge's NanoAdapters. ``fedavg-lora``
             passes the LoRA inside an in-process LLM
             (:meth:`fednano_ray.models.build.MLLM.with_llm_lora`): its edge has no trainable part
             and the server's backward fills the LoRA grads.
+        optimizer_state: AdamW's state from this client's previous call (None: fresh moments), so
+            the moments carry over between rounds instead of restarting every call.
 
     Returns:
-        (adapter state, diagonal Fisher = mean squared loss gradient over this pass, metrics).
+        (adapter state, diagonal Fisher = mean squared loss gradient over this pass, metrics,
+        AdamW state to pass back next time).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
     params = dict(edge.adapters.named_parameters() if params is None else params)
     global_state = adapter_state(params) if prox_mu > 0 else None
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+        for group in opt.param_groups:  # this call's settings, the carried moments
+            group["lr"], group["weight_decay"] = lr, weight_decay
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(rows))
+    order = rng.permutation(len(questions))
     pos, losses = 0, []
+    packed = [pack_choices(rows) for rows, _, _ in questions] if objective == "choice" else None
     edge.train()
     for _ in range(steps):
         if pos + batch_size > len(order):  # reshuffle per epoch; shards smaller than a batch use all rows
-            order, pos = rng.permutation(len(rows)), 0
+            order, pos = rng.permutation(len(questions)), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
-        batch = collate([rows[i] for i in idx], pad_id)
         feats = torch.from_numpy(np.ascontiguousarray(features[idx])).float()
         opt.zero_grad()  # before the server call: an in-process server's backward fills grads
-        z = edge(batch["input_ids"], batch["image_mask"], features=feats)
-        loss, grad = server.loss_and_grad(z.detach(), batch["attention_mask"], batch["labels"])
+        if packed is None:
+            batch = collate([questions[i][0][questions[i][1]] for i in idx], pad_id)
+            z = edge(batch["input_ids"], batch["image_mask"], features=feats)
+            loss, grad = server.loss_and_grad(z.detach(), batch["attention_mask"], batch["labels"])
+        else:
+            chunk = [questions[i] for i in idx]
+            inputs, args, _ = _packed_batch([packed[i] for i in idx], chunk, pad_id)
+            z = edge(inputs["input_ids"], inputs["image_mask"], features=feats)
+            counts = torch.tensor([len(rows) for rows, _, _ in chunk])
+            answers = torch.tensor([answer for _, answer, _ in chunk])
+            loss, grad = server.choice_loss_and_grad(z.detach(), *args, counts, answers, float(lm_weight))
         if z.requires_grad:  # an edge with adapters: finish the backward into them
             z.backward(grad)
         for k, p in params.items():  # Fisher from the task-loss gradient only (before the prox term)
@@ -103,7 +145,7 @@ def local_fit(
     edge.eval()
     fisher = {k: v / max(1, steps) for k, v in fisher.items()}
     metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "loss_last": losses[-1] if losses else float("nan")}
-    return adapter_state(params), fisher, metrics
+    return adapter_state(params), fisher, metrics, opt.state_dict()
 
 
 def choice_rows(encode_row: Callable[[str, str], Row], question: str, choices: Sequence[str]) -> list[Row]:

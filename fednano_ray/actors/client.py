@@ -31,11 +31,17 @@ class RemoteServer:
         self.kill_in: int | None = None
 
     def loss_and_grad(self, z, attention_mask, labels):
+        return self._step(self.handle.loss_and_grad, z, attention_mask, labels)
+
+    def choice_loss_and_grad(self, *args):
+        return self._step(self.handle.choice_loss_and_grad, *args)
+
+    def _step(self, method, *args):
         import ray
 
         # The trainer actor has max_task_retries=-1: if it dies with this call in flight, Ray
         # restarts it (its __init__ reloads the frozen LLM) and re-sends the call; get() just waits.
-        ref = self.handle.loss_and_grad.remote(z, attention_mask, labels)
+        ref = method.remote(*args)
         if self.kill_in is not None:
             if self.kill_in == 0:
                 ray.kill(self.handle, no_restart=False)  # SIGKILL; Ray restarts it (max_restarts=-1)
@@ -94,18 +100,18 @@ class ClientActor:
         self.pad_id = mllm.pad_id
         self.rank = rank
         self.data = data
-        self._train_rows: dict[int, Any] = {}
+        self._train_questions: dict[int, Any] = {}
         # SecAgg (trust.secure_aggregation): this actor's protocol state per (round, client id);
         # the keys and self-mask seed never leave the actor except as encrypted Shamir shares.
         self._secagg: dict[tuple[int, int], Any] = {}
         self._die_before_unmask: set[tuple[int, int]] = set()
 
-    def _rows(self, i: int):
-        """Training row of train example i (cached: tokenizing is cheap but not free)."""
-        if i not in self._train_rows:
-            q, choices, answer, _ = self.data["train"][1][i]
-            self._train_rows[i] = self.encode_row(q, choices[answer])
-        return self._train_rows[i]
+    def _question(self, i: int):
+        """Train example i as (choice rows, answer, category) (cached: tokenizing is cheap but not free)."""
+        if i not in self._train_questions:
+            q, choices, answer, cat = self.data["train"][1][i]
+            self._train_questions[i] = ([self.encode_row(q, c) for c in choices], answer, cat)
+        return self._train_questions[i]
 
     def fit(
         self,
@@ -121,8 +127,16 @@ class ClientActor:
         seed: int = 0,
         chaos: str | None = None,
         secagg: dict[str, Any] | None = None,
+        objective: str = "lm",
+        lm_weight: float = 0.0,
+        optimizer_state: dict | None = None,
     ) -> dict[str, Any]:
         """Local training of one client from ``start_state``; returns its update as plain data.
+
+        ``optimizer_state`` is this client's AdamW state from its previous round (None: fresh); the
+        result's ``optimizer_state`` is the one to pass next time. It is the client's own state, kept
+        for it by the coordinator in simulation (a deployed client keeps it on its device): never
+        aggregated, never counted as communication.
 
         With ``secagg`` (secure aggregation; after :meth:`secagg_advertise` and
         :meth:`secagg_share_keys` for this round and client) it returns no state, Fisher or
@@ -152,13 +166,14 @@ class ClientActor:
         t0 = time.perf_counter()
         load_adapter_state(self.params, start_state)
         feats = self.data["train"][0][indices]
-        rows = [self._rows(i) for i in indices]
+        questions = [self._question(i) for i in indices]
         if self._llm is not None:
             self._llm.train()  # for PEFT's LoRA dropout (the decoders here have no active dropout of their own)
         try:
-            state, fisher, metrics = local_fit(
-                self.edge, self.server, feats, rows, steps=steps, batch_size=batch_size, lr=lr, pad_id=self.pad_id,
-                weight_decay=weight_decay, prox_mu=prox_mu, seed=seed, params=self.params,
+            state, fisher, metrics, opt_state = local_fit(
+                self.edge, self.server, feats, questions, steps=steps, batch_size=batch_size, lr=lr, pad_id=self.pad_id,
+                weight_decay=weight_decay, prox_mu=prox_mu, seed=seed, params=self.params, objective=objective,
+                lm_weight=lm_weight, optimizer_state=optimizer_state,
             )
         finally:
             if self._llm is not None:
@@ -183,11 +198,11 @@ class ClientActor:
                 self._die_before_unmask.add((secagg["round"], client_id))
             return {
                 "client_id": client_id, "masked": masked, "metrics": metrics, "rank": self.rank,
-                "node_id": self.node_id(),
+                "node_id": self.node_id(), "optimizer_state": opt_state,
             }
         return {
             "client_id": client_id, "state": state, "fisher": fisher, "num_examples": len(indices),
-            "metrics": metrics, "rank": self.rank, "node_id": self.node_id(),
+            "metrics": metrics, "rank": self.rank, "node_id": self.node_id(), "optimizer_state": opt_state,
         }
 
     # -- secure aggregation (SecAgg, Bonawitz et al. 2017): this client's side ----------------------

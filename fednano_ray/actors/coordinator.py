@@ -162,6 +162,7 @@ class Coordinator:
         self.global_state: dict[str, torch.Tensor] = ray.get(self.top_actor.initial_state.remote())
         self.initial_state = {k: v.clone() for k, v in self.global_state.items()}
         self.client_states: dict[int, dict[str, torch.Tensor]] = {}
+        self.optimizer_states: dict[int, dict[str, Any]] = {}  # per client, train.optimizer_state=keep
         self.rounds: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
         self.next_round = 0
@@ -187,6 +188,27 @@ class Coordinator:
         if fed.strategy == "fednano":
             return {"eps": fed.fisher_eps}
         return {}
+
+    def _fit_kwargs(self, rnd: int, c: int, *, steps: int, batch_size: int) -> dict[str, Any]:
+        """What a client's ``fit`` call needs besides its data and start state."""
+        t, fed = self.cfg.train, self.cfg.federation
+        return {
+            "steps": steps, "batch_size": batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
+            "prox_mu": self.strategy.proximal_mu, "seed": _seed(fed.seed, rnd, c), "chaos": self.chaos.get((rnd, c)),
+            "objective": t.objective, "lm_weight": t.lm_weight, "optimizer_state": self.optimizer_states.get(c),
+        }
+
+    def _keep_optimizer_states(self, outs: dict[int, Any]) -> None:
+        """Hold each reporting client's AdamW state for its next round (train.optimizer_state=keep).
+
+        The coordinator keeps them on the clients' behalf, as a simulation must (a pool actor serves
+        many virtual clients, and actors restart); they are checkpointed with the round, so --resume
+        continues exactly. A deployed client would keep its own; none of it is aggregated or counted
+        as communication."""
+        if self.cfg.train.optimizer_state == "keep":
+            for c, out in outs.items():
+                if out.get("optimizer_state") is not None:
+                    self.optimizer_states[c] = out["optimizer_state"]
 
     def _fit_tier_and_actor(self, client_id: int):
         """The tier and actor that train ``client_id`` in a round: its own, except that
@@ -242,16 +264,13 @@ class Coordinator:
                 idx = sorted(i for shard in self.data.client_train for i in shard)
                 steps = tier.local_steps * fed.clients_per_round
             bytes_down += _nbytes(truncate_to_rank(self._start_state(c), cfg.tier_rank(tier)))
-            ref = actor.fit.remote(
-                c, idx, start, steps=steps, batch_size=tier.batch_size, lr=cfg.train.lr,
-                weight_decay=cfg.train.weight_decay, prox_mu=self.strategy.proximal_mu,
-                seed=_seed(fed.seed, rnd, c), chaos=self.chaos.get((rnd, c)),
-            )
+            ref = actor.fit.remote(c, idx, start, **self._fit_kwargs(rnd, c, steps=steps, batch_size=tier.batch_size))
             refs[ref] = c
         self.progress = {"round": rnd, "done": 0, "total": len(refs)}
         # Past the deadline: recorded as failures, and the actors restarted so their queues clear.
         reasons: dict[int, str] = {}
         outs = self._gather(refs, "", reasons, kill_stalled=True)
+        self._keep_optimizer_states(outs)
         # In client order, not arrival order: float sums then add up the same way in every run.
         updates = [
             ClientUpdate(str(c), o["state"], o["num_examples"], o["fisher"], o["metrics"]) for c, o in sorted(outs.items())
@@ -405,12 +424,12 @@ class Coordinator:
                     "keys": template.keys, "num_clients": len(public), "frac_bits": frac_bits,
                 }
                 ref = self._actor_for(c).fit.remote(
-                    c, self.data.client_train[c], global_ref, steps=tier.local_steps, batch_size=tier.batch_size,
-                    lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, prox_mu=self.strategy.proximal_mu,
-                    seed=_seed(fed.seed, rnd, c), chaos=self.chaos.get((rnd, c)), secagg=secagg,
+                    c, self.data.client_train[c], global_ref, secagg=secagg,
+                    **self._fit_kwargs(rnd, c, steps=tier.local_steps, batch_size=tier.batch_size),
                 )
                 refs[ref] = c
             fitted = self._gather(refs, "", failures, kill_stalled=True)
+            self._keep_optimizer_states(fitted)
             quorum = math.ceil(fed.quorum * len(sampled))
             if len(fitted) < quorum:
                 raise SecAggError(
@@ -557,6 +576,8 @@ class Coordinator:
             (folder / "clients").mkdir(exist_ok=True)
             for c, s in self.client_states.items():
                 save_file({k: v.contiguous() for k, v in s.items()}, str(folder / "clients" / f"client_{c:05d}.safetensors"))
+        if self.optimizer_states:  # the clients' own AdamW moments: resume continues them exactly
+            torch.save(self.optimizer_states, folder / "optimizer_states.pt")
         state = {"round": rnd, "rounds": self.rounds, "summary": self.summary, "client_ids": sorted(self.client_states)}
         tmp = folder / "state.json.tmp"
         tmp.write_text(json.dumps(state))
@@ -574,6 +595,8 @@ class Coordinator:
         self.client_states = {
             c: load_file(str(ckpt / "clients" / f"client_{c:05d}.safetensors")) for c in state["client_ids"]
         }
+        if (ckpt / "optimizer_states.pt").exists():
+            self.optimizer_states = torch.load(ckpt / "optimizer_states.pt", weights_only=True)
         self.rounds = state["rounds"]
         self.summary = state["summary"]
         self.next_round = state["round"] + 1

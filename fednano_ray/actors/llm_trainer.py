@@ -1,9 +1,11 @@
 """LLMTrainer: holds the frozen LLM once and serves split steps to every client.
 
-Concurrent ``loss_and_grad`` calls from different clients are merged into one right-padded batch
-(dynamic batching: up to ``max_batch_size`` rows, waiting at most ``batch_wait_ms`` for more). Each
-client's rows form their own group, so each gets exactly the loss and gradient it would get alone
-(``ServerLLM.loss_and_grad``). A plain class: wrap it with ``ray.remote`` where the app is built.
+Concurrent split steps from different clients (``loss_and_grad``, the LM objective, and
+``choice_loss_and_grad``, the choice objective over packed questions) are merged into one
+right-padded batch per objective (dynamic batching: up to ``max_batch_size`` rows, waiting at most
+``batch_wait_ms`` for more). Each client's rows form their own group, so each gets exactly the loss
+and gradient it would get alone (``ServerLLM.loss_and_grad`` / ``choice_loss_and_grad``). A plain
+class: wrap it with ``ray.remote`` where the app is built.
 
 Reproducibility: a row's floating-point result depends on the padded length of its batch (the CPU
 attention and matmul kernels reduce in a different order for other lengths; measured on SmolLM2 in
@@ -31,10 +33,18 @@ from fednano_ray.models.split import IGNORE_INDEX, ServerLLM
 
 @dataclass
 class _Request:
+    """One client's split step: ``extra`` is empty for the LM objective, or the choice objective's
+    (position_ids, segments, source, target, owner, counts, answers, lm_weight)."""
+
     z: Tensor
     attention_mask: Tensor
-    labels: Tensor
+    labels: Tensor | None
     future: asyncio.Future = field(repr=False)
+    extra: tuple = ()
+
+    @property
+    def kind(self) -> tuple:
+        return ("choice", self.extra[-1]) if self.extra else ("lm",)
 
 
 class LLMTrainer:
@@ -72,16 +82,37 @@ class LLMTrainer:
 
     async def loss_and_grad(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[float, Tensor]:
         """One client's split step: (mean loss over its label tokens, dL/dz' with its own shape)."""
-        if z.dim() != 3 or z.shape[:2] != attention_mask.shape or labels.shape != attention_mask.shape:
-            raise ValueError(f"bad split-step shapes: z {tuple(z.shape)}, mask {tuple(attention_mask.shape)}, labels {tuple(labels.shape)}")
+        if labels.shape != attention_mask.shape:
+            raise ValueError(f"bad split-step shapes: mask {tuple(attention_mask.shape)}, labels {tuple(labels.shape)}")
+        return await self._submit(_Request(z, attention_mask, labels, None))
+
+    async def choice_loss_and_grad(
+        self, z: Tensor, attention_mask: Tensor, position_ids: Tensor, segments: Tensor, source: Tensor, target: Tensor,
+        owner: Tensor, counts: Tensor, answers: Tensor, lm_weight: float = 0.0,
+    ) -> tuple[float, Tensor]:
+        """One client's split step of the choice objective over packed questions
+        (:meth:`ServerLLM.choice_loss_and_grad`): (mean loss over its questions, dL/dz')."""
+        if position_ids.shape != attention_mask.shape or segments.shape != attention_mask.shape:
+            raise ValueError("position_ids and segments must have the attention mask's shape")
+        if counts.shape[0] != z.shape[0] or answers.shape != counts.shape:
+            raise ValueError(f"one question per packed row: {z.shape[0]} rows, {counts.shape[0]} counts, {answers.shape[0]} answers")
+        if not (source.shape == target.shape == owner.shape) or (owner.numel() and int(owner.max()) >= int(counts.sum())):
+            raise ValueError("source, target and owner must align, and owners must index the questions' scores")
+        extra = (position_ids, segments, source, target, owner, counts, answers, float(lm_weight))
+        return await self._submit(_Request(z, attention_mask, None, None, extra))
+
+    async def _submit(self, req: _Request) -> tuple[float, Tensor]:
+        z, attention_mask = req.z, req.attention_mask
+        if z.dim() != 3 or z.shape[:2] != attention_mask.shape:
+            raise ValueError(f"bad split-step shapes: z {tuple(z.shape)}, mask {tuple(attention_mask.shape)}")
         if z.shape[-1] != self.server.hidden_size:
             raise ValueError(f"z' has width {z.shape[-1]} but the LLM expects {self.server.hidden_size}: client and server models differ")
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._batch_loop())
-        fut = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(z, attention_mask, labels, fut))
-        return await fut
+        req.future = asyncio.get_running_loop().create_future()
+        await self._queue.put(req)
+        return await req.future
 
     async def score_packed(self, *args) -> Tensor:
         """Summed log-likelihoods of choices packed behind their shared prompt (:meth:`ServerLLM.score_packed`)."""
@@ -116,12 +147,13 @@ class LLMTrainer:
                     break
                 batch.append(req)
                 rows += req.z.shape[0]
-            by_length: dict[int, list[_Request]] = {}
+            by_length: dict[tuple, list[_Request]] = {}
             for r in batch:  # merge only equal padded lengths: results then do not depend on the batching
-                by_length.setdefault(self.padded_length(r.z.shape[1]), []).append(r)
-            for t, group in sorted(by_length.items()):
+                by_length.setdefault((r.kind, self.padded_length(r.z.shape[1])), []).append(r)
+            for (kind, t), group in sorted(by_length.items()):
+                run = self._run if kind == ("lm",) else self._run_choice
                 try:
-                    results = await loop.run_in_executor(self._pool, self._run, group, t)
+                    results = await loop.run_in_executor(self._pool, run, group, t)
                 except Exception as e:  # noqa: BLE001 - a bad batch fails its requests, never the trainer
                     for r in group:
                         if not r.future.done():
@@ -136,14 +168,46 @@ class LLMTrainer:
         m = self.pad_to_multiple
         return -(-t // m) * m
 
+    @staticmethod
+    def _pad(x: Tensor, t: int, value) -> Tensor:
+        return F.pad(x, (0, 0, 0, t - x.shape[1]), value=value) if x.dim() == 3 else F.pad(x, (0, t - x.shape[1]), value=value)
+
     def _run(self, batch: list[_Request], t: int) -> list[tuple[float, Tensor]]:
         t0 = time.perf_counter()
-        pad = lambda x, v: F.pad(x, (0, 0, 0, t - x.shape[1]), value=v) if x.dim() == 3 else F.pad(x, (0, t - x.shape[1]), value=v)
-        z = torch.cat([pad(r.z.float(), 0.0) for r in batch])
-        mask = torch.cat([pad(r.attention_mask, 0) for r in batch])
-        labels = torch.cat([pad(r.labels, IGNORE_INDEX) for r in batch])
+        z = torch.cat([self._pad(r.z.float(), t, 0.0) for r in batch])
+        mask = torch.cat([self._pad(r.attention_mask, t, 0) for r in batch])
+        labels = torch.cat([self._pad(r.labels, t, IGNORE_INDEX) for r in batch])
         groups = torch.cat([torch.full((r.z.shape[0],), i, dtype=torch.long) for i, r in enumerate(batch)])
         losses, grad = self.server.loss_and_grad(z, mask, labels, groups, num_groups=len(batch))
+        return self._split(batch, losses, grad, t0)
+
+    def _run_choice(self, batch: list[_Request], t: int) -> list[tuple[float, Tensor]]:
+        """Packed questions of several clients in one batch: rows padded to ``t``, each request's flat
+        token indices re-based to its rows in the merged batch and its scores after the earlier ones'."""
+        t0 = time.perf_counter()
+        z = torch.cat([self._pad(r.z.float(), t, 0.0) for r in batch])
+        mask = torch.cat([self._pad(r.attention_mask, t, 0) for r in batch])
+        positions = torch.cat([self._pad(r.extra[0], t, 0) for r in batch])
+        segments = torch.cat([self._pad(r.extra[1], t, -1) for r in batch])
+        source, owner, row, score = [], [], 0, 0
+        for r in batch:
+            n = r.z.shape[1]
+            src = r.extra[2]
+            source.append((row + src // n) * t + src % n)
+            owner.append(r.extra[4] + score)
+            row += r.z.shape[0]
+            score += int(r.extra[5].sum())
+        target = torch.cat([r.extra[3] for r in batch])
+        counts = torch.cat([r.extra[5] for r in batch])
+        answers = torch.cat([r.extra[6] for r in batch])
+        groups = torch.cat([torch.full((r.z.shape[0],), i, dtype=torch.long) for i, r in enumerate(batch)])
+        losses, grad = self.server.choice_loss_and_grad(
+            z, mask, positions, segments, torch.cat(source), target, torch.cat(owner), counts, answers,
+            batch[0].extra[7], groups, num_groups=len(batch),
+        )
+        return self._split(batch, losses, grad, t0)
+
+    def _split(self, batch: list[_Request], losses: Tensor, grad: Tensor, t0: float) -> list[tuple[float, Tensor]]:
         out, start = [], 0
         for i, r in enumerate(batch):
             b, tr = r.z.shape[0], r.z.shape[1]
@@ -151,7 +215,7 @@ class LLMTrainer:
             start += b
         s = self.stats
         s["batches"] += 1
-        s["rows"] += int(z.shape[0])
+        s["rows"] += int(grad.shape[0])
         s["requests"] += len(batch)
         s["max_clients_in_batch"] = max(s["max_clients_in_batch"], len(batch))
         s["compute_s"] += time.perf_counter() - t0

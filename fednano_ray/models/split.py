@@ -213,6 +213,38 @@ class ServerLLM(nn.Module):
         logp, rows = self._token_logprobs(inputs_embeds.float(), attention_mask, labels)
         return torch.zeros(inputs_embeds.shape[0]).index_add(0, rows, logp)
 
+    def _packed_logp(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        segments: Tensor,
+        source: Tensor,
+        target: Tensor,
+    ) -> Tensor:
+        """Log-probability of each scored token of packed rows, (M,) (see :meth:`score_packed`)."""
+        b, n, _ = inputs_embeds.shape
+        idx = torch.arange(n)
+        seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+        allowed = (idx[None, :] <= idx[:, None])[None] & attention_mask.bool()[:, None, :]  # causal, real keys
+        allowed &= (seg_k == 0) | (seg_k == seg_q)  # a choice never sees another choice
+        allowed |= torch.eye(n, dtype=torch.bool)[None]  # padding queries see themselves: no empty softmax row
+        mask = allowed[:, None]  # (B, 1, L, L), used as given by the decoder
+        impl = getattr(self.decoder.config, "_attn_implementation", None) or "sdpa"
+        if impl == "eager":  # eager attention adds a float mask
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        elif impl != "sdpa":
+            raise ValueError(
+                f"packed choice scoring needs a 4-D attention mask, which attn_implementation={impl!r} does not "
+                "take: load the LLM with attn_implementation='sdpa' (or 'eager')"
+            )
+        with self._autocast():
+            hidden = self.decoder(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        h = hidden.reshape(b * n, -1)[source]  # (M, d): the vocab projection only where it is scored
+        with self._autocast():
+            logits = self.lm_head(h)
+        return -F.cross_entropy(logits.float(), target, reduction="none")
+
     @torch.no_grad()
     def score_packed(
         self,
@@ -245,30 +277,70 @@ class ServerLLM(nn.Module):
         Returns:
             (num_scores,) summed log-probabilities.
         """
-        b, n, _ = inputs_embeds.shape
-        idx = torch.arange(n)
-        seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-        allowed = (idx[None, :] <= idx[:, None])[None] & attention_mask.bool()[:, None, :]  # causal, real keys
-        allowed &= (seg_k == 0) | (seg_k == seg_q)  # a choice never sees another choice
-        allowed |= torch.eye(n, dtype=torch.bool)[None]  # padding queries see themselves: no empty softmax row
-        mask = allowed[:, None]  # (B, 1, L, L), used as given by the decoder
-        impl = getattr(self.decoder.config, "_attn_implementation", None) or "sdpa"
-        if impl == "eager":  # eager attention adds a float mask
-            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-        elif impl != "sdpa":
-            raise ValueError(
-                f"packed choice scoring needs a 4-D attention mask, which attn_implementation={impl!r} does not "
-                "take: load the LLM with attn_implementation='sdpa' (or 'eager')"
-            )
-        with self._autocast():
-            hidden = self.decoder(
-                inputs_embeds=inputs_embeds.float(), attention_mask=mask, position_ids=position_ids
-            ).last_hidden_state
-        h = hidden.reshape(b * n, -1)[source]  # (M, d): the vocab projection only where it is scored
-        with self._autocast():
-            logits = self.lm_head(h)
-        logp = -F.cross_entropy(logits.float(), target, reduction="none")
+        logp = self._packed_logp(inputs_embeds.float(), attention_mask, position_ids, segments, source, target)
         return torch.zeros(num_scores).index_add(0, owner, logp)
+
+    def choice_loss_and_grad(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        segments: Tensor,
+        source: Tensor,
+        target: Tensor,
+        owner: Tensor,
+        counts: Tensor,
+        answers: Tensor,
+        lm_weight: float = 0.0,
+        groups: Tensor | None = None,
+        num_groups: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The split step of the choice-level objective: what evaluation ranks is what is trained.
+
+        Rows are packed questions (:meth:`score_packed`'s layout; question ``q`` owns the next
+        ``counts[q]`` scores, in order). A question's loss is the cross-entropy of its answer among
+        its choices' summed log-likelihoods, ``-log softmax(s_q)[answers[q]]``, plus ``lm_weight``
+        times the mean next-token NLL of the answer's own tokens (the LM objective, on the answer).
+
+        Args:
+            counts: (Q,) number of choices of each question (Q = B rows).
+            answers: (Q,) index of the correct choice within its question.
+            lm_weight: weight of the answer's token NLL in the mix (0: pure choice cross-entropy).
+            groups: (Q,) group (client) of each question; a group's loss is the mean over its questions.
+            num_groups: number of groups (default max(groups)+1).
+
+        Returns:
+            (losses (G,), dL/dz' (B, L, d)) where L = sum of the group losses.
+        """
+        q = int(counts.shape[0])
+        if q != inputs_embeds.shape[0] or answers.shape != counts.shape:
+            raise ValueError(f"one question per packed row: {inputs_embeds.shape[0]} rows, {q} counts, {answers.shape[0]} answers")
+        if bool((answers < 0).any()) or bool((answers >= counts).any()):
+            raise ValueError("every answer must index one of its question's choices")
+        if groups is None:
+            groups = torch.zeros(q, dtype=torch.long)
+        g = int(num_groups if num_groups is not None else int(groups.max()) + 1)
+        z = inputs_embeds.detach().float().requires_grad_(True)
+        num_scores = int(counts.sum())
+        first = torch.cumsum(counts, 0) - counts  # each question's first score
+        question_of = torch.repeat_interleave(torch.arange(q), counts)  # (num_scores,)
+        with torch.enable_grad():
+            logp = self._packed_logp(z, attention_mask, position_ids, segments, source, target)
+            scores = torch.zeros(num_scores).index_add(0, owner, logp)
+            # log-sum-exp of each question's scores, stabilised by its own max
+            top = torch.full((q,), -torch.inf).scatter_reduce(0, question_of, scores.detach(), "amax")
+            lse = torch.zeros(q).index_add(0, question_of, (scores - top[question_of]).exp()).log() + top
+            per_q = lse - scores[first + answers]
+            if lm_weight:
+                right = owner == (first + answers)[question_of[owner]]  # tokens of the correct choices
+                nll = torch.zeros(q).index_add(0, question_of[owner[right]], -logp[right])
+                ntok = torch.zeros(q).index_add(0, question_of[owner[right]], torch.ones_like(logp[right]))
+                per_q = per_q + lm_weight * nll / ntok.clamp_min(1)
+            sums = torch.zeros(g).index_add(0, groups, per_q)
+            n = torch.zeros(g).index_add(0, groups, torch.ones_like(per_q))
+            losses = sums / n.clamp_min(1)
+            losses.sum().backward()  # as in loss_and_grad: trainable decoder LoRA (fedavg-lora) gets grads too
+        return losses.detach(), z.grad
 
     @torch.no_grad()
     def generate(

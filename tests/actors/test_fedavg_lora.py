@@ -81,7 +81,7 @@ def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_l
     for c in range(3):
         out = actors[cfg.tier_rank(tier[c])].fit(
             c, data.client_train[c], start, steps=tier[c].local_steps, batch_size=tier[c].batch_size,
-            lr=cfg.train.lr, seed=_seed(cfg.federation.seed, 0, c),
+            lr=cfg.train.lr, seed=_seed(cfg.federation.seed, 0, c), objective=cfg.train.objective,
         )
         states.append(pad_to_rank(out["state"], 4))
         weights.append(out["num_examples"])

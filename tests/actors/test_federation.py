@@ -121,11 +121,15 @@ def test_quorum_not_met_keeps_the_global_adapters(ray_cluster, tmp_path):
 
 
 def test_resume_ends_with_the_same_adapters(tiny_run, tmp_path):
-    """A run killed after round 0 and resumed ends with the adapters of an uninterrupted run (same seed)."""
+    """A run killed after round 0 and resumed ends with the adapters of an uninterrupted run (same seed):
+    the adapters and each client's optimiser moments come back from the checkpoint."""
     full_dir, _ = tiny_run
     cfg = tiny()
     train(cfg, tmp_path / "cut", progress=False, stop_after_round=0)
     assert not (tmp_path / "cut" / "checkpoints" / "round_0001").exists()
+    # train.optimizer_state=keep: the clients' AdamW moments are part of the checkpoint, one per client.
+    moments = torch.load(tmp_path / "cut" / "checkpoints" / "round_0000" / "optimizer_states.pt", weights_only=True)
+    assert sorted(moments) == [0, 1, 2, 3] and all(int(s["step"]) == 2 for s in moments[0]["state"].values())
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, tmp_path / "cut", progress=False)
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)

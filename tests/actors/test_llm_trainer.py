@@ -174,3 +174,60 @@ def test_results_are_the_same_bits_whatever_the_batching(cfg, requests, multiple
     for (loss_a, grad_a), (loss_m, grad_m) in zip(alone, merged, strict=True):
         assert loss_a == loss_m
         assert torch.equal(grad_a, grad_m)
+
+
+@pytest.fixture(scope="module")
+def choice_requests(cfg):
+    """Three clients' choice-objective split steps: 1, 2 and 3 packed questions of 2-4 choices each
+    (answers of one and two tokens), each client's rows padded to its own length."""
+    from fednano_ray.training import _packed_batch, choice_rows, pack_choices
+
+    mllm = build_mllm(cfg.model)
+    edge, server = mllm.split(cfg.adapter, seed=0)
+    with torch.no_grad():
+        for p in edge.adapters.parameters():
+            p.normal_(0, 0.05)
+    words = ["red", "light blue", "four", "left side", "circle"]
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for lo, hi in ((0, 1), (1, 3), (3, 6)):
+        qs = [(choice_rows(mllm.encode_row, QUESTIONS[i][0], words[: 2 + i % 3]), i % 2, None) for i in range(lo, hi)]
+        inputs, args, _ = _packed_batch([pack_choices(rows) for rows, _, _ in qs], qs, mllm.pad_id)
+        pixels = torch.randn(hi - lo, 3, mllm.image_size, mllm.image_size, generator=gen)
+        with torch.no_grad():
+            z = edge(inputs["input_ids"], inputs["image_mask"], pixel_values=pixels)
+        counts = torch.tensor([len(rows) for rows, _, _ in qs])
+        answers = torch.tensor([a for _, a, _ in qs])
+        out.append((z, *args, counts, answers, 0.5))
+    return server, out
+
+
+@pytest.mark.parametrize("multiple", [1, 256])
+def test_choice_steps_merge_and_match_each_client_alone(cfg, choice_requests, multiple):
+    """Choice-objective split steps of three clients, merged into one batch (256) or not (1), give each
+    client the loss and dL/dz' of ServerLLM.choice_loss_and_grad on its own rows, to the bit."""
+    server, reqs = choice_requests
+    trainer = LLMTrainer(cfg.model, max_batch_size=64, batch_wait_ms=50, pad_to_multiple=multiple)
+
+    async def together():
+        return await asyncio.gather(*(trainer.choice_loss_and_grad(*r) for r in reqs))
+
+    merged = _run(together())
+    alone = [_run(LLMTrainer(cfg.model, pad_to_multiple=multiple).choice_loss_and_grad(*r)) for r in reqs]
+
+    assert trainer.get_stats()["batches"] == (1 if multiple == 256 else 3)
+    for (loss_m, grad_m), (loss_a, grad_a), r in zip(merged, alone, reqs, strict=True):
+        assert loss_m == loss_a and torch.equal(grad_m, grad_a)
+        ref_loss, ref_grad = server.choice_loss_and_grad(*r)  # unpadded, in-process
+        assert loss_m == pytest.approx(float(ref_loss[0]), rel=1e-5)
+        torch.testing.assert_close(grad_m, ref_grad, rtol=1e-4, atol=1e-6)
+        assert grad_m.shape == r[0].shape and float(grad_m.abs().max()) > 0
+
+
+def test_bad_choice_step_is_an_error(trainer, choice_requests):
+    """Counts that do not match the packed rows are refused before any compute."""
+    _, reqs = choice_requests
+    z, *rest = reqs[1]
+    rest[6] = rest[6][:1]  # one count for two rows
+    with pytest.raises(ValueError, match="one question per packed row"):
+        _run(trainer.choice_loss_and_grad(z, *rest))

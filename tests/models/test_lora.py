@@ -62,8 +62,8 @@ def test_llm_lora_trains_only_the_lora_and_lowers_the_loss():
 
     frozen = {k: v.clone() for k, v in [*edge.state_dict().items(), *llm.state_dict().items()] if ".lora_" not in k}
     start = adapter_state(params)
-    state, fisher, metrics = local_fit(
-        edge, LocalServer(llm), feats, rows, steps=12, batch_size=3, lr=0.01, pad_id=mllm.pad_id, params=params
+    state, fisher, metrics, _ = local_fit(
+        edge, LocalServer(llm), feats, [([r], 0, None) for r in rows], steps=12, batch_size=3, lr=0.01, pad_id=mllm.pad_id, params=params
     )
     after = _mean_loss(edge, llm, feats, rows, mllm.pad_id)
 

@@ -188,7 +188,7 @@ def test_the_same_global_state_computes_the_same_function_on_every_tier():
     # The gradients (and so the Fisher local_fit reports from the start state) are the same too.
     fits = {}
     for r, edge in ((4, edge4), (8, edge8)):
-        _, fisher, _ = local_fit(edge, LocalServer(server_llm), feats, rows, steps=1, batch_size=3, lr=1e-3,
+        _, fisher, _, _ = local_fit(edge, LocalServer(server_llm), feats, [([r], 0, None) for r in rows], steps=1, batch_size=3, lr=1e-3,
                                  pad_id=mllm.pad_id)
         fits[r] = fisher
     for k, f4 in fits[4].items():
