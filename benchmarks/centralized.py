@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="adapter init and batch order (repeat over seeds for intervals)")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--train", choices=["adapters", "connector", "llm-lora"], default="adapters",
                    help="what to train: the NanoAdapters (FedNano), PEFT LoRA inside the LLM (fedavg-lora's "
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg.adapter, autocast_bf16=cfg.model.runtime_precision().autocast_bf16
         )
     else:
-        edge, server_llm = mllm.split(cfg.adapter, autocast_bf16=cfg.model.runtime_precision().autocast_bf16)
+        edge, server_llm = mllm.split(cfg.adapter, autocast_bf16=cfg.model.runtime_precision().autocast_bf16, seed=a.seed)
     server = LocalServer(server_llm)
     if a.train == "connector":  # diagnostic: the connector's 1M parameters take the adapters' place
         connector = edge.connector
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         # One optimiser for the whole run: AdamW's moments carry over between evaluation chunks.
         _, _, metrics, opt_state = local_fit(
             edge, server, train_f, train_qs, steps=n, batch_size=a.batch_size, lr=a.lr, pad_id=mllm.pad_id,
-            seed=done, params=params, objective=cfg.train.objective, lm_weight=cfg.train.lm_weight,
+            seed=1000 * a.seed + done, params=params, objective=cfg.train.objective, lm_weight=cfg.train.lm_weight,
             optimizer_state=opt_state,
         )
         done += n

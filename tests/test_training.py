@@ -401,7 +401,7 @@ def test_optimizer_state_carries_adam_moments_over_calls(setup):
     # Prepare
     cfg, mllm, rows, features = setup
     questions = [([r], 0, None) for r in rows[:8]]
-    kw = dict(batch_size=8, lr=0.05, pad_id=mllm.pad_id)  # full batch: every step sees every row
+    kw = {"batch_size": 8, "lr": 0.05, "pad_id": mllm.pad_id}  # full batch: every step sees every row
 
     def fit(steps_list, carry):
         edge, server_llm = mllm.split(cfg.adapter, seed=0)
@@ -413,7 +413,7 @@ def test_optimizer_state_carries_adam_moments_over_calls(setup):
         return out, state
 
     # Execute
-    once, opt_once = fit([6], carry=True)
+    once, _ = fit([6], carry=True)
     carried, opt_carried = fit([3, 3], carry=True)
     reset, _ = fit([3, 3], carry=False)
 
