@@ -138,6 +138,11 @@ def train(
             ray.kill(coord)  # as if the run were killed here: only the checkpoints remain
             return results
     bar.close()
+    if fed.personalize_steps:
+        if progress:
+            print(f"personalising: every client fine-tunes the global adapters for {fed.personalize_steps} steps",
+                  file=sys.stderr)
+        ray.get(coord.personalize.remote())
     results = ray.get(coord.finish.remote(time.perf_counter() - t0))
     results["trainer_stats"] = ray.get(coord.trainer_stats.remote())
     ray.kill(coord)

@@ -37,6 +37,14 @@ def _acc_ci(acc: float | None, ci: Any = None, n: float | None = None) -> str:
     return f"{acc:.3f}" if ci is None else f"{acc:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def _gain(g: Any) -> str:
+    """``+0.052 [+0.01, +0.09]``: a paired accuracy difference and its 95% interval."""
+    if not g:
+        return "n/a"
+    mean, (lo, hi), _ = g
+    return f"{mean:+.3f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def summary_table(results: dict[str, Any]) -> str:
     """The end-of-run table: per-client accuracy before/after with test size n and 95% Wilson intervals,
     the test-size-weighted average, global test accuracy, bytes, storage."""
@@ -50,7 +58,12 @@ def summary_table(results: dict[str, Any]) -> str:
     total_n = sum(ns.get(c, 0) for c in clients) or None
     nw = max(4, len(str(total_n or "")))
     cw = 18  # "0.386 [0.33, 0.44]"
-    head = f"{'client':>8} | {'n':>{nw}} | {'before':^{cw}} | {'after':^{cw}}".rstrip()
+    personal = s.get("accuracy_personalized_per_client")  # federation.personalize_steps
+    personal_ci = s.get("accuracy_personalized_per_client_ci95", {})
+    head = f"{'client':>8} | {'n':>{nw}} | {'before':^{cw}} | {'after (global)' if personal else 'after':^{cw}}"
+    if personal:
+        head += f" | {'personalised':^{cw}}"
+    head = head.rstrip()
     rule = "-" * len(head)
     lines = [head, rule]
     shown = clients if len(clients) <= TABLE_MAX_CLIENTS else clients[:TABLE_HEAD_CLIENTS]
@@ -58,7 +71,8 @@ def summary_table(results: dict[str, Any]) -> str:
         n = ns.get(c)
         lines.append(
             f"{c:>8} | {n if n is not None else '?':>{nw}} | {_acc_ci(before.get(c), before_ci.get(c), n):<{cw}} | "
-            f"{_acc_ci(after[c], after_ci.get(c), n)}"
+            f"{_acc_ci(after[c], after_ci.get(c), n):<{cw if personal else 0}}"
+            + (f" | {_acc_ci(personal.get(c), personal_ci.get(c), n)}" if personal else "")
         )
     if len(shown) < len(clients):
         import statistics
@@ -72,10 +86,17 @@ def summary_table(results: dict[str, Any]) -> str:
     lines.append(
         f"{'average':>8} | {total_n if total_n is not None else '':>{nw}} | "
         f"{_acc_ci(s['accuracy_before'], s.get('accuracy_before_ci95'), total_n):<{cw}} | "
-        f"{_acc_ci(s['accuracy_after'], s.get('accuracy_after_ci95'), total_n)}"
-        + ("  weighted by test size" if total_n else "")
+        f"{_acc_ci(s['accuracy_after'], s.get('accuracy_after_ci95'), total_n):<{cw if personal else 0}}"
+        + (f" | {_acc_ci(s['accuracy_personalized'], s.get('accuracy_personalized_ci95'), total_n)}" if personal else "")
+        + ((" weighted by test size" if personal else "  weighted by test size") if total_n else "")
     )
     lines.append("n: held-out questions; [lo, hi]: 95% Wilson interval (the average's: all questions pooled)")
+    for name, label in (("after", "after - before"), ("personalized", "personalised - before")):
+        held, glob = s.get(f"accuracy_gain_{name}"), s.get(f"global_test_gain_{name}")
+        if held or glob:
+            lines.append(
+                f"{label + ',':<22} paired 95%: held-out {_gain(held)}" + (f"; global test {_gain(glob)}" if glob else "")
+            )
     lines.append("")
     lines.append(f"strategy                   {s['strategy']} ({s['rounds']} rounds, {s['failures']} client failures)")
     gn = s.get("global_test_n")
@@ -84,6 +105,21 @@ def summary_table(results: dict[str, Any]) -> str:
         f" -> {_acc_ci(s['global_test_accuracy'], s.get('global_test_accuracy_ci95'), gn)}"
         + (f"  (n={gn})" if gn else "")
     )
+    if personal:
+        lines.append(
+            f"  with personal adapters   {_acc_ci(s.get('global_test_accuracy_personalized'), s.get('global_test_accuracy_personalized_ci95'), gn)}"
+            "  (each client's own, averaged)"
+        )
+    by_before, by_after = s.get("global_test_by_category_before") or {}, s.get("global_test_by_category") or {}
+    if by_after:  # what the adapters learned, question type by question type
+        cat_n = s.get("global_test_n_by_category") or {}
+        lines.append("global test by category     before -> after")
+        for cat in sorted(by_after):
+            n = cat_n.get(cat)
+            lines.append(
+                f"  {cat:<12} {f'n={n}' if n else '':>6}   {_acc_ci(by_before.get(cat), None, n):<{cw}} -> "
+                f"{_acc_ci(by_after[cat], None, n)}"
+            )
     if s.get("chance_accuracy") is not None:
         lines.append(f"chance (uniform guess)     {s['chance_accuracy']:.3f}")
     lines.append(f"adapters sent up / down    {_fmt_bytes(s['bytes_up'])} / {_fmt_bytes(s['bytes_down'])} in total")

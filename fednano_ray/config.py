@@ -122,6 +122,13 @@ class AdapterConfig(_Section):
         "(not lora_alpha / the tier's adapter_rank).",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    factors: Literal["joint", "frozen_a"] = Field(
+        "joint",
+        description="Which LoRA factors clients train. joint: lora_A and lora_B (the paper's NanoAdapter); merging A and "
+        "B separately is not merging B@A (a second-order error under FedAvg, a patchwork of clients under Fisher "
+        "weights). frozen_a: lora_A stays at its shared random init and only lora_B trains (FFA-LoRA, Sun et al. "
+        "2024, arXiv 2403.12313): B@A is linear in B, so FedAvg and Fisher merging of B merge the products exactly.",
+    )
     modalities: tuple[Literal["vision", "text"], ...] = Field(
         ("vision", "text"), min_length=1,
         description="Which NanoAdapters to train: vision, text or both (fedavg-lora trains none).",
@@ -251,6 +258,13 @@ class FederationConfig(_Section):
     )
     seed: int = Field(0, description="Seed of sampling, partitioning and adapter init.")
     evaluate_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and after the last).")
+    personalize_steps: int = Field(
+        0, ge=0,
+        description="After the last round, every client fine-tunes a private copy of the global adapters for this many "
+        "local steps on its own training data (fresh AdamW, its tier's batch size); it is then evaluated with them on "
+        "its held-out data and on the global test, its checkpoint holds them, and `fednano-ray serve` answers it with "
+        "them. 0 = no personalisation (every client is served the global adapters).",
+    )
 
 
 class TierConfig(_Section):
@@ -286,6 +300,23 @@ class TrainConfig(_Section):
         "keep",
         description="keep: each client's AdamW moments carry over from one of its rounds to the next (in "
         "checkpoints, exact under --resume); reset: fresh moments every round (the behaviour before).",
+    )
+    fisher: Literal["endpoint", "trajectory"] = Field(
+        "endpoint",
+        description="fednano only: the diagonal Fisher each client uploads. endpoint: the empirical Fisher at the end "
+        "of local training, the mean of per-example squared gradients of each example's negative log-likelihood over "
+        "train.fisher_examples of its training examples (Matena & Raffel's Fisher merging; costs "
+        "ceil(fisher_examples / batch_size) extra split steps without an update); trajectory: the mean squared "
+        "mini-batch gradient over the local steps (free, but its scale follows the batch size and how far the client "
+        "still is from its optimum: an ablation).",
+    )
+    fisher_examples: int = Field(
+        16, ge=1, description="fednano, fisher=endpoint: the bounded sample of training examples the Fisher averages over."
+    )
+    fisher_normalize: bool = Field(
+        True,
+        description="fednano only: divide each adapter tensor's Fisher by its mean before upload, so it ranks the "
+        "client's coordinates against each other and no client wins a coordinate by the scale of its gradients alone.",
     )
     eval_batch_size: int = Field(32, ge=1, description="Rows per forward when scoring choices.")
     max_batch_size: int = Field(64, ge=1, description="LLM trainer: most rows merged into one forward/backward.")
@@ -403,6 +434,16 @@ class Config(_Section):
         names = [t.name for t in self.tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
+        if fed.personalize_steps and fed.strategy == "local":
+            raise ValueError(
+                "federation.personalize_steps fine-tunes the global adapters on each client, but strategy local has no "
+                "global model (every client already trains its own): set federation.personalize_steps=0"
+            )
+        if self.adapter.factors != "joint" and fed.strategy in CLIENTS_HOLD_LLM:
+            raise ValueError(
+                f"adapter.factors={self.adapter.factors} applies to NanoAdapters; federation.strategy {fed.strategy} "
+                "trains PEFT LoRA inside the LLM: leave adapter.factors at joint"
+            )
         return self
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ __all__ = [
     "Z95",
     "client_accuracy_stats",
     "global_test_stats",
+    "paired_difference",
     "pooled_accuracy",
     "weighted_accuracy",
     "wilson_interval",
@@ -135,3 +136,35 @@ def global_test_stats(tests: Sequence[Mapping[str, float]], z: float = Z95) -> d
         "global_test_n": n,
         "global_test_accuracy_ci95": list(wilson_interval(acc * n, n, z)),
     }
+
+
+def paired_difference(
+    before: Sequence[str], after: Sequence[str], z: float = Z95
+) -> tuple[float, list[float], int] | None:
+    """Accuracy gain ``after - before`` on the same questions, with a paired 95% interval.
+
+    Args:
+        before, after: per set of questions (a client's held-out split, or the global test), one
+            string of "1"/"0" per question in the same order (``evaluate``'s ``correct``); pooled.
+
+    Returns:
+        (mean difference, [lo, hi], number of questions) or None without questions. The interval
+        is the normal one of the mean of the per-question differences d in {-1, 0, 1}: pairing
+        removes the variance the two models share on the same questions, so it is much narrower
+        than the two separate intervals suggest.
+
+    Raises:
+        ValueError: if a pair of strings differs in length (not the same questions).
+    """
+    d: list[int] = []
+    for b, a in zip(before, after, strict=True):
+        if len(a) != len(b):
+            raise ValueError(f"paired accuracies need the same questions: {len(b)} before, {len(a)} after")
+        d.extend(int(x) - int(y) for x, y in zip(a, b, strict=True))
+    n = len(d)
+    if n == 0:
+        return None
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n)
+    return mean, [mean - half, mean + half], n

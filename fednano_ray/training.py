@@ -31,6 +31,12 @@ Row = tuple[list[int], list[int], list[bool]]
 #: One multiple-choice example: (each choice's row ``prompt + choice``, index of the answer, category).
 Question = tuple[list[Row], int, "str | None"]
 OBJECTIVES = ("lm", "choice")
+#: Diagonal Fisher estimators (``train.fisher``): ``endpoint`` = the empirical Fisher at the end of
+#: local training, mean over a bounded sample of per-example squared gradients of the example's
+#: negative log-likelihood (Matena & Raffel 2022); ``trajectory`` = the mean squared mini-batch
+#: gradient over the local steps (the earlier estimator, kept as an ablation: its scale depends on
+#: the batch size and on how far the client still is from its optimum).
+FISHER_ESTIMATORS = ("endpoint", "trajectory")
 
 
 class Server(Protocol):
@@ -79,6 +85,9 @@ def local_fit(
     objective: str = "lm",
     lm_weight: float = 0.0,
     optimizer_state: dict | None = None,
+    fisher: str = "trajectory",
+    fisher_examples: int = 16,
+    fisher_normalize: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float], dict]:
     """Run ``steps`` split steps on one client's data, starting from the current ``params``.
 
@@ -95,21 +104,31 @@ def local_fit(
             and the server's backward fills the LoRA grads.
         optimizer_state: AdamW's state from this client's previous call (None: fresh moments), so
             the moments carry over between rounds instead of restarting every call.
+        fisher: the diagonal Fisher estimator (:data:`FISHER_ESTIMATORS`): ``endpoint`` costs
+            ``ceil(fisher_examples / batch_size)`` extra split steps (forward and backward, no update).
+        fisher_examples: ``endpoint`` only: the bounded sample of training examples it averages over.
+        fisher_normalize: divide each tensor's Fisher by its mean, so that it says which coordinates
+            matter to this client relative to its others, and no client outweighs the rest by the
+            scale of its gradients alone (batch size, distance to its optimum, loss scale).
 
     Returns:
-        (adapter state, diagonal Fisher = mean squared loss gradient over this pass, metrics,
-        AdamW state to pass back next time).
+        (adapter state, diagonal Fisher, metrics, AdamW state to pass back next time). Frozen
+        parameters (``adapter.factors: frozen_a``'s ``lora_A``) are in the state, unchanged, with
+        Fisher 0.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+    if fisher not in FISHER_ESTIMATORS:
+        raise ValueError(f"unknown Fisher estimator {fisher!r}: use one of {', '.join(FISHER_ESTIMATORS)}")
     params = dict(edge.adapters.named_parameters() if params is None else params)
     global_state = adapter_state(params) if prox_mu > 0 else None
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    trained = [p for p in params.values() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
         for group in opt.param_groups:  # this call's settings, the carried moments
             group["lr"], group["weight_decay"] = lr, weight_decay
-    fisher = {k: torch.zeros_like(p) for k, p in params.items()}
+    fisher_sums = {k: torch.zeros_like(p) for k, p in params.items()}
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(questions))
     pos, losses = 0, []
@@ -120,32 +139,113 @@ def local_fit(
             order, pos = rng.permutation(len(questions)), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
-        feats = torch.from_numpy(np.ascontiguousarray(features[idx])).float()
         opt.zero_grad()  # before the server call: an in-process server's backward fills grads
-        if packed is None:
-            batch = collate([questions[i][0][questions[i][1]] for i in idx], pad_id)
-            z = edge(batch["input_ids"], batch["image_mask"], features=feats)
-            loss, grad = server.loss_and_grad(z.detach(), batch["attention_mask"], batch["labels"])
-        else:
-            chunk = [questions[i] for i in idx]
-            inputs, args, _ = _packed_batch([packed[i] for i in idx], chunk, pad_id)
-            z = edge(inputs["input_ids"], inputs["image_mask"], features=feats)
-            counts = torch.tensor([len(rows) for rows, _, _ in chunk])
-            answers = torch.tensor([answer for _, answer, _ in chunk])
-            loss, grad = server.choice_loss_and_grad(z.detach(), *args, counts, answers, float(lm_weight))
+        loss, z, grad, _ = _split_step(edge, server, features, questions, idx, packed, pad_id=pad_id, lm_weight=lm_weight)
         if z.requires_grad:  # an edge with adapters: finish the backward into them
             z.backward(grad)
         for k, p in params.items():  # Fisher from the task-loss gradient only (before the prox term)
-            fisher[k] += p.grad.detach() ** 2
+            if p.grad is not None:
+                fisher_sums[k] += p.grad.detach() ** 2
         if global_state is not None:
             prox = proximal_penalty({k: p for k, p in params.items()}, global_state, prox_mu)
             prox.backward()
         opt.step()
         losses.append(loss)
     edge.eval()
-    fisher = {k: v / max(1, steps) for k, v in fisher.items()}
+    if fisher == "endpoint":
+        sample = rng.choice(len(questions), min(fisher_examples, len(questions)), replace=False)
+        fisher_est = endpoint_fisher(
+            edge, server, features, questions, sample, params=params, batch_size=batch_size, pad_id=pad_id,
+            objective=objective, lm_weight=lm_weight,
+        )
+    else:
+        fisher_est = {k: v / max(1, steps) for k, v in fisher_sums.items()}
+    if fisher_normalize:
+        fisher_est = normalize_fisher(fisher_est)
     metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "loss_last": losses[-1] if losses else float("nan")}
-    return adapter_state(params), fisher, metrics, opt.state_dict()
+    return adapter_state(params), fisher_est, metrics, opt.state_dict()
+
+
+def _split_step(edge, server, features, questions, idx, packed, *, pad_id, lm_weight):
+    """Edge forward and one server call on the examples ``idx``.
+
+    Returns (loss, z' with its graph into the adapters, dL/dz', per-row factor): ``factor[i] *
+    dL/dz'[i]`` is the gradient of example i's OWN loss with respect to its row (rows never interact
+    in the LLM, and the server's loss is the mean over questions, or over label tokens for ``lm``).
+    """
+    feats = torch.from_numpy(np.ascontiguousarray(features[idx])).float()
+    if packed is None:
+        batch = collate([questions[i][0][questions[i][1]] for i in idx], pad_id)
+        z = edge(batch["input_ids"], batch["image_mask"], features=feats)
+        loss, grad = server.loss_and_grad(z.detach(), batch["attention_mask"], batch["labels"])
+        per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).float()  # labelled tokens of each row
+        factor = per_row.sum() / per_row.clamp_min(1)
+    else:
+        chunk = [questions[i] for i in idx]
+        inputs, args, _ = _packed_batch([packed[i] for i in idx], chunk, pad_id)
+        z = edge(inputs["input_ids"], inputs["image_mask"], features=feats)
+        counts = torch.tensor([len(rows) for rows, _, _ in chunk])
+        answers = torch.tensor([answer for _, answer, _ in chunk])
+        loss, grad = server.choice_loss_and_grad(z.detach(), *args, counts, answers, float(lm_weight))
+        factor = torch.full((len(idx),), float(len(idx)))
+    return loss, z, grad, factor
+
+
+def endpoint_fisher(
+    edge: NanoEdge,
+    server: Server,
+    features: np.ndarray,
+    questions: Sequence[Question],
+    sample: Sequence[int],
+    *,
+    params: Mapping[str, nn.Parameter],
+    batch_size: int,
+    pad_id: int,
+    objective: str = "lm",
+    lm_weight: float = 0.0,
+) -> dict[str, Tensor]:
+    """The empirical diagonal Fisher at the current adapters: ``mean_i (d NLL_i / dθ)²`` over ``sample``.
+
+    ``NLL_i`` is example i's own loss under ``objective`` (for ``choice``, ``-log p(answer | its
+    choices)``, a proper log-likelihood of a categorical over the choices). The server runs one
+    forward/backward per ``batch_size`` examples; the per-example gradients are then separated on
+    the client, since row i of dL/dz' is (a known factor times) the gradient of example i's loss
+    alone. Nothing is stepped.
+    """
+    trained = {k: p for k, p in params.items() if p.requires_grad}
+    fisher = {k: torch.zeros_like(p) for k, p in params.items()}
+    packed = [pack_choices(rows) for rows, _, _ in questions] if objective == "choice" else None
+    sample = [int(i) for i in sample]
+    for start in range(0, len(sample), batch_size):
+        idx = sample[start : start + batch_size]
+        for p in params.values():
+            p.grad = None
+        _, z, grad, factor = _split_step(
+            edge, server, features, questions, idx, packed, pad_id=pad_id, lm_weight=lm_weight
+        )
+        if not z.requires_grad or not trained:
+            continue
+        keys = list(trained)
+        for row in range(len(idx)):
+            out = torch.zeros_like(grad)
+            out[row] = grad[row] * factor[row]
+            grads = torch.autograd.grad(z, [trained[k] for k in keys], grad_outputs=out.to(z.dtype), retain_graph=True,
+                                        allow_unused=True)
+            for k, g in zip(keys, grads, strict=True):
+                if g is not None:
+                    fisher[k] += g.detach() ** 2
+    n = max(1, len(sample))
+    return {k: v / n for k, v in fisher.items()}
+
+
+def normalize_fisher(fisher: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor's Fisher divided by its own mean (all-zero tensors stay zero): a client's Fisher
+    then ranks its coordinates against each other, on the same scale as every other client's."""
+    out = {}
+    for k, v in fisher.items():
+        mean = v.mean()
+        out[k] = v / mean if bool(mean > 0) else torch.zeros_like(v)
+    return out
 
 
 def choice_rows(encode_row: Callable[[str, str], Row], question: str, choices: Sequence[str]) -> list[Row]:
@@ -249,7 +349,8 @@ def evaluate(
         batch_size: packed rows (questions) per forward pass.
 
     Returns:
-        ``accuracy``, ``n`` and ``accuracy/<category>`` for every category present.
+        ``accuracy``, ``n``, ``correct`` (one "1"/"0" per question, in order) and
+        ``accuracy/<category>`` for every category present.
     """
     packed = [pack_choices(rows) for rows, _, _ in questions]
     scores: list[Tensor] = []
@@ -267,7 +368,11 @@ def evaluate(
         s = flat[pos : pos + len(rows)]
         pos += len(rows)
         correct.append(int(s.argmax()) == answer)
-    out: dict[str, float] = {"accuracy": float(np.mean(correct)) if correct else float("nan"), "n": float(len(correct))}
+    out: dict[str, float | str] = {
+        "accuracy": float(np.mean(correct)) if correct else float("nan"), "n": float(len(correct)),
+        # per question, in order ("1" right, "0" wrong): paired comparisons of two models on the same questions
+        "correct": "".join("1" if ok else "0" for ok in correct),
+    }
     cats = sorted({c for _, _, c in questions if c is not None})
     for c in cats:
         sel = [ok for ok, (_, _, qc) in zip(correct, questions, strict=True) if qc == c]

@@ -300,3 +300,28 @@ def test_min_holdout_default_and_quickstart():
     assert load_config(QUICKSTART).data.min_holdout == 30
     with pytest.raises(ConfigError, match="data.min_holdout"):
         load_config(TINY, ["data.min_holdout=-1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["federation.strategy=local", "federation.personalize_steps=2"], r"strategy local has no global model"),
+        (["federation.strategy=fedavg-lora", "adapter.factors=frozen_a"], r"leave adapter.factors at joint"),
+        (["train.fisher=diagonal"], r"train\.fisher"),
+        (["train.fisher_examples=0"], r"train\.fisher_examples"),
+    ],
+)
+def test_learning_options_refuse_combinations_that_mean_nothing(overrides, needle):
+    """personalisation without a global model, FFA-LoRA on fedavg-lora's LLM LoRA and bad Fisher
+    settings are config errors naming the key and the fix."""
+    with pytest.raises(ConfigError, match=needle):
+        load_config(TINY, overrides)
+
+
+def test_learning_defaults():
+    """The defaults: choice objective, kept AdamW moments, end-point Fisher normalised, joint factors,
+    no personalisation."""
+    cfg = load_config(TINY)
+    assert (cfg.train.objective, cfg.train.optimizer_state, cfg.train.fisher, cfg.train.fisher_normalize) == (
+        "choice", "keep", "endpoint", True)
+    assert cfg.adapter.factors == "joint" and cfg.federation.personalize_steps == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from _fake_runs import tiny_config, write_run
 
@@ -212,3 +213,47 @@ def test_table_reads_older_results_without_intervals(tmp_path):
     rows = [ln for ln in lines if _first(ln).isdigit() or _first(ln) == "average"]
     assert len(rows) == 5
     assert all("0.386" in ln and "[" not in ln and "weighted" not in ln for ln in rows)
+
+
+def test_table_shows_personalised_accuracy_and_categories(tmp_path):
+    """With personalisation the table gets a third accuracy column (per client and on average) and
+    a line for the personal adapters on the global test; the global test is broken down by category."""
+    res = _results(tmp_path, 4, [30, 30, 30, 30])
+    s = res["summary"]
+    ev = client_accuracy_stats({c: {"accuracy": 0.5, "n": 30} for c in s["accuracy_n_per_client"]})
+    s.update(accuracy_personalized_per_client=ev["accuracy"], accuracy_personalized_per_client_ci95=ev["accuracy_ci95"],
+             accuracy_personalized=ev["avg_accuracy"], accuracy_personalized_ci95=ev["avg_accuracy_ci95"],
+             global_test_accuracy_personalized=0.25, global_test_accuracy_personalized_ci95=[0.2, 0.3],
+             global_test_by_category_before={"colour": 0.25, "count": 0.5},
+             global_test_by_category={"colour": 0.75, "count": 0.5}, global_test_n_by_category={"colour": 20, "count": 40})
+    lines = summary_table(res).splitlines()
+    assert [c.strip() for c in lines[0].split("|")] == ["client", "n", "before", "after (global)", "personalised"]
+    lo, hi = wilson_interval(15, 30)
+    assert next(ln for ln in lines if _first(ln) == "0").split("|")[4].strip() == f"0.500 [{lo:.2f}, {hi:.2f}]"
+    assert "0.500" in next(ln for ln in lines if _first(ln) == "average").split("|")[4]
+    assert "0.250 [0.20, 0.30]" in next(ln for ln in lines if "with personal adapters" in ln)
+    colour = next(ln for ln in lines if _first(ln) == "colour")
+    lo, hi = wilson_interval(15, 20)
+    assert "n=20" in colour and colour.split("->")[1].strip() == f"0.750 [{lo:.2f}, {hi:.2f}]"
+    assert len({tuple(i for i, ch in enumerate(ln) if ch == "|") for ln in lines if "|" in ln}) == 1
+    assert max(len(ln) for ln in lines) <= 100
+
+
+def test_paired_difference_counts_each_question_once():
+    """Gains are per question: 2 of 10 flipped to right, 1 to wrong -> +0.1, with the paired normal
+    interval; identical answers give exactly 0 with a zero-width interval; mismatched lengths raise."""
+    from fednano_ray.stats import paired_difference
+
+    # Execute
+    mean, (lo, hi), n = paired_difference(["0000011111"], ["1100001111"])
+    same = paired_difference(["0101", "11"], ["0101", "11"])
+
+    # Assert
+    d = [1, 1, 0, 0, 0, -1, 0, 0, 0, 0]
+    sd = float(np.std(d, ddof=1))
+    assert (mean, n) == (pytest.approx(0.1), 10)
+    assert (lo, hi) == (pytest.approx(0.1 - 1.96 * sd / np.sqrt(10)), pytest.approx(0.1 + 1.96 * sd / np.sqrt(10)))
+    assert same == (0.0, [0.0, 0.0], 6)
+    assert paired_difference([], []) is None
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference(["01"], ["011"])

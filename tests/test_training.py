@@ -12,7 +12,16 @@ from fednano_ray.config import load_config
 from fednano_ray.models.adapter import adapter_state
 from fednano_ray.models.build import build_mllm
 from fednano_ray.models.prompt import collate
-from fednano_ray.training import LocalServer, choice_rows, evaluate, local_fit
+from fednano_ray.training import (
+    LocalServer,
+    _split_step,
+    choice_rows,
+    endpoint_fisher,
+    evaluate,
+    local_fit,
+    normalize_fisher,
+    pack_choices,
+)
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -157,7 +166,8 @@ def test_evaluate_reports_accuracy_n_and_categories(setup):
     # Assert
     assert 0.0 <= out["accuracy"] <= 1.0
     assert out["n"] == len(questions)
-    assert set(out) == {"accuracy", "n", "accuracy/colour", "accuracy/shape"}
+    assert set(out) == {"accuracy", "n", "correct", "accuracy/colour", "accuracy/shape"}
+    assert len(out["correct"]) == len(questions) and out["correct"].count("1") == round(out["accuracy"] * len(questions))
     for k in ("accuracy/colour", "accuracy/shape"):
         assert 0.0 <= out[k] <= 1.0
 
@@ -430,3 +440,124 @@ def test_unknown_objective_is_an_error(setup):
     with pytest.raises(ValueError, match="unknown objective 'nll'"):
         local_fit(edge, LocalServer(server_llm), features, [([rows[0]], 0, None)], steps=1, batch_size=1, lr=0.1,
                   pad_id=mllm.pad_id, objective="nll")
+
+
+def _per_example_fisher(edge, server, features, questions, objective, pad_id):
+    """The reference: each example alone through the split step, its squared adapter gradient, averaged."""
+    params = dict(edge.adapters.named_parameters())
+    out = {k: torch.zeros_like(p) for k, p in params.items()}
+    packed = [pack_choices(rows) for rows, _, _ in questions] if objective == "choice" else None
+    for i in range(len(questions)):
+        for p in params.values():
+            p.grad = None
+        _, z, grad, _ = _split_step(edge, server, features, questions, [i], packed, pad_id=pad_id, lm_weight=0.0)
+        z.backward(grad)
+        for k, p in params.items():
+            out[k] += p.grad.detach() ** 2
+    return {k: v / len(questions) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("objective", ["lm", "choice"])
+def test_endpoint_fisher_is_the_mean_of_per_example_squared_gradients(setup, objective):
+    """Batched on the server (4 rows per call, different lengths), the end-point Fisher equals each
+    example's own squared gradient taken alone, averaged: the per-row split of dL/dz' is exact."""
+    # Prepare
+    cfg, mllm, rows, features = setup
+    edge, server_llm = mllm.split(cfg.adapter, seed=0)
+    with torch.no_grad():  # away from B = 0, so that lora_A has a gradient too
+        for p in edge.adapters.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    server = LocalServer(server_llm)
+    if objective == "choice":
+        questions = _questions(mllm, n=6)
+    else:
+        questions = [([r], 0, None) for r in rows[:6]]
+        questions[1] = ([mllm.encode_row("Which of the many colours does object one have here?", "red")], 0, None)
+    params = dict(edge.adapters.named_parameters())
+
+    # Execute
+    got = endpoint_fisher(edge, server, features, questions, list(range(6)), params=params, batch_size=4,
+                          pad_id=mllm.pad_id, objective=objective)
+    want = _per_example_fisher(edge, server, features, questions, objective, mllm.pad_id)
+
+    # Assert
+    for k in want:
+        assert want[k].abs().sum() > 0, k
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-10)
+
+
+def test_local_fit_endpoint_fisher_is_bounded_and_normalised(setup):
+    """fisher=endpoint with normalisation: every tensor's Fisher has mean 1; it differs from the
+    trajectory estimate of the same run; the adapters trained are the same either way."""
+    # Prepare
+    cfg, mllm, rows, features = setup
+    questions = [([r], 0, None) for r in rows]
+
+    def fit(**kw):
+        edge, server_llm = mllm.split(cfg.adapter, seed=0)
+        return local_fit(edge, LocalServer(server_llm), features, questions, steps=4, batch_size=4, lr=0.05,
+                         pad_id=mllm.pad_id, seed=0, **kw)
+
+    # Execute
+    state_e, fisher_e, _, _ = fit(fisher="endpoint", fisher_examples=8, fisher_normalize=True)
+    state_t, fisher_t, _, _ = fit(fisher="trajectory")
+
+    # Assert
+    for k in state_e:
+        torch.testing.assert_close(state_e[k], state_t[k])
+        assert float(fisher_e[k].mean()) == pytest.approx(1.0, rel=1e-5), k
+        assert not torch.allclose(fisher_e[k], fisher_t[k] / fisher_t[k].mean()), k
+
+
+def test_normalised_fisher_does_not_let_scale_win():
+    """A client whose Fisher is 1000x another's (same shape of importance) no longer outweighs it."""
+    # Prepare
+    f = {"a": torch.tensor([1.0, 3.0, 0.0, 4.0]), "z": torch.zeros(3)}
+
+    # Execute
+    small, large = normalize_fisher(f), normalize_fisher({k: 1000 * v for k, v in f.items()})
+
+    # Assert
+    torch.testing.assert_close(small["a"], large["a"])
+    torch.testing.assert_close(small["a"], torch.tensor([0.5, 1.5, 0.0, 2.0]))
+    assert torch.equal(small["z"], torch.zeros(3))
+
+
+def test_frozen_a_trains_only_b_and_fedavg_merges_products_exactly(setup):
+    """adapter.factors=frozen_a (FFA-LoRA): lora_A never moves, lora_B does, A has Fisher 0; and the
+    FedAvg of two clients' factors computes exactly the average of their products B @ A."""
+    # Prepare
+    from fednano_ray.strategies.aggregate import fedavg
+
+    cfg, mllm, rows, features = setup
+    frozen = cfg.adapter.model_copy(update={"factors": "frozen_a"})
+    questions = [([r], 0, None) for r in rows]
+    states = []
+
+    # Execute
+    for shard in (slice(0, 8), slice(8, 16)):
+        edge, server_llm = mllm.split(frozen, seed=0)
+        start = adapter_state(edge.adapters)
+        state, fisher, _, _ = local_fit(edge, LocalServer(server_llm), features[shard], questions[shard], steps=5,
+                                        batch_size=4, lr=0.05, pad_id=mllm.pad_id, seed=0)
+        states.append(state)
+        # Assert (per client)
+        for m in ("vision", "text"):
+            assert torch.equal(state[f"{m}.lora_A"], start[f"{m}.lora_A"])
+            assert not torch.equal(state[f"{m}.lora_B"], start[f"{m}.lora_B"])
+            assert float(fisher[f"{m}.lora_A"].abs().sum()) == 0.0
+    merged = fedavg([(s, 8) for s in states])
+
+    # Assert (merged)
+    for m in ("vision", "text"):
+        product = merged[f"{m}.lora_B"] @ merged[f"{m}.lora_A"]
+        mean_product = sum(s[f"{m}.lora_B"] @ s[f"{m}.lora_A"] for s in states) / 2
+        torch.testing.assert_close(product, mean_product, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_fisher_estimator_is_an_error(setup):
+    cfg, mllm, rows, features = setup
+    edge, server_llm = mllm.split(cfg.adapter, seed=0)
+    with pytest.raises(ValueError, match="unknown Fisher estimator 'diag'"):
+        local_fit(edge, LocalServer(server_llm), features, [([rows[0]], 0, None)], steps=1, batch_size=1, lr=0.1,
+                  pad_id=mllm.pad_id, fisher="diag")

@@ -130,11 +130,15 @@ class ClientActor:
         objective: str = "lm",
         lm_weight: float = 0.0,
         optimizer_state: dict | None = None,
+        fisher: str = "trajectory",
+        fisher_examples: int = 16,
+        fisher_normalize: bool = False,
     ) -> dict[str, Any]:
         """Local training of one client from ``start_state``; returns its update as plain data.
 
         ``optimizer_state`` is this client's AdamW state from its previous round (None: fresh); the
-        result's ``optimizer_state`` is the one to pass next time. It is the client's own state, kept
+        result's ``optimizer_state`` is the one to pass next time. ``fisher``, ``fisher_examples`` and
+        ``fisher_normalize`` choose the uploaded Fisher (:func:`~fednano_ray.training.local_fit`). It is the client's own state, kept
         for it by the coordinator in simulation (a deployed client keeps it on its device): never
         aggregated, never counted as communication.
 
@@ -173,7 +177,8 @@ class ClientActor:
             state, fisher, metrics, opt_state = local_fit(
                 self.edge, self.server, feats, questions, steps=steps, batch_size=batch_size, lr=lr, pad_id=self.pad_id,
                 weight_decay=weight_decay, prox_mu=prox_mu, seed=seed, params=self.params, objective=objective,
-                lm_weight=lm_weight, optimizer_state=optimizer_state,
+                lm_weight=lm_weight, optimizer_state=optimizer_state, fisher=fisher, fisher_examples=fisher_examples,
+                fisher_normalize=fisher_normalize,
             )
         finally:
             if self._llm is not None:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from fednano_ray.config import Config, dump_config
-from fednano_ray.stats import client_accuracy_stats, global_test_stats
+from fednano_ray.stats import client_accuracy_stats, global_test_stats, paired_difference
 from fednano_ray.strategies.aggregate import truncate_to_rank
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate
 from fednano_ray.trust.round import TrustPolicy
@@ -196,7 +197,27 @@ class Coordinator:
             "steps": steps, "batch_size": batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
             "prox_mu": self.strategy.proximal_mu, "seed": _seed(fed.seed, rnd, c), "chaos": self.chaos.get((rnd, c)),
             "objective": t.objective, "lm_weight": t.lm_weight, "optimizer_state": self.optimizer_states.get(c),
+            **self._fisher_kwargs(),
         }
+
+    def _fisher_record(self) -> dict[str, Any]:
+        """The Fisher estimator, for results.json (Fisher-merging strategies only)."""
+        if not self.strategy.uses_fisher:
+            return {}
+        kw = self._fisher_kwargs()
+        return {
+            "fisher_estimator": kw["fisher"],
+            "fisher_examples": kw["fisher_examples"] if kw["fisher"] == "endpoint" else None,
+            "fisher_normalization": "per-tensor mean" if kw["fisher_normalize"] else "none",
+        }
+
+    def _fisher_kwargs(self) -> dict[str, Any]:
+        """The Fisher clients upload: train.fisher's estimator under Fisher merging; otherwise the free
+        trajectory one, which no rule reads."""
+        t = self.cfg.train
+        if self.strategy.uses_fisher:
+            return {"fisher": t.fisher, "fisher_examples": t.fisher_examples, "fisher_normalize": t.fisher_normalize}
+        return {"fisher": "trajectory", "fisher_examples": t.fisher_examples, "fisher_normalize": False}
 
     def _keep_optimizer_states(self, outs: dict[int, Any]) -> None:
         """Hold each reporting client's AdamW state for its next round (train.optimizer_state=keep).
@@ -292,7 +313,7 @@ class Coordinator:
             "client_loss": {str(u.client_id): u.metrics["loss"] for u in updates},
             "placement": placement,
             "bytes_down": bytes_down,
-            "bytes_up": sum(_nbytes(u.state) + (_nbytes(u.fisher) if fed.strategy == "fednano" else 0) for u in updates),
+            "bytes_up": sum(_nbytes(u.state) + (_nbytes(u.fisher) if self.strategy.uses_fisher else 0) for u in updates),
         }
         if len(updates) < quorum:
             record["aggregated"] = False
@@ -487,9 +508,11 @@ class Coordinator:
     # -- evaluation -------------------------------------------------------------------------------
 
     def _client_model(self, c: int) -> dict[str, torch.Tensor]:
-        if self.strategy.personalize_only:
-            return self.client_states.get(c, self.initial_state)
-        return self.global_state
+        """The adapters client ``c`` is evaluated (and served) with: its own, where it has them
+        (``local``, or after personalisation), else the global ones (``local``: the initial ones)."""
+        if c in self.client_states:
+            return self.client_states[c]
+        return self.initial_state if self.strategy.personalize_only else self.global_state
 
     def _get_eval(self, submit, what: str, failures: list[dict[str, str]], deadline: float, ref=None):
         """Result of an evaluation call (``ref``, already submitted, or ``submit()``), retried through an
@@ -513,8 +536,11 @@ class Coordinator:
         failures.append({"what": what, "reason": reason})
         return None
 
-    def evaluate(self, initial: bool = False) -> dict[str, Any]:
-        """Per-client accuracy on each client's held-out split, and global test accuracy."""
+    def evaluate(self, initial: bool = False, personal: bool = False) -> dict[str, Any]:
+        """Per-client accuracy on each client's held-out split, and global test accuracy.
+
+        ``personal``: every client's own adapters score the global test too (then averaged), as under
+        ``local``: what personalisation costs in generality."""
         cfg = self.cfg
         bs = cfg.train.eval_batch_size
         n = cfg.federation.num_clients
@@ -534,7 +560,7 @@ class Coordinator:
         # A state that cannot be scored is an eval failure; global_test_states_scored counts the rest.
         if initial:
             states = [(None, self.initial_state, self.top_actor)]
-        elif self.strategy.personalize_only:
+        elif self.strategy.personalize_only or personal:
             states = [(c, self._client_model(c), self._actor_for(c)) for c in range(n)]
         else:
             states = [(None, self.global_state, self.top_actor)]
@@ -556,6 +582,9 @@ class Coordinator:
             **global_test_stats(tests),
             "global_test_by_category": {k.split("/", 1)[1]: v for k, v in tests[0].items() if k.startswith("accuracy/")}
             if len(tests) == 1 else {},
+            # Per question "1"/"0", for paired before/after comparisons (stats.paired_difference).
+            "correct": {c: r.get("correct", "") for c, r in per_client.items()},
+            "global_test_correct": [t.get("correct", "") for t in tests],
             # Which adapters the global test scored (an audit trail: compare with a checkpoint's).
             "global_test_adapters": adapters_fingerprint(states[0][1]) if len(states) == 1 else None,
         }
@@ -606,7 +635,7 @@ class Coordinator:
 
         results = {
             "config": self.cfg.model_dump(mode="json"),
-            "strategy": self.strategy.describe(),
+            "strategy": {**self.strategy.describe(), "adapter_factors": self.cfg.adapter.factors, **self._fisher_record()},
             "rounds": self.rounds,
             "summary": self.summary,
             "accounting": self.accounting,
@@ -638,11 +667,80 @@ class Coordinator:
                 accuracy_n_per_client=ev["accuracy_n"],
                 global_test_n=ev["global_test_n"],
                 global_test_by_category_before=ev["global_test_by_category"],
+                correct_before=ev["correct"],
+                global_test_correct_before=ev["global_test_correct"][0] if ev["global_test_correct"] else "",
+                global_test_n_by_category=dict(sorted(Counter(
+                    e.category for e in self.data.test if e.category is not None).items())),
                 # Expected accuracy of guessing uniformly among each question's choices.
                 chance_accuracy=float(np.mean([1 / len(e.choices) for e in self.data.test])),
             )
             self.write_results()
         return {"next_round": self.next_round, "setup_s": self.setup_s}
+
+    def _gains(self, ev: dict[str, Any], name: str) -> dict[str, Any]:
+        """Paired accuracy gains of the evaluation ``ev`` over the pretrained model's, question by
+        question (``accuracy_gain_<name>`` on the clients' held-out data, pooled;
+        ``global_test_gain_<name>``), each ``[mean, [lo, hi], n]`` with a 95% interval, or None."""
+        before, after = self.summary.get("correct_before") or {}, ev.get("correct") or {}
+        common = sorted(c for c in after if c in before and len(before[c]) == len(after[c]))
+        held = paired_difference([before[c] for c in common], [after[c] for c in common])
+        g_before, g_after = self.summary.get("global_test_correct_before") or "", ev.get("global_test_correct") or []
+        g_after = [a for a in g_after if a and len(a) == len(g_before)]
+        glob = paired_difference([g_before] * len(g_after), g_after)
+        return {f"accuracy_gain_{name}": list(held) if held else None, f"global_test_gain_{name}": list(glob) if glob else None}
+
+    def personalize(self) -> dict[str, Any]:
+        """``federation.personalize_steps``: each client fine-tunes a private copy of the global adapters.
+
+        Every client (sampled or not) trains ``personalize_steps`` local steps on its own training
+        shard from the final global state, with fresh AdamW moments and its tier's batch size; its
+        result becomes its own adapters (``client_states``, checkpointed under ``clients/``, which
+        ``fednano-ray serve`` loads). It is scored on its held-out split and, to show what it costs in
+        generality, on the global test. The summary gets ``accuracy_personalized`` (per client, the
+        weighted average, 95% intervals) beside the global adapters' ``accuracy_after``. A client
+        whose fine-tune fails keeps the global adapters (a recorded failure). Idempotent under
+        --resume: a finished personalisation is not repeated.
+        """
+        import ray
+
+        fed = self.cfg.federation
+        if not fed.personalize_steps or self.strategy.personalize_only or "accuracy_personalized" in self.summary:
+            return {}
+        t0 = time.perf_counter()
+        global_ref = ray.put(self.global_state)
+        refs: dict[Any, int] = {}
+        for c in range(fed.num_clients):
+            tier = self.client_tier[c]
+            kw = self._fit_kwargs(fed.rounds, c, steps=fed.personalize_steps, batch_size=tier.batch_size)
+            kw.update(optimizer_state=None, chaos=None, prox_mu=0.0, fisher="trajectory", fisher_normalize=False)
+            refs[self._actor_for(c).fit.remote(c, self.data.client_train[c], global_ref, **kw)] = c
+        reasons: dict[int, str] = {}
+        # (centralized's fit actor is the top tier's, not the client's own: nothing to restart by client)
+        outs = self._gather(refs, "personalisation: ", reasons, kill_stalled=fed.strategy != "centralized")
+        for c, out in sorted(outs.items()):
+            self.client_states[c] = out["state"]
+        ev = self.evaluate(personal=True)
+        record = {
+            "personalize_steps": fed.personalize_steps,
+            "personalized_clients": sorted(outs),
+            "failures": [{"client_id": str(c), "reason": r} for c, r in sorted(reasons.items())],
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+        }
+        self.summary.update(
+            accuracy_personalized=ev["avg_accuracy"],
+            accuracy_personalized_ci95=ev["avg_accuracy_ci95"],
+            accuracy_personalized_per_client=ev["accuracy"],
+            accuracy_personalized_per_client_ci95=ev["accuracy_ci95"],
+            **self._gains(ev, "personalized"),
+            # each client's personalised adapters on the global test, averaged over clients
+            global_test_accuracy_personalized=ev["global_test_accuracy"],
+            global_test_accuracy_personalized_ci95=ev["global_test_accuracy_ci95"],
+            personalization=record,
+        )
+        if ev.get("eval_failures"):
+            record["eval_failures"] = ev["eval_failures"]
+        self._checkpoint(self.next_round - 1)  # the last round's checkpoint now holds clients/ (and results.json)
+        return record
 
     def finish(self, wall_time_s: float) -> dict[str, Any]:
         evals = [r for r in self.rounds if "avg_accuracy" in r]
@@ -661,6 +759,7 @@ class Coordinator:
             accuracy_n_per_client={**self.summary.get("accuracy_n_per_client", {}), **last.get("accuracy_n", {})},
             global_test_n=last.get("global_test_n") or self.summary.get("global_test_n"),
             global_test_by_category=last.get("global_test_by_category", {}),
+            **self._gains(last, "after"),
             bytes_up=sum(r["bytes_up"] for r in self.rounds),
             bytes_down=sum(r["bytes_down"] for r in self.rounds),
             failures=sum(len(r["failures"]) for r in self.rounds),

@@ -65,6 +65,7 @@ class MLLM:
             modalities=adapter.modalities,
             autocast_bf16=autocast_bf16,
             seed=seed,
+            train_a=adapter.factors != "frozen_a",
         )
 
     def with_llm_lora(

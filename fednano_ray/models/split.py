@@ -377,13 +377,15 @@ def split_mllm(
     modalities: Sequence[str] = ("vision", "text"),
     autocast_bf16: bool = False,
     seed: int | None = None,
+    train_a: bool = True,
 ) -> tuple[NanoEdge, ServerLLM]:
     """Split any MLLM into (NanoEdge with fresh NanoAdapters, frozen ServerLLM).
 
     The two halves share the frozen tensors (no copy); in a real deployment each side loads only
     its own half. ``seed`` makes the adapter init identical across processes. ``scaling`` is the
     run's one adapter scaling (``adapter.lora_alpha / adapter.r``, the same at every rank ``r``; see
-    :mod:`fednano_ray.models.adapter`).
+    :mod:`fednano_ray.models.adapter`). ``train_a=False`` freezes every ``lora_A`` at its seeded init
+    (FFA-LoRA, ``adapter.factors: frozen_a``): only ``lora_B`` trains.
     """
     bad = set(modalities) - {"vision", "text"}
     if bad:
@@ -395,6 +397,8 @@ def split_mllm(
         adapters = {m: NanoAdapter(parts.hidden_size, r=r, scaling=scaling, dropout=dropout) for m in modalities}
     finally:
         torch.random.set_rng_state(gen_state)
+    for adapter in adapters.values():
+        adapter.lora_A.requires_grad_(train_a)
     edge = NanoEdge(encoder=parts.encoder, connector=parts.connector, embed_tokens=parts.embed_tokens, adapters=adapters)
     server = ServerLLM(parts.decoder, parts.lm_head, autocast_bf16=autocast_bf16)
     return edge, server

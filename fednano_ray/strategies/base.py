@@ -90,6 +90,8 @@ class Strategy(ABC):
     name: ClassVar[str] = "strategy"
     proximal_mu: float = 0.0
     personalize_only: bool = False
+    #: True if clients upload a diagonal Fisher with their state (Fisher merging).
+    uses_fisher: ClassVar[bool] = False
     rank_rule: ClassVar[str] = (
         "HetLoRA: zero-pad to the max rank of global and updates, truncate to own rank on receipt"
     )

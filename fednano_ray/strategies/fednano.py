@@ -46,6 +46,7 @@ class FedNano(Strategy):
     """
 
     name = "fednano"
+    uses_fisher = True
     rank_rule = (
         "HetLoRA zero-padding with Fisher 0 on padded entries: pad to the max rank (a smaller-rank "
         "client does not dilute the extra rows; rows no update holds keep the global value), "
