@@ -552,6 +552,91 @@ all sampled clients, averaged over rounds.
 training step.""".splitlines()
 
 
+def _label(g: Group, columns: Sequence[str]) -> str:
+    rest = _setting_title(g.setting, columns)
+    return f"{g.setting.get('strategy')}" + (f" ({rest})" if rest else "")
+
+
+def _held_out(run: Run, which: str) -> dict[str, str]:
+    """Per-client "1"/"0" answers on the held-out questions: before (pretrained) or after (last evaluation)."""
+    if which == "before":
+        return dict(run.summary.get("correct_before") or {})
+    evals = [r for r in run.rounds if r.get("correct")]
+    return dict(evals[-1]["correct"]) if evals else {}
+
+
+def _pooled_pairs(pairs: Iterable[tuple[dict[str, str], dict[str, str]]]) -> tuple[list[str], list[str]]:
+    """The answer strings of the clients both sides scored on the same questions, pooled over runs."""
+    a_all, b_all = [], []
+    for a, b in pairs:
+        for c in sorted(set(a) & set(b)):
+            if a[c] and len(a[c]) == len(b[c]):
+                a_all.append(a[c])
+                b_all.append(b[c])
+    return a_all, b_all
+
+
+def _fmt_gain(g: tuple[float, list[float], int] | None) -> str:
+    if g is None:
+        return _NA
+    mean, (lo, hi), n = g
+    return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (n={n})"
+
+
+#: Settings compared pairwise in the paired section at most (k settings give k(k-1)/2 rows).
+PAIRED_MAX_SETTINGS = 8
+
+
+def paired_section(groups: Sequence[Group], columns: Sequence[str]) -> list[str]:
+    """Markdown: paired accuracy differences question by question, pooled over seeds (95% intervals).
+
+    Each setting against the pretrained model (held-out and global test), then every two settings
+    against each other on the runs they share a seed with (same seed: same partition and held-out
+    questions). Runs from before per-question answers were recorded are left out.
+    """
+    from fednano_ray.stats import paired_difference
+
+    md = [
+        "## Paired differences",
+        "",
+        (
+            "Accuracy differences in points, question by question on the same questions, pooled over the seeds "
+            "(and clients) of each setting, with the 95% interval of the mean paired difference "
+            "(`fednano_ray.stats.paired_difference`). Pairing removes what the two sides share, so these "
+            "intervals are much narrower than the two accuracies' own intervals suggest."
+        ),
+        "",
+        "| setting | seeds | held-out: after − before | global test: after − before |",
+        "|---|---|---|---|",
+    ]
+    for g in groups:
+        held = paired_difference(*_pooled_pairs((_held_out(r, "before"), _held_out(r, "after")) for r in g.runs))
+        gb, ga = [], []
+        for r in g.runs:
+            before = r.summary.get("global_test_correct_before") or ""
+            evals = [x for x in r.rounds if x.get("global_test_correct")]
+            for a in evals[-1]["global_test_correct"] if evals else []:
+                if before and len(a) == len(before):
+                    gb.append(before)
+                    ga.append(a)
+        glob = paired_difference(gb, ga)
+        md.append(f"| {_label(g, columns)} | {len(g.runs)} | {_fmt_gain(held)} | {_fmt_gain(glob)} |")
+    if 1 < len(groups) <= PAIRED_MAX_SETTINGS:
+        md += ["", "| setting A | setting B | seeds | held-out: A − B after the last round |", "|---|---|---|---|"]
+        for i, ga_ in enumerate(groups):
+            for gb_ in groups[i + 1 :]:
+                by_seed = {r.seed: r for r in gb_.runs}
+                shared = [(r, by_seed[r.seed]) for r in ga_.runs if r.seed in by_seed]
+                if not shared:
+                    continue
+                b_side, a_side = _pooled_pairs((_held_out(rb, "after"), _held_out(ra, "after")) for ra, rb in shared)
+                md.append(
+                    f"| {_label(ga_, columns)} | {_label(gb_, columns)} | {len(shared)} | "
+                    f"{_fmt_gain(paired_difference(b_side, a_side))} |"
+                )
+    return md
+
+
 def _ci_pct(ci: Sequence[float] | None) -> str:
     """`` [33.1, 44.2]``: a recorded 95% interval in percent, or nothing (runs from before intervals)."""
     return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
@@ -604,6 +689,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, 
         results_table(groups, columns),
         "",
         *_NOTES,
+        "",
+        *paired_section(groups, columns),
         "",
         "## Plots",
         "",

@@ -208,3 +208,34 @@ def test_report_on_a_real_run(tiny_run, tmp_path):
         body[0][header.index("avg client acc. after (%)")] == f"{100 * real['accuracy_after']:.1f}"
     )
     assert (out / "accuracy_vs_round.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_paired_section_pools_seeds_and_pairs_settings_by_seed():
+    """The paired section: each setting's after − before over all its runs' held-out answers, and two
+    settings compared only on the seeds they share (same questions), with the paired interval."""
+    from fednano_ray.report import Group, Run, paired_section
+    from fednano_ray.stats import paired_difference
+
+    # Prepare: two settings x two seeds; setting B is one question better than A on each seed
+    def run(strategy, seed, after):
+        results = {
+            "summary": {"correct_before": {"0": "0000", "1": "00"}, "global_test_correct_before": "010"},
+            "rounds": [{"correct": after, "global_test_correct": ["011"]}],
+        }
+        return Run(Path(f"/r/{strategy}{seed}"), results, {"federation.strategy": strategy, "federation.seed": seed})
+
+    a = Group({"strategy": "fedavg", "alpha": 0.5, "clients": 8}, [run("fedavg", s, {"0": "1000", "1": "00"}) for s in (0, 1)])
+    b = Group({"strategy": "fednano", "alpha": 0.5, "clients": 8}, [run("fednano", s, {"0": "1100", "1": "00"}) for s in (0, 1, 2)])
+
+    # Execute
+    md = paired_section([a, b], ["strategy", "alpha", "clients"])
+
+    # Assert
+    mean, (lo, hi), n = paired_difference(["000000"] * 2, ["100000"] * 2)
+    row_a = next(ln for ln in md if ln.startswith("| fedavg"))
+    assert f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (n={n})" in row_a and n == 12
+    assert "+33.3" in row_a  # the global test: 1 of 3 questions gained, on each run
+    versus = next(ln for ln in md if ln.startswith("| fedavg") and ln.count("|") == 5 and "fednano" in ln)
+    mean, (lo, hi), n = paired_difference(["110000"] * 2, ["100000"] * 2)  # A - B: fedavg one worse
+    assert versus.split("|")[3].strip() == "2"  # seeds 0 and 1 only: seed 2 has no fedavg run
+    assert f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (n={n})" in versus
