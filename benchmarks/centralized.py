@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def report(step: int, extra: dict | None = None) -> None:
         ev = evaluate(edge, server, test_f, questions, pad_id=mllm.pad_id, batch_size=cfg.train.eval_batch_size)
-        print(json.dumps({"step": step, "chance": round(chance, 3), **{k: round(v, 3) for k, v in ev.items()}, **(extra or {})}), flush=True)
+        # Scores rounded; per-question outcomes (``correct``, a 0/1 string) kept for paired comparisons.
+        scores = {k: round(v, 3) if isinstance(v, float) else v for k, v in ev.items()}
+        print(json.dumps({"step": step, "chance": round(chance, 3), **scores, **(extra or {})}), flush=True)
 
     report(0)
     t0, done, opt_state = time.perf_counter(), 0, None

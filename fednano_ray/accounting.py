@@ -29,7 +29,8 @@ Counting rules:
   the server still needs that matrix as its output layer, so it is counted on both sides
   (``shared_params``; ``client_params + server_params - shared_params - adapter_params == total_params``).
   For *generation* the server also embeds the tokens it generates, i.e. it holds the whole LLM.
-- Adapters are counted arithmetically (``2·r·d`` per modality: ``lora_A`` r×d and ``lora_B`` d×r), so
+- Adapters are counted arithmetically (``2·r·d`` per modality for the paper's form: ``lora_A`` r×d and
+  ``lora_B`` d×r; each ``adapter.kind`` adds or swaps its own tensors), so
   meta-device parts work, and are sized at float32: they are trained, exchanged and checkpointed in
   fp32 (:func:`fednano_ray.models.adapter.adapter_state`) whatever the frozen model's dtype.
 - The above is the FedNano split, which every strategy but ``fedavg-lora`` uses. Round traffic
@@ -121,13 +122,28 @@ def count(
     return _sum(_tensors(module_or_modules), dtype)
 
 
-def adapter_param_count(hidden_size: int, r: int, modalities: Sequence[str]) -> int:
-    """Parameters of the NanoAdapters: ``lora_A`` (r×d) + ``lora_B`` (d×r) per modality."""
-    return 2 * r * hidden_size * len(modalities)
+def adapter_param_count(
+    parts: MLLMParts, r: int, modalities: Sequence[str], *, kind: str = "lowrank", num_image_tokens: int = 0
+) -> int:
+    """Parameters of the NanoAdapters of form ``kind`` (``adapter.kind``), counted arithmetically:
+    the paper's ``lora_A`` (r×d) + ``lora_B`` (d×r) per modality, plus each form's own tensors
+    (:meth:`~fednano_ray.models.adapter.AdapterForm.num_parameters`)."""
+    from fednano_ray.models.adapter import adapter_form
+    from fednano_ray.models.split import adapter_dims
+
+    form, dims = adapter_form(kind), adapter_dims(parts, num_image_tokens)
+    return sum(form.num_parameters(m, dims, r) for m in modalities)
 
 
 def trained_param_count(
-    parts: MLLMParts, *, r: int, strategy: str, modalities: Sequence[str], lora_target_modules: Sequence[str]
+    parts: MLLMParts,
+    *,
+    r: int,
+    strategy: str,
+    modalities: Sequence[str],
+    lora_target_modules: Sequence[str],
+    kind: str = "lowrank",
+    num_image_tokens: int = 0,
 ) -> int:
     """Parameters a client trains and exchanges: its NanoAdapters, or under ``fedavg-lora`` the LoRA
     inside the LLM (:func:`~fednano_ray.models.lora.lora_param_count`).
@@ -139,7 +155,7 @@ def trained_param_count(
         from fednano_ray.models.lora import lora_param_count
 
         return lora_param_count(parts.decoder, r=r, target_modules=lora_target_modules)
-    return adapter_param_count(parts.hidden_size, r, modalities)
+    return adapter_param_count(parts, r, modalities, kind=kind, num_image_tokens=num_image_tokens)
 
 
 def step_activation_bytes(
@@ -174,6 +190,7 @@ def account(
     local_steps: int | None = None,
     lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
     scaling: float | None = None,
+    form: str = "lowrank",
 ) -> dict[str, Any]:
     """Storage and traffic accounting of a FedNano split of ``parts`` (see the module docstring),
     or of ``fedavg-lora``'s full-model clients.
@@ -192,6 +209,7 @@ def account(
         scaling: the adapters' one scaling on every tier, ``adapter.lora_alpha / adapter.r``
             (:attr:`~fednano_ray.config.AdapterConfig.scaling`); default ``lora_alpha / adapter_rank``,
             right only when ``adapter_rank`` is ``adapter.r``. Reported as ``adapter_scaling``.
+        form: the NanoAdapter form, ``adapter.kind`` (reported as ``adapter_form``).
 
     Returns:
         One flat JSON-able dict (plus a ``parts`` breakdown of parameter counts).
@@ -221,7 +239,8 @@ def account(
     shared_params, _ = _sum(shared, dtype_bytes)
 
     adapter_params = trained_param_count(
-        parts, r=adapter_rank, strategy=strategy, modalities=modalities, lora_target_modules=lora_target_modules
+        parts, r=adapter_rank, strategy=strategy, modalities=modalities, lora_target_modules=lora_target_modules,
+        kind=form, num_image_tokens=num_image_tokens,
     )
     adapter_bytes = adapter_params * FLOAT32_BYTES
     client_params = client_frozen_params + adapter_params
@@ -254,6 +273,7 @@ def account(
         "lora_alpha": lora_alpha,
         "adapter_scaling": lora_alpha / adapter_rank if scaling is None else scaling,
         "adapter_kind": "llm_lora" if full else "nano_adapter",
+        "adapter_form": None if full else form,
         "modalities": [] if full else list(modalities),
         "lora_target_modules": list(lora_target_modules) if full else [],
         "strategy": strategy,
@@ -409,6 +429,7 @@ def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40)
         local_steps=tier.local_steps,
         lora_target_modules=cfg.adapter.lora_target_modules,
         scaling=cfg.adapter.scaling,
+        form=cfg.adapter.kind,
     )
     d = out["hidden_size"]
     seq = out["sequence_length"]
@@ -419,7 +440,7 @@ def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40)
         up, down = step_activation_bytes(t.batch_size, seq, d, strategy=strategy)
         trained = trained_param_count(
             parts, r=r, strategy=strategy, modalities=cfg.adapter.modalities,
-            lora_target_modules=cfg.adapter.lora_target_modules,
+            lora_target_modules=cfg.adapter.lora_target_modules, kind=cfg.adapter.kind, num_image_tokens=n_img,
         )
         tiers.append(
             {

@@ -122,6 +122,15 @@ class AdapterConfig(_Section):
         "(not lora_alpha / the tier's adapter_rank).",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    kind: Literal["lowrank", "bottleneck", "slots", "connector"] = Field(
+        "lowrank",
+        description="The NanoAdapter form (fednano_ray/models/adapter.py). lowrank: the paper's linear low-rank residual "
+        "z + s*B(A z) on each modality's embeddings. bottleneck: the same with a GELU between A and B. slots: lowrank "
+        "plus a zero-initialised learned offset per visual slot (N x d) on the visual tokens, position information "
+        "without re-aligning the connector. connector: the vision adapter is LoRA on the connector's first layer, "
+        "reading the encoder's features before the GELU (the text adapter stays lowrank). Every form is the identity at "
+        "init and works with HetLoRA ranks, FedNano's Fisher, SecAgg, DP, resume and serving.",
+    )
     factors: Literal["joint", "frozen_a"] = Field(
         "joint",
         description="Which LoRA factors clients train. joint: lora_A and lora_B (the paper's NanoAdapter); merging A and "
@@ -438,6 +447,16 @@ class Config(_Section):
             raise ValueError(
                 "federation.personalize_steps fine-tunes the global adapters on each client, but strategy local has no "
                 "global model (every client already trains its own): set federation.personalize_steps=0"
+            )
+        if self.adapter.kind != "lowrank" and fed.strategy in CLIENTS_HOLD_LLM:
+            raise ValueError(
+                f"adapter.kind={self.adapter.kind} is a NanoAdapter form; federation.strategy {fed.strategy} trains PEFT "
+                "LoRA inside the LLM: leave adapter.kind at lowrank"
+            )
+        if self.adapter.kind in ("slots", "connector") and "vision" not in self.adapter.modalities:
+            raise ValueError(
+                f"adapter.kind={self.adapter.kind} adapts the visual tokens, but adapter.modalities "
+                f"{list(self.adapter.modalities)} has no vision: add vision or use adapter.kind=lowrank"
             )
         if self.adapter.factors != "joint" and fed.strategy in CLIENTS_HOLD_LLM:
             raise ValueError(

@@ -126,6 +126,7 @@ class Coordinator:
             clients_per_round=fed.clients_per_round, strategy=fed.strategy,
             lora_target_modules=cfg.adapter.lora_target_modules,  # fedavg-lora: fails here if they fit no layer
             scaling=cfg.adapter.scaling,  # one scaling for every tier (adapter_rank here is the largest tier's)
+            form=cfg.adapter.kind,
         )
         del mllm
         gc.collect()

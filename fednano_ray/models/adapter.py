@@ -1,4 +1,8 @@
-"""NanoAdapter: a low-rank residual on the embeddings entering the frozen LLM.
+"""NanoAdapters: small trainable modules on a client's side of the split (``adapter.kind``).
+
+The paper's form (``lowrank``, :class:`NanoAdapter`) is a low-rank residual on the embeddings entering
+the frozen LLM; :class:`AdapterForm` and its subclasses add a non-linear bottleneck, per-slot visual
+offsets and LoRA inside the connector. The paper's form:
 
 FedNano (Zhang et al., 2025, arXiv 2506.14824, §3.2) puts one adapter per modality on the client::
 
@@ -25,9 +29,12 @@ adapter's own rank, ``scaling * r``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -59,6 +66,178 @@ class NanoAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, r={self.r}, scaling={self.scaling:g}"
+
+
+class BottleneckAdapter(NanoAdapter):
+    """Non-linear bottleneck residual ``z' = z + scaling * B(gelu(A(dropout(z))))`` (Houlsby-style).
+
+    The same tensors and names as :class:`NanoAdapter`. ``B`` starts at zero (identity at init), and
+    since the non-linearity acts on each of the ``r`` hidden units alone, the first ``r'`` components
+    are a rank-``r'`` bottleneck: HetLoRA truncation keeps its meaning.
+    """
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = F.gelu(self.dropout(z.to(self.lora_A.dtype)) @ self.lora_A.T)
+        return z + (self.scaling * (h @ self.lora_B.T)).to(z.dtype)
+
+
+class SlotAdapter(NanoAdapter):
+    """The paper's low-rank residual on the visual tokens plus a learned offset per visual slot.
+
+    ``v'[:, n] = v[:, n] + scaling * B(A(dropout(v[:, n]))) + offset[n]``. ``offset`` (N, d) starts at
+    zero. It can tell the LLM *where* a token came from (grid position) without re-aligning the
+    connector; it has no rank (HetLoRA leaves it whole) and is merged like any other tensor.
+    """
+
+    def __init__(self, dim: int, *, r: int, scaling: float, dropout: float = 0.0, slots: int) -> None:
+        super().__init__(dim, r=r, scaling=scaling, dropout=dropout)
+        if slots < 1:
+            raise ValueError(f"a slot adapter needs at least one visual slot, got {slots}")
+        self.slots = slots
+        self.offset = nn.Parameter(torch.zeros(slots, dim))  # (N, d)
+
+    def forward(self, v: Tensor) -> Tensor:  # (B, N, d)
+        if v.shape[-2] != self.slots:
+            raise ValueError(f"slot adapter built for {self.slots} visual tokens, got {v.shape[-2]}")
+        return super().forward(v) + self.offset.to(v.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, slots={self.slots}"
+
+
+class ConnectorAdapter(nn.Module):
+    """LoRA on the connector's first linear layer, before its non-linearity.
+
+    LLaVA's projector is ``Linear(d_v → h) → GELU → Linear(h → d)``. This adapter adds
+    ``scaling * B(A(dropout(f)))`` to the first layer's output, reading the encoder's ``d_v``-wide
+    features (1,280 for EfficientNet-Lite0) where the visual tokens still carry what the connector
+    has not yet mixed, and the GELU after it makes the change non-linear in the features. ``lora_A``
+    is (r, d_v) and ``lora_B`` (h, r), PEFT's shapes; ``B`` starts at zero, so the connector is
+    exactly the pretrained one at init.
+    """
+
+    acts_on_connector = True
+
+    def __init__(self, in_dim: int, out_dim: int, *, r: int, scaling: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"adapter rank r must be >= 1, got {r}")
+        self.in_dim, self.out_dim, self.r, self.scaling = in_dim, out_dim, r, float(scaling)
+        self.lora_alpha = self.scaling * r
+        self.lora_A = nn.Parameter(torch.empty(r, in_dim))
+        self.lora_B = nn.Parameter(torch.zeros(out_dim, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def through(self, connector: nn.Module, features: Tensor) -> Tensor:
+        """The adapted connector: (B, N, d_v) -> (B, N, d); the connector's weights stay frozen."""
+        first, rest = connector_layers(connector)
+        x = features.to(self.lora_A.dtype)
+        h = first(x) + self.scaling * (self.dropout(x) @ self.lora_A.T @ self.lora_B.T)
+        return rest(h)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, r={self.r}, scaling={self.scaling:g}"
+
+
+def connector_layers(connector: nn.Module) -> tuple[nn.Linear, Callable[[Tensor], Tensor]]:
+    """(first linear layer, the rest) of a LLaVA-style projector.
+
+    Knows ``nn.Sequential`` starting with a Linear (the nano connector) and Hugging Face's
+    ``LlavaMultiModalProjector`` (``linear_1``, ``act``, ``linear_2``).
+
+    Raises:
+        ValueError: for any other connector, naming what ``adapter.kind: connector`` needs.
+    """
+    if isinstance(connector, nn.Sequential) and len(connector) and isinstance(connector[0], nn.Linear):
+        rest = connector[1:]
+        return connector[0], rest
+    if isinstance(getattr(connector, "linear_1", None), nn.Linear) and hasattr(connector, "linear_2"):
+        return connector.linear_1, lambda h: connector.linear_2(connector.act(h))
+    raise ValueError(
+        f"adapter.kind=connector needs a connector whose first layer is a Linear (an nn.Sequential or LLaVA's "
+        f"linear_1/act/linear_2 projector); this model's is a {type(connector).__name__}. Use adapter.kind=lowrank."
+    )
+
+
+@dataclass(frozen=True)
+class AdapterDims:
+    """The widths an adapter form needs: the LLM's ``hidden``, the encoder's ``feature`` width, the
+    connector's first-layer width ``connector_hidden``, and the visual ``slots`` per image."""
+
+    hidden: int
+    feature: int
+    connector_hidden: int
+    slots: int
+
+
+class AdapterForm:
+    """One form of NanoAdapter, chosen by ``adapter.kind`` (in the spirit of PEFT's ``LoraVariant``).
+
+    A form says what module adapts each modality and how many parameters it has (arithmetically, so
+    ``inspect`` can count a 7B model on the meta device). Every form is the identity at init, names
+    its rank-holding tensors ``lora_A`` (r, ·) and ``lora_B`` (·, r), so HetLoRA padding, truncation,
+    validation, Fisher merging, SecAgg, DP and checkpoints treat it like the paper's form, and keeps
+    any rank-free tensor (``offset``) whole. The text modality gets the paper's low-rank residual
+    unless the form says otherwise.
+    """
+
+    name: ClassVar[str] = "lowrank"
+    description: ClassVar[str] = "the paper's linear low-rank residual z + s*B(A z) on each modality's embeddings"
+
+    def build(self, modality: str, dims: AdapterDims, *, r: int, scaling: float, dropout: float = 0.0) -> nn.Module:
+        return NanoAdapter(dims.hidden, r=r, scaling=scaling, dropout=dropout)
+
+    def num_parameters(self, modality: str, dims: AdapterDims, r: int) -> int:
+        return 2 * r * dims.hidden
+
+
+class BottleneckForm(AdapterForm):
+    name = "bottleneck"
+    description = "a non-linear bottleneck z + s*B(gelu(A z)) on each modality's embeddings"
+
+    def build(self, modality, dims, *, r, scaling, dropout=0.0):
+        return BottleneckAdapter(dims.hidden, r=r, scaling=scaling, dropout=dropout)
+
+
+class SlotForm(AdapterForm):
+    name = "slots"
+    description = "the low-rank residual plus a zero-initialised learned offset per visual slot (N x d) on the visual tokens"
+
+    def build(self, modality, dims, *, r, scaling, dropout=0.0):
+        if modality != "vision":
+            return super().build(modality, dims, r=r, scaling=scaling, dropout=dropout)
+        return SlotAdapter(dims.hidden, r=r, scaling=scaling, dropout=dropout, slots=dims.slots)
+
+    def num_parameters(self, modality, dims, r):
+        return super().num_parameters(modality, dims, r) + (dims.slots * dims.hidden if modality == "vision" else 0)
+
+
+class ConnectorForm(AdapterForm):
+    name = "connector"
+    description = "LoRA on the connector's first layer (encoder features, before the GELU) instead of on the visual tokens"
+
+    def build(self, modality, dims, *, r, scaling, dropout=0.0):
+        if modality != "vision":
+            return super().build(modality, dims, r=r, scaling=scaling, dropout=dropout)
+        return ConnectorAdapter(dims.feature, dims.connector_hidden, r=r, scaling=scaling, dropout=dropout)
+
+    def num_parameters(self, modality, dims, r):
+        if modality != "vision":
+            return super().num_parameters(modality, dims, r)
+        return r * (dims.feature + dims.connector_hidden)
+
+
+#: ``adapter.kind`` -> its form.
+ADAPTER_FORMS: dict[str, AdapterForm] = {f.name: f for f in (AdapterForm(), BottleneckForm(), SlotForm(), ConnectorForm())}
+
+
+def adapter_form(kind: str) -> AdapterForm:
+    """The form ``adapter.kind`` names; a ValueError lists the known ones."""
+    try:
+        return ADAPTER_FORMS[kind]
+    except KeyError:
+        raise ValueError(f"unknown adapter.kind {kind!r}; use one of {sorted(ADAPTER_FORMS)}") from None
 
 
 Adapters = nn.ModuleDict | Mapping[str, Tensor]

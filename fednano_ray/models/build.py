@@ -66,6 +66,8 @@ class MLLM:
             autocast_bf16=autocast_bf16,
             seed=seed,
             train_a=adapter.factors != "frozen_a",
+            kind=adapter.kind,
+            slots=self.num_image_tokens,
         )
 
     def with_llm_lora(

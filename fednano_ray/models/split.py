@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fednano_ray.models.adapter import NanoAdapter
+from fednano_ray.models.adapter import AdapterDims, adapter_form, connector_layers
 
 IGNORE_INDEX = -100
 
@@ -72,7 +72,7 @@ class NanoEdge(nn.Module):
         encoder: nn.Module,
         connector: nn.Module,
         embed_tokens: nn.Embedding,
-        adapters: dict[str, NanoAdapter],
+        adapters: dict[str, nn.Module],
     ) -> None:
         super().__init__()
         self.encoder = _freeze(encoder)
@@ -86,12 +86,17 @@ class NanoEdge(nn.Module):
             return self.encoder(pixel_values)
 
     def visual_tokens(self, features: Tensor) -> Tensor:
-        """Connector + vision adapter: (B, N, d_v) -> (B, N, d)."""
+        """Connector + vision adapter: (B, N, d_v) -> (B, N, d).
+
+        A vision adapter acts on the connector's output tokens, or (``adapter.kind: connector``,
+        ``acts_on_connector``) inside the connector, which then runs with gradients to its inputs.
+        """
+        adapter = self.adapters["vision"] if "vision" in self.adapters else None  # noqa: SIM401 (no ModuleDict.get)
+        if adapter is not None and getattr(adapter, "acts_on_connector", False):
+            return adapter.through(self.connector, features)
         with torch.no_grad():
             v = self.connector(features)
-        if "vision" in self.adapters:
-            v = self.adapters["vision"](v)
-        return v
+        return v if adapter is None else adapter(v)
 
     def forward(
         self,
@@ -368,6 +373,45 @@ class ServerLLM(nn.Module):
         return outs
 
 
+def adapter_dims(parts: MLLMParts, slots: int) -> AdapterDims:
+    """The widths the adapter forms read off ``parts`` (works on the meta device).
+
+    ``feature``/``connector_hidden`` are 0 when the connector has no leading Linear; only
+    ``adapter.kind: connector`` needs them, and it then names the problem.
+    """
+    try:
+        first, _ = connector_layers(parts.connector)
+        feature, hidden = int(first.in_features), int(first.out_features)
+    except ValueError:
+        feature = hidden = 0
+    return AdapterDims(hidden=parts.hidden_size, feature=feature, connector_hidden=hidden, slots=slots)
+
+
+def build_adapters(
+    parts: MLLMParts,
+    *,
+    kind: str = "lowrank",
+    r: int,
+    scaling: float,
+    dropout: float = 0.0,
+    modalities: Sequence[str] = ("vision", "text"),
+    slots: int = 0,
+) -> dict[str, nn.Module]:
+    """Fresh NanoAdapters of form ``kind`` (``adapter.kind``) for ``parts``, by modality.
+
+    The one place a client's adapters are built: training clients, serving and the benchmarks go
+    through :func:`split_mllm` (or :meth:`~fednano_ray.models.build.MLLM.split`), which calls it.
+    """
+    bad = set(modalities) - {"vision", "text"}
+    if bad:
+        raise ValueError(f"unknown adapter modalities {sorted(bad)}; use vision and/or text")
+    form = adapter_form(kind)
+    dims = adapter_dims(parts, slots)
+    if kind == "connector" and "vision" in modalities:
+        connector_layers(parts.connector)  # raises, naming the connector, if it has no leading Linear
+    return {m: form.build(m, dims, r=r, scaling=scaling, dropout=dropout) for m in modalities}
+
+
 def split_mllm(
     parts: MLLMParts,
     *,
@@ -378,6 +422,8 @@ def split_mllm(
     autocast_bf16: bool = False,
     seed: int | None = None,
     train_a: bool = True,
+    kind: str = "lowrank",
+    slots: int = 0,
 ) -> tuple[NanoEdge, ServerLLM]:
     """Split any MLLM into (NanoEdge with fresh NanoAdapters, frozen ServerLLM).
 
@@ -385,16 +431,17 @@ def split_mllm(
     its own half. ``seed`` makes the adapter init identical across processes. ``scaling`` is the
     run's one adapter scaling (``adapter.lora_alpha / adapter.r``, the same at every rank ``r``; see
     :mod:`fednano_ray.models.adapter`). ``train_a=False`` freezes every ``lora_A`` at its seeded init
-    (FFA-LoRA, ``adapter.factors: frozen_a``): only ``lora_B`` trains.
+    (FFA-LoRA, ``adapter.factors: frozen_a``): only ``lora_B`` (and a form's rank-free tensors) train.
+    ``kind`` is the adapter form (``adapter.kind``, :mod:`fednano_ray.models.adapter`); ``slots``, the
+    visual tokens per image, sizes ``slots``' offsets.
     """
-    bad = set(modalities) - {"vision", "text"}
-    if bad:
-        raise ValueError(f"unknown adapter modalities {sorted(bad)}; use vision and/or text")
     gen_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)
     try:
-        adapters = {m: NanoAdapter(parts.hidden_size, r=r, scaling=scaling, dropout=dropout) for m in modalities}
+        adapters = build_adapters(
+            parts, kind=kind, r=r, scaling=scaling, dropout=dropout, modalities=modalities, slots=slots
+        )
     finally:
         torch.random.set_rng_state(gen_state)
     for adapter in adapters.values():

@@ -39,7 +39,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fednano_ray.config import Config, load_config
-from fednano_ray.models.adapter import NanoAdapter, load_adapter_state
+from fednano_ray.models.adapter import load_adapter_state
 from fednano_ray.models.split import NanoEdge
 from fednano_ray.serve.auth import TokenError, TokenStore
 from fednano_ray.serve.schemas import (
@@ -329,17 +329,10 @@ class Ingress:
         from safetensors.torch import load_file
 
         rank = self.cfg.tier_rank(self.tiers[client_id])
-        a = self.cfg.adapter
-        d = self.mllm.parts.hidden_size
-        # No dropout: inference only.
-        # The run's one scaling (adapter.lora_alpha / adapter.r), as every tier trained with.
-        adapters = {m: NanoAdapter(d, r=rank, scaling=a.scaling) for m in a.modalities}
-        for ad in adapters.values():
-            torch.nn.init.zeros_(ad.lora_B)  # identity unless a checkpoint says otherwise
-        p = self.mllm.parts
-        edge = NanoEdge(
-            encoder=p.encoder, connector=p.connector, embed_tokens=p.embed_tokens, adapters=adapters
-        ).eval()
+        # The one client-model builder training uses (every adapter form, the run's one scaling, the
+        # client's tier rank); fresh adapters are the identity until a checkpoint says otherwise.
+        edge, _ = self.mllm.split(self.cfg.adapter, r=rank, seed=0)
+        edge.eval()  # no dropout: inference only
         ckpt, state = self.checkpoint, self.global_state
         if state is not None:
             load_adapter_state(edge.adapters, state)
