@@ -131,12 +131,16 @@ class AdapterConfig(_Section):
         "reading the encoder's features before the GELU (the text adapter stays lowrank). Every form is the identity at "
         "init and works with HetLoRA ranks, FedNano's Fisher, SecAgg, DP, resume and serving.",
     )
-    factors: Literal["joint", "frozen_a"] = Field(
+    factors: Literal["joint", "frozen_a", "product"] = Field(
         "joint",
         description="Which LoRA factors clients train. joint: lora_A and lora_B (the paper's NanoAdapter); merging A and "
         "B separately is not merging B@A (a second-order error under FedAvg, a patchwork of clients under Fisher "
         "weights). frozen_a: lora_A stays at its shared random init and only lora_B trains (FFA-LoRA, Sun et al. "
-        "2024, arXiv 2403.12313): B@A is linear in B, so FedAvg and Fisher merging of B merge the products exactly.",
+        "2024, arXiv 2403.12313): B@A is linear in B, so FedAvg and Fisher merging of B merge the products exactly. "
+        "product: clients train both, the server averages each client's B@A (example-weighted) and re-factorises the "
+        "mean by truncated SVD at the largest tier rank (a smaller-rank client takes the top singular components); "
+        "fedavg/fedprox only, without SecAgg, DP or robust rules (they need sums of the factors), and with "
+        "train.optimizer_state=reset (the factors change basis every round).",
     )
     modalities: tuple[Literal["vision", "text"], ...] = Field(
         ("vision", "text"), min_length=1,
@@ -448,6 +452,23 @@ class Config(_Section):
                 "federation.personalize_steps fine-tunes the global adapters on each client, but strategy local has no "
                 "global model (every client already trains its own): set federation.personalize_steps=0"
             )
+        if self.adapter.factors == "product":
+            trust = self.trust
+            if fed.strategy not in ("fedavg", "fedprox"):
+                raise ValueError(
+                    f"adapter.factors=product is a FedAvg of the clients' B@A; federation.strategy {fed.strategy} "
+                    "aggregates otherwise: use fedavg or fedprox, or adapter.factors=frozen_a (exact Fisher merging of B)"
+                )
+            if trust.secure_aggregation or trust.dp is not None or trust.aggregator != "mean":
+                raise ValueError(
+                    "adapter.factors=product needs each client's factors in the clear to form B@A: turn off "
+                    "trust.secure_aggregation, trust.dp and robust trust.aggregator rules, or use adapter.factors=frozen_a"
+                )
+            if self.train.optimizer_state != "reset":
+                raise ValueError(
+                    "adapter.factors=product re-factorises the global adapters every round, so a client's kept AdamW "
+                    "moments would refer to other factors: set train.optimizer_state=reset"
+                )
         if self.adapter.kind != "lowrank" and fed.strategy in CLIENTS_HOLD_LLM:
             raise ValueError(
                 f"adapter.kind={self.adapter.kind} is a NanoAdapter form; federation.strategy {fed.strategy} trains PEFT "

@@ -185,11 +185,12 @@ class Coordinator:
 
     def _strategy_kwargs(self) -> dict[str, Any]:
         fed = self.cfg.federation
+        factors = {"factors": "product"} if self.cfg.adapter.factors == "product" else {}
         if fed.strategy == "fedprox":
-            return {"mu": fed.fedprox_mu}
+            return {"mu": fed.fedprox_mu, **factors}
         if fed.strategy == "fednano":
             return {"eps": fed.fisher_eps}
-        return {}
+        return factors
 
     def _fit_kwargs(self, rnd: int, c: int, *, steps: int, batch_size: int) -> dict[str, Any]:
         """What a client's ``fit`` call needs besides its data and start state."""

@@ -43,7 +43,9 @@ __all__ = [
     "fisher_from_sums",
     "fisher_merge",
     "fisher_sums",
+    "lora_pairs",
     "max_rank",
+    "merge_products",
     "pad_to_rank",
     "proximal_penalty",
     "rank_dim",
@@ -275,6 +277,83 @@ def fedavg(
     """
     states = _maybe_pad([s for s, _ in results], rank)
     return weighted_average(states, [float(n) for _, n in results])
+
+
+# --------------------------------------------------------------------------------------------------
+# Product merging: average B·A, then re-factorise (adapter.factors: product)
+# --------------------------------------------------------------------------------------------------
+
+
+def lora_pairs(state: Mapping[str, Tensor]) -> list[tuple[str, str]]:
+    """``(lora_A key, lora_B key)`` of every adapter in ``state`` whose two factors are both present."""
+    pairs = []
+    for key in state:
+        parts = key.split(".")
+        if "lora_A" in parts:
+            partner = ".".join("lora_B" if p == "lora_A" else p for p in parts)
+            if partner in state:
+                pairs.append((key, partner))
+    return pairs
+
+
+def merge_products(
+    results: Sequence[tuple[Mapping[str, Tensor], float]],
+    *,
+    rank: int,
+    reference: Mapping[str, Tensor],
+) -> State:
+    """The weighted mean of each adapter's product ``B_i A_i``, re-factorised at ``rank``.
+
+    Averaging ``A`` and ``B`` separately is not averaging ``B A`` (the cross terms ``B_i A_j`` enter);
+    this averages the products exactly, ``W = Σ w_i B_i A_i / Σ w_i``, and returns the factors of its
+    best rank-``rank`` approximation (truncated SVD, Eckart–Young): ``B = U S / c``, ``A = c Vᵀ``, with
+    ``c`` the mean row norm of ``reference``'s ``A`` so the factors keep their scale. The SVD is taken
+    without forming the (d_out × d_in) matrix: ``W`` is ``[w_1 B_1 … w_k B_k] [A_1; …; A_k]``, and two
+    QR decompositions reduce it to a (Σr × Σr) core. Components are ordered by singular value, so a
+    client of smaller rank (HetLoRA truncation) takes the best rank-r approximation of the merge.
+    Directions beyond ``W``'s rank (round 0's ``B = 0`` makes ``W = 0``) keep orthonormal rows of
+    ``A`` with ``B = 0`` there, so the factors never collapse to the saddle ``A = B = 0``. Keys that
+    are not LoRA factors (a form's rank-free tensors) get the plain weighted mean.
+
+    Args:
+        results: ``(state, weight)`` per client, each state at its own rank.
+        rank: The rank of the returned factors (the largest tier rank).
+        reference: The global state the round started from (its ``A`` sets the factor scale).
+
+    Raises:
+        ValueError: on no results, non-positive total weight or a key mismatch.
+    """
+    if not results:
+        raise ValueError("merge_products needs at least one client state")
+    weights = [float(w) for _, w in results]
+    _check_weights(weights, len(results))
+    total = sum(weights)
+    keys = set(results[0][0])
+    for i, (state, _) in enumerate(results):
+        if set(state) != keys:
+            raise ValueError(f"client {i}: keys {sorted(state)} differ from {sorted(keys)}")
+    pairs = lora_pairs(results[0][0])
+    paired = {k for pair in pairs for k in pair}
+    rest = [k for k in results[0][0] if k not in paired]
+    out: State = weighted_average([{k: s[k] for k in rest} for s, _ in results], weights) if rest else {}
+    for a_key, b_key in pairs:
+        a_ref = reference[a_key].detach().to(torch.float64)
+        b_cat = torch.cat([s[b_key].detach().to(torch.float64) * (w / total) for (s, _), w in zip(results, weights)], 1)
+        a_cat = torch.cat([s[a_key].detach().to(torch.float64) for s, _ in results], 0)
+        q_b, r_b = torch.linalg.qr(b_cat)  # (d_out, k), (k, k)
+        q_a, r_a = torch.linalg.qr(a_cat.T)  # (d_in, k), (k, k)
+        u, sv, vh = torch.linalg.svd(r_b @ r_a.T)
+        left, right = q_b @ u, q_a @ vh.T  # W = left diag(sv) rightᵀ
+        if right.shape[1] < rank:  # fewer merged components than the rank: complete A's row space
+            pad = torch.linalg.qr(torch.cat([right, a_ref.T, torch.eye(*a_ref.T.shape, dtype=torch.float64)], 1))[0]
+            right = torch.cat([right, pad[:, right.shape[1] : rank]], 1)
+            left = torch.cat([left, torch.zeros(left.shape[0], rank - left.shape[1], dtype=torch.float64)], 1)
+            sv = torch.cat([sv, torch.zeros(rank - sv.shape[0], dtype=torch.float64)])
+        norm = float(a_ref.norm(dim=1).mean()) if a_ref.numel() else 0.0
+        c = norm if norm > 0 else 1 / math.sqrt(3)  # kaiming-uniform rows have norm ~ 1/sqrt(3)
+        out[a_key] = (c * right[:, :rank].T).to(reference[a_key].dtype)
+        out[b_key] = (left[:, :rank] * sv[:rank] / c).to(reference[b_key].dtype)
+    return {k: out[k] for k in results[0][0]}
 
 
 # --------------------------------------------------------------------------------------------------

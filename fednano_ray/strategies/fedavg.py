@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fednano_ray.strategies.aggregate import State, fedavg, pad_to_rank
+from fednano_ray.strategies.aggregate import State, fedavg, merge_products, pad_to_rank
 from fednano_ray.strategies.base import NUM_EXAMPLES, ClientUpdate, Strategy, SumPlan
 
 __all__ = ["FedAvg", "fedavg_sum_plan"]
@@ -57,15 +57,37 @@ class FedAvg(Strategy):
         "HetLoRA zero-padding: pad updates to the max rank (padded zeros dilute, rows no update "
         "holds become 0), truncate to own rank on receipt"
     )
+    product_rank_rule = (
+        "product merging: the example-weighted mean of each client's B@A at its own rank, re-factorised "
+        "by truncated SVD at the max rank; a smaller-rank client takes the top singular components"
+    )
+
+    def __init__(self, factors: str = "joint") -> None:
+        super().__init__()
+        if factors not in ("joint", "product"):
+            raise ValueError(f"{self.name}: factors must be 'joint' or 'product', got {factors!r}")
+        self.factors = factors
+        if factors == "product":
+            self.rank_rule = self.product_rank_rule
 
     def aggregate_updates(
         self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
     ) -> State:
-        """Example-weighted mean of the updates, padded to ``rank``."""
+        """Example-weighted mean of the updates, padded to ``rank`` (or, with ``factors='product'``,
+        of each adapter's ``B @ A``, re-factorised at ``rank``: :func:`merge_products`)."""
+        if self.factors == "product":
+            return merge_products(
+                [(u.state, u.num_examples) for u in updates], rank=rank, reference=pad_to_rank(global_state, rank)
+            )
         return fedavg([(u.state, u.num_examples) for u in updates], rank=rank)
 
     def sum_plan_updates(
         self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
     ) -> SumPlan:
         """Terms ``n_i θ_i`` and ``n_i``: see :func:`fedavg_sum_plan`."""
+        if self.factors == "product":
+            raise ValueError(
+                "product merging needs each client's B@A, which a secure sum of the factors cannot give: "
+                "use adapter.factors=joint or frozen_a with trust.secure_aggregation"
+            )
         return fedavg_sum_plan(updates, rank)

@@ -27,8 +27,8 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    def __init__(self, mu: float = 0.01) -> None:
-        super().__init__()
+    def __init__(self, mu: float = 0.01, factors: str = "joint") -> None:
+        super().__init__(factors=factors)
         if not math.isfinite(mu) or mu < 0:
             raise ValueError(f"fedprox: mu must be finite and >= 0, got {mu}")
         self.proximal_mu = float(mu)
