@@ -212,6 +212,14 @@ class DataConfig(_Section):
         "min_holdout + 1 examples (one left to train on). 0 = no minimum beyond one question. A client accuracy "
         "measured on 2-3 questions is noise (its 95% interval spans most of [0, 1]); ~30 makes it usable.",
     )
+    client_shift: tuple[Literal["colour_cast", "channel_swap", "invert", "blur", "mirror", "noise"], ...] = Field(
+        (),
+        description="Client shift (fednano_ray/data/shift.py): client c's images pass through condition "
+        "client_shift[c % K] (mirror also swaps left/right in the question and choices) and global-test question i "
+        "through client_shift[i % K], so every client adapts to its own imaging condition and the global test holds "
+        "them all. Empty (default): clean images. Works for any dataset; shifted images are cached, never written "
+        "into the dataset.",
+    )
     max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples (quick runs).")
     max_test_examples: int | None = Field(200, ge=1, description="Cap on global test examples evaluated.")
 

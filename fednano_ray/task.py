@@ -94,4 +94,12 @@ def prepare_data(cfg: Config) -> FederatedData:
         tr, te = split_holdout(shard, d.holdout_fraction, seed=fed.seed + c, min_test=d.min_holdout)
         client_train.append(tr)
         client_test.append(te)
+    if d.client_shift:
+        from fednano_ray.data.shift import apply_client_shift
+        from fednano_ray.models.pretrained import cache_dir
+
+        train, test = apply_client_shift(
+            train, test, [list(tr) + list(te) for tr, te in zip(client_train, client_test, strict=True)],
+            d.client_shift, cache_dir() / "shifted",
+        )
     return FederatedData(root=root, train=train, test=test, client_train=client_train, client_test=client_test)
