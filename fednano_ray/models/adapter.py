@@ -200,31 +200,43 @@ class BottleneckForm(AdapterForm):
         return BottleneckAdapter(dims.hidden, r=r, scaling=scaling, dropout=dropout)
 
 
-class SlotForm(AdapterForm):
+class _VisionForm(AdapterForm):
+    """A form that changes only the vision adapter; the text modality keeps the paper's form."""
+
+    def build(self, modality, dims, *, r, scaling, dropout=0.0):
+        if modality != "vision":
+            return super().build(modality, dims, r=r, scaling=scaling, dropout=dropout)
+        return self.build_vision(dims, r=r, scaling=scaling, dropout=dropout)
+
+    def num_parameters(self, modality, dims, r):
+        return self.vision_parameters(dims, r) if modality == "vision" else super().num_parameters(modality, dims, r)
+
+    def build_vision(self, dims: AdapterDims, *, r: int, scaling: float, dropout: float) -> nn.Module:
+        raise NotImplementedError
+
+    def vision_parameters(self, dims: AdapterDims, r: int) -> int:
+        raise NotImplementedError
+
+
+class SlotForm(_VisionForm):
     name = "slots"
     description = "the low-rank residual plus a zero-initialised learned offset per visual slot (N x d) on the visual tokens"
 
-    def build(self, modality, dims, *, r, scaling, dropout=0.0):
-        if modality != "vision":
-            return super().build(modality, dims, r=r, scaling=scaling, dropout=dropout)
+    def build_vision(self, dims, *, r, scaling, dropout):
         return SlotAdapter(dims.hidden, r=r, scaling=scaling, dropout=dropout, slots=dims.slots)
 
-    def num_parameters(self, modality, dims, r):
-        return super().num_parameters(modality, dims, r) + (dims.slots * dims.hidden if modality == "vision" else 0)
+    def vision_parameters(self, dims, r):
+        return AdapterForm.num_parameters(self, "vision", dims, r) + dims.slots * dims.hidden  # lowrank + offsets
 
 
-class ConnectorForm(AdapterForm):
+class ConnectorForm(_VisionForm):
     name = "connector"
     description = "LoRA on the connector's first layer (encoder features, before the GELU) instead of on the visual tokens"
 
-    def build(self, modality, dims, *, r, scaling, dropout=0.0):
-        if modality != "vision":
-            return super().build(modality, dims, r=r, scaling=scaling, dropout=dropout)
+    def build_vision(self, dims, *, r, scaling, dropout):
         return ConnectorAdapter(dims.feature, dims.connector_hidden, r=r, scaling=scaling, dropout=dropout)
 
-    def num_parameters(self, modality, dims, r):
-        if modality != "vision":
-            return super().num_parameters(modality, dims, r)
+    def vision_parameters(self, dims, r):
         return r * (dims.feature + dims.connector_hidden)
 
 
