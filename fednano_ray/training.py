@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fednano_ray.models.adapter import adapter_state
+from fednano_ray.models.dual import DualEdge
 from fednano_ray.models.prompt import collate
 from fednano_ray.models.split import IGNORE_INDEX, NanoEdge
 from fednano_ray.strategies.aggregate import proximal_penalty
@@ -69,7 +70,7 @@ class LocalServer:
 
 
 def local_fit(
-    edge: NanoEdge,
+    edge: NanoEdge | DualEdge,
     server: Server,
     features: np.ndarray,
     questions: Sequence[Question],
@@ -176,14 +177,16 @@ def _split_step(edge, server, features, questions, idx, packed, *, pad_id, lm_we
     feats = torch.from_numpy(np.ascontiguousarray(features[idx])).float()
     if packed is None:
         batch = collate([questions[i][0][questions[i][1]] for i in idx], pad_id)
-        z = edge(batch["input_ids"], batch["image_mask"], features=feats)
+        prompt = batch["attention_mask"].bool() & (batch["labels"] == IGNORE_INDEX)  # no answer
+        z = edge(batch["input_ids"], batch["image_mask"], features=feats, prompt_mask=prompt)
         loss, grad = server.loss_and_grad(z.detach(), batch["attention_mask"], batch["labels"])
         per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).float()  # labelled tokens of each row
         factor = per_row.sum() / per_row.clamp_min(1)
     else:
         chunk = [questions[i] for i in idx]
         inputs, args, _ = _packed_batch([packed[i] for i in idx], chunk, pad_id)
-        z = edge(inputs["input_ids"], inputs["image_mask"], features=feats)
+        prompt = args[2] == 0  # segment 0: the shared prompt
+        z = edge(inputs["input_ids"], inputs["image_mask"], features=feats, prompt_mask=prompt)
         counts = torch.tensor([len(rows) for rows, _, _ in chunk])
         answers = torch.tensor([answer for _, answer, _ in chunk])
         loss, grad = server.choice_loss_and_grad(z.detach(), *args, counts, answers, float(lm_weight))
@@ -330,7 +333,7 @@ def _packed_batch(
 
 @torch.no_grad()
 def evaluate(
-    edge: NanoEdge,
+    edge: NanoEdge | DualEdge,
     server: Server,
     features: np.ndarray,
     questions: Sequence[tuple[list[Row], int, str | None]],
@@ -359,7 +362,8 @@ def evaluate(
         chunk = packed[i : i + batch_size]
         inputs, args, num_scores = _packed_batch(chunk, questions[i : i + batch_size], pad_id)
         feats = torch.from_numpy(np.ascontiguousarray(features[i : i + len(chunk)])).float()
-        z = edge(inputs["input_ids"], inputs["image_mask"], features=feats)
+        prompt = args[2] == 0  # segment 0: the shared prompt, not the choices
+        z = edge(inputs["input_ids"], inputs["image_mask"], features=feats, prompt_mask=prompt)
         scores.append(server.score_packed(z, *args, num_scores).float())
     flat = torch.cat(scores) if scores else torch.empty(0)
     correct: list[bool] = []

@@ -105,6 +105,7 @@ class NanoEdge(nn.Module):
         *,
         features: Tensor | None = None,
         pixel_values: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
     ) -> Tensor:
         """Adapted embeddings z' (B, T, d).
 
@@ -113,7 +114,11 @@ class NanoEdge(nn.Module):
             image_mask: (B, T) bool, True at the visual-token positions of each row.
             features: (B, N, d_v) precomputed encoder features, or
             pixel_values: (B, 3, H, W) images to encode now.
+            prompt_mask: (B, T) bool, True at the prompt's positions. Unused here; training,
+                evaluation and serving pass it to every edge, and FedDPA-F's
+                :class:`~fednano_ray.models.dual.DualEdge` summarises the prompt with it.
         """
+        del prompt_mask
         with torch.no_grad():
             z = self.embed_tokens(input_ids)  # (B, T, d)
         if "text" in self.adapters:
