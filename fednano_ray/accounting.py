@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from fednano_ray.config import CLIENTS_HOLD_LLM
+from fednano_ray.models.dual import representation_dim
 from fednano_ray.models.split import MLLMParts
 
 FLOAT32_BYTES = 4
@@ -191,6 +192,7 @@ def account(
     lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
     scaling: float | None = None,
     form: str = "lowrank",
+    bank_size: int = 0,
 ) -> dict[str, Any]:
     """Storage and traffic accounting of a FedNano split of ``parts`` (see the module docstring),
     or of ``fedavg-lora``'s full-model clients.
@@ -210,6 +212,10 @@ def account(
             (:attr:`~fednano_ray.config.AdapterConfig.scaling`); default ``lora_alpha / adapter_rank``,
             right only when ``adapter_rank`` is ``adapter.r``. Reported as ``adapter_scaling``.
         form: the NanoAdapter form, ``adapter.kind`` (reported as ``adapter_form``).
+        bank_size: ``feddpa-f`` only (``federation.feddpa_bank_size``): a client also stores its
+            local adapter (a second copy of the adapters) and at most this many fp32 summaries of
+            width ``2 d`` (:mod:`fednano_ray.models.dual`), reported as ``client_dual_bytes`` and
+            counted in ``client_bytes`` (storage), not in ``client_params`` (model parameters).
 
     Returns:
         One flat JSON-able dict (plus a ``parts`` breakdown of parameter counts).
@@ -245,6 +251,10 @@ def account(
     adapter_bytes = adapter_params * FLOAT32_BYTES
     client_params = client_frozen_params + adapter_params
     client_bytes = client_frozen_bytes + adapter_bytes
+    # FedDPA-F: the local adapter and the bank of training summaries stay on the client too.
+    bank_bytes = bank_size * representation_dim(d) * FLOAT32_BYTES
+    dual_bytes = adapter_bytes + bank_bytes if bank_size else 0
+    client_bytes += dual_bytes
 
     fisher = strategy == "fednano"
     round_down = adapter_bytes * clients_per_round
@@ -266,6 +276,7 @@ def account(
         "client_bytes": client_bytes,
         "server_bytes": server_bytes,
         "adapter_bytes": adapter_bytes,
+        "client_dual_bytes": dual_bytes,
         "client_storage_fraction": client_bytes / total_bytes,
         "client_storage_saving": 1.0 - client_bytes / total_bytes,
         "adapter_fraction": adapter_params / total_params,
@@ -430,6 +441,7 @@ def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40)
         lora_target_modules=cfg.adapter.lora_target_modules,
         scaling=cfg.adapter.scaling,
         form=cfg.adapter.kind,
+        bank_size=cfg.federation.feddpa_bank_size if cfg.federation.strategy == "feddpa-f" else 0,
     )
     d = out["hidden_size"]
     seq = out["sequence_length"]

@@ -265,13 +265,37 @@ class FederationConfig(_Section):
     num_clients: int = Field(8, ge=1, description="Number of clients the data is split across.")
     clients_per_round: int = Field(8, ge=1, description="Clients sampled each round.")
     rounds: int = Field(3, ge=0, description="Federated rounds.")
-    strategy: Literal["fednano", "fedavg", "fedprox", "local", "centralized", "fedavg-lora"] = Field(
+    strategy: Literal[
+        "fednano", "fedavg", "fedprox", "local", "centralized", "fedavg-lora", "feddpa-f"
+    ] = Field(
         "fednano",
         description="Aggregation rule (fednano = Fisher merging). fedavg-lora: the conventional baseline, every "
-        "client holds the whole MLLM and trains PEFT LoRA inside its LLM (adapter.lora_target_modules), FedAvg.",
+        "client holds the whole MLLM and trains PEFT LoRA inside its LLM (adapter.lora_target_modules), FedAvg. "
+        "feddpa-f: FedDPA-F (Yang et al., NeurIPS 2024, arXiv 2403.19211), a FedAvg global "
+        "adapter, then a local adapter per client trained for federation.personalize_steps steps beside "
+        "the frozen global one, mixed per instance by similarity to the client's training data "
+        "(federation.feddpa_*).",
     )
     fedprox_mu: float = Field(0.01, ge=0, description="fedprox only: proximal coefficient mu.")
     fisher_eps: float = Field(1e-8, gt=0, description="fednano only: epsilon of Fisher merging.")
+    feddpa_train_weight: float = Field(
+        0.5, ge=0, le=1,
+        description="feddpa-f only: the local adapter's constant weight w in "
+        "(1 - w) E_global + w E_local while the local adapter trains (the paper's fixed mixing "
+        "weight during training).",
+    )
+    feddpa_top_k: int = Field(
+        5, ge=1,
+        description="feddpa-f only: the dynamic weight at inference is the mean of the top-k "
+        "cosine similarities between the instance's frozen summary and the client's bank, "
+        "clipped to [0, 1].",
+    )
+    feddpa_bank_size: int = Field(
+        256, ge=1,
+        description="feddpa-f only: most training-prompt summaries a client keeps for the dynamic "
+        "weight (a seeded subsample when its shard is larger); checkpointed beside its local "
+        "adapter, counted in client storage.",
+    )
     deadline_s: float = Field(600.0, gt=0, description="Seconds a round waits for clients before it moves on.")
     quorum: float = Field(0.5, gt=0, le=1, description="Fraction of sampled clients that must report for a round to count.")
     mode: Literal["simulation", "deployment"] = Field(
@@ -284,7 +308,9 @@ class FederationConfig(_Section):
         description="After the last round, every client fine-tunes a private copy of the global adapters for this many "
         "local steps on its own training data (fresh AdamW, its tier's batch size); it is then evaluated with them on "
         "its held-out data and on the global test, its checkpoint holds them, and `fednano-ray serve` answers it with "
-        "them. 0 = no personalisation (every client is served the global adapters).",
+        "them. 0 = no personalisation (every client is served the global adapters). "
+        "Under feddpa-f these are the steps of the local adapter (required, > 0), which joins "
+        "the global one instead of replacing it.",
     )
 
 
@@ -461,12 +487,25 @@ class Config(_Section):
                 "federation.personalize_steps fine-tunes the global adapters on each client, but strategy local has no "
                 "global model (every client already trains its own): set federation.personalize_steps=0"
             )
+        if fed.strategy == "feddpa-f" and not fed.personalize_steps:
+            raise ValueError(
+                "federation.strategy feddpa-f trains each client's local adapter after the last "
+                "round for federation.personalize_steps steps, which is 0: set it, e.g. "
+                "federation.personalize_steps=20"
+            )
+        if fed.strategy == "feddpa-f" and fed.feddpa_top_k > fed.feddpa_bank_size:
+            raise ValueError(
+                f"federation.feddpa_top_k ({fed.feddpa_top_k}) averages more bank entries than "
+                f"federation.feddpa_bank_size ({fed.feddpa_bank_size}) keeps: lower feddpa_top_k "
+                "or raise feddpa_bank_size"
+            )
         if self.adapter.factors == "product":
             trust = self.trust
-            if fed.strategy not in ("fedavg", "fedprox"):
+            if fed.strategy not in ("fedavg", "fedprox", "feddpa-f"):
                 raise ValueError(
-                    f"adapter.factors=product is a FedAvg of the clients' B@A; federation.strategy {fed.strategy} "
-                    "aggregates otherwise: use fedavg or fedprox, or adapter.factors=frozen_a (exact Fisher merging of B)"
+                    f"adapter.factors=product is a FedAvg of the clients' B@A; federation.strategy "
+                    f"{fed.strategy} aggregates otherwise: use fedavg, fedprox or feddpa-f, or "
+                    "adapter.factors=frozen_a (exact Fisher merging of B)"
                 )
             if trust.secure_aggregation or trust.dp is not None or trust.aggregator != "mean":
                 raise ValueError(

@@ -47,7 +47,7 @@ _FOLDED = re.compile(
 #: Keys that follow the number of clients in a grid; hidden when num_clients determines them.
 _FOLLOW_CLIENTS = re.compile(r"^(federation\.clients_per_round|tiers\.\d+\.clients)$")
 #: Row and legend order of the strategies (others follow alphabetically).
-STRATEGY_ORDER = ("local", "centralized", "fedavg", "fedprox", "fednano", "fedavg-lora")
+STRATEGY_ORDER = ("local", "centralized", "fedavg", "fedprox", "fednano", "feddpa-f", "fedavg-lora")
 _NA = "n/a"
 
 

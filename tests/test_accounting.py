@@ -160,6 +160,22 @@ def test_fedavg_lora_clients_store_the_whole_mllm_and_send_no_activations(tiny_p
         account(tiny_parts, **_kw(strategy="fedavg-lora"), lora_target_modules=("c_attn",))
 
 
+def test_feddpa_f_clients_also_store_a_local_adapter_and_the_bank(tiny_parts):
+    """feddpa-f: client storage adds the second (local) adapter and at most bank_size fp32
+    summaries of width 2d; parameters, round traffic and split steps are FedAvg's."""
+    fedavg = account(tiny_parts, **_kw(strategy="fedavg"))
+    out = account(tiny_parts, **_kw(strategy="feddpa-f"), bank_size=10)
+    assert out["client_dual_bytes"] == out["adapter_bytes"] + 10 * 2 * 128 * 4
+    assert out["client_bytes"] == fedavg["client_bytes"] + out["client_dual_bytes"]
+    assert fedavg["client_dual_bytes"] == 0
+    for key in ("client_params", "adapter_params", "round_bytes_up", "step_bytes_up"):
+        assert out[key] == fedavg[key], key
+    cfg = load_config({"model": {"kind": "tiny"}, "federation": {
+        "strategy": "feddpa-f", "personalize_steps": 2, "feddpa_bank_size": 10}})
+    inspected = inspect_config(cfg)
+    assert inspected["client_dual_bytes"] == inspected["adapter_bytes"] + 10 * 256 * 4
+
+
 def test_dtype_override_scales_frozen_bytes_not_adapters(tiny_parts):
     f32 = account(tiny_parts, **_kw())
     f16 = account(tiny_parts, **_kw(), dtype_bytes=2)

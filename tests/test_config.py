@@ -302,6 +302,9 @@ def test_min_holdout_default_and_quickstart():
         load_config(TINY, ["data.min_holdout=-1"])
 
 
+DPA = ("federation.strategy=feddpa-f", "federation.personalize_steps=2")
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
@@ -309,6 +312,12 @@ def test_min_holdout_default_and_quickstart():
         (["federation.strategy=fedavg-lora", "adapter.factors=frozen_a"], r"leave adapter.factors at joint"),
         (["train.fisher=diagonal"], r"train\.fisher"),
         (["train.fisher_examples=0"], r"train\.fisher_examples"),
+        (["federation.strategy=feddpa-f"], r"federation\.personalize_steps=20"),
+        ([*DPA, "federation.feddpa_top_k=9", "federation.feddpa_bank_size=8"],
+         r"lower feddpa_top_k or raise feddpa_bank_size"),
+        ([*DPA, "federation.feddpa_train_weight=2"], r"federation\.feddpa_train_weight"),
+        ([*DPA, "trust.aggregator=median"], r"trust.aggregator 'median'.*not 'feddpa-f'"),
+        ([*DPA, "trust.dp.clip_norm=1"], r"trust.dp needs federation.strategy fedavg"),
     ],
 )
 def test_learning_options_refuse_combinations_that_mean_nothing(overrides, needle):
@@ -316,6 +325,14 @@ def test_learning_options_refuse_combinations_that_mean_nothing(overrides, needl
     settings are config errors naming the key and the fix."""
     with pytest.raises(ConfigError, match=needle):
         load_config(TINY, overrides)
+
+
+def test_feddpa_f_takes_the_fedavg_options():
+    """feddpa-f's federated phase is FedAvg: secure aggregation and product merging apply; the
+    weighting options have the documented defaults."""
+    fed = load_config(TINY, [*DPA, "trust.secure_aggregation=true"]).federation
+    assert (fed.feddpa_train_weight, fed.feddpa_top_k, fed.feddpa_bank_size) == (0.5, 5, 256)
+    load_config(TINY, [*DPA, "adapter.factors=product", "train.optimizer_state=reset"])
 
 
 def test_learning_defaults():

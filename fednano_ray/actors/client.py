@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from fednano_ray.models.adapter import adapter_state, load_adapter_state
+from fednano_ray.models.dual import DualEdge, DynamicWeight, subsample
+from fednano_ray.models.prompt import collate
 from fednano_ray.training import LocalServer, evaluate, local_fit
 
 
@@ -105,6 +107,7 @@ class ClientActor:
         # the keys and self-mask seed never leave the actor except as encrypted Shamir shares.
         self._secagg: dict[tuple[int, int], Any] = {}
         self._die_before_unmask: set[tuple[int, int]] = set()
+        self._dual: DualEdge | None = None  # FedDPA-F's dual edge, built on first use
 
     def _question(self, i: int):
         """Train example i as (choice rows, answer, category) (cached: tokenizing is cheap but not free)."""
@@ -254,16 +257,109 @@ class ClientActor:
         del self._secagg[(rnd, client_id)]
         return response
 
-    def evaluate(self, state: dict[str, torch.Tensor], split: str, indices: list[int], batch_size: int = 32) -> dict[str, float]:
+    def evaluate(
+        self, state: dict[str, torch.Tensor], split: str, indices: list[int], batch_size: int = 32,
+        dual: dict[str, Any] | None = None,
+    ) -> dict[str, float]:
         """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or "test").
 
-        Under ``llm_lora`` ``state`` is the LLM's LoRA, scored by this actor's own LoRA-adapted LLM."""
-        load_adapter_state(self.params, state)
+        Under ``llm_lora`` ``state`` is the LLM's LoRA, scored by this actor's own LoRA-adapted LLM.
+        With ``dual`` (FedDPA-F: ``{"local": state, "bank": (N, D), "top_k": k}``) ``state`` is the
+        global adapter and the client's dual adapter is scored with its dynamic weight; the result
+        then has ``dual_weight_mean``, the mean weight of the local adapter over the questions."""
+        edge = self.edge
+        if dual is None:
+            load_adapter_state(self.params, state)
+        else:
+            edge = self._dual_edge(DynamicWeight(dual["bank"], top_k=dual["top_k"]))
+            edge.load_states(state, dual["local"])
+            edge.weight_log = []
         feats, qs = self.data[split]
         questions = [
             ([self.encode_row(q, c) for c in choices], answer, cat) for q, choices, answer, cat in (qs[i] for i in indices)
         ]
-        return evaluate(self.edge, self.server, np.asarray(feats[indices]), questions, pad_id=self.pad_id, batch_size=batch_size)
+        out = evaluate(
+            edge, self.server, np.asarray(feats[indices]), questions, pad_id=self.pad_id,
+            batch_size=batch_size,
+        )
+        if dual is not None:
+            log, edge.weight_log = edge.weight_log, None
+            out["dual_weight_mean"] = float(torch.cat(log).mean()) if log else float("nan")
+        return out
+
+    # -- FedDPA-F: the dual adapter (fednano_ray/models/dual.py) ----------------------------------
+
+    def _dual_edge(self, weighting: float | DynamicWeight) -> DualEdge:
+        """This actor's dual edge (built once: the tier's rank and form), set to ``weighting``."""
+        if self._dual is None:
+            if self._llm is not None:
+                raise ClientError(
+                    "FedDPA-F's dual adapter needs NanoAdapters; this actor trains LoRA in its LLM"
+                )
+            self._dual = DualEdge.around(self.edge)
+        self._dual.weighting = weighting
+        return self._dual
+
+    def fit_dual(
+        self,
+        client_id: int,
+        indices: list[int],
+        global_state: dict[str, torch.Tensor],
+        *,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        train_weight: float,
+        bank_size: int,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        objective: str = "lm",
+        lm_weight: float = 0.0,
+    ) -> dict[str, Any]:
+        """FedDPA-F's local phase: train a local adapter (a copy of ``global_state``) beside the
+        frozen global one at the constant weight ``train_weight``, and summarise the client's
+        training prompts into a bank of at most ``bank_size`` rows (a ``seed``-ed subsample).
+
+        Returns:
+            ``state`` (the local adapter, at this tier's rank), ``bank`` (N, D), ``metrics``,
+            ``num_examples``, ``rank``, ``node_id``.
+        """
+        if not indices:
+            raise ClientError(f"client {client_id} has no training examples")
+        t0 = time.perf_counter()
+        dual = self._dual_edge(float(train_weight))
+        dual.load_states(global_state, global_state)  # the local adapter starts as the global one
+        feats = self.data["train"][0][indices]
+        questions = [self._question(i) for i in indices]
+        state, _, metrics, _ = local_fit(
+            dual, self.server, feats, questions, steps=steps, batch_size=batch_size, lr=lr,
+            pad_id=self.pad_id, weight_decay=weight_decay, seed=seed,
+            params=dict(dual.local_edge.adapters.named_parameters()),
+            objective=objective, lm_weight=lm_weight,
+        )
+        keep = [indices[i] for i in subsample(len(indices), bank_size, seed)]
+        metrics["fit_s"] = time.perf_counter() - t0
+        return {
+            "client_id": client_id, "state": state, "bank": self.prompt_summaries("train", keep),
+            "num_examples": len(indices), "metrics": metrics, "rank": self.rank,
+            "node_id": self.node_id(),
+        }
+
+    def prompt_summaries(
+        self, split: str, indices: list[int], batch_size: int = 64
+    ) -> torch.Tensor:
+        """Frozen summaries (:meth:`DualEdge.representation`) of the prompts of examples
+        ``indices`` of ``split``, (n, D)."""
+        dual = self._dual_edge(0.0)
+        feats, qs = self.data[split]
+        out = []
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            batch = collate([self.encode_row(qs[i][0], None) for i in chunk], self.pad_id)
+            f = torch.from_numpy(np.ascontiguousarray(feats[chunk])).float()
+            prompt = batch["attention_mask"].bool()  # the rows are prompts alone
+            out.append(dual.representation(batch["input_ids"], batch["image_mask"], prompt, f))
+        return torch.cat(out)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The adapters as initialised (B = 0: exactly the pretrained model)."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fednano_ray.config import Config, dump_config
+from fednano_ray.models.dual import REPRESENTATION, bank_path, load_bank, save_bank
 from fednano_ray.stats import client_accuracy_stats, global_test_stats, paired_difference
 from fednano_ray.strategies.aggregate import truncate_to_rank
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate
@@ -127,6 +128,7 @@ class Coordinator:
             lora_target_modules=cfg.adapter.lora_target_modules,  # fedavg-lora: fails here if they fit no layer
             scaling=cfg.adapter.scaling,  # one scaling for every tier (adapter_rank here is the largest tier's)
             form=cfg.adapter.kind,
+            bank_size=fed.feddpa_bank_size if fed.strategy == "feddpa-f" else 0,
         )
         del mllm
         gc.collect()
@@ -164,6 +166,9 @@ class Coordinator:
         self.global_state: dict[str, torch.Tensor] = ray.get(self.top_actor.initial_state.remote())
         self.initial_state = {k: v.clone() for k, v in self.global_state.items()}
         self.client_states: dict[int, dict[str, torch.Tensor]] = {}
+        # FedDPA-F: each client's bank of training-prompt summaries; with a bank, client_states[c]
+        # is its local adapter, used beside the global one (fednano_ray/models/dual.py).
+        self.client_banks: dict[int, torch.Tensor] = {}
         self.optimizer_states: dict[int, dict[str, Any]] = {}  # per client, train.optimizer_state=keep
         self.rounds: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
@@ -190,6 +195,11 @@ class Coordinator:
             return {"mu": fed.fedprox_mu, **factors}
         if fed.strategy == "fednano":
             return {"eps": fed.fisher_eps}
+        if fed.strategy == "feddpa-f":
+            return {
+                "train_weight": fed.feddpa_train_weight, "top_k": fed.feddpa_top_k,
+                "bank_size": fed.feddpa_bank_size, **factors,
+            }
         return factors
 
     def _fit_kwargs(self, rnd: int, c: int, *, steps: int, batch_size: int) -> dict[str, Any]:
@@ -509,6 +519,17 @@ class Coordinator:
 
     # -- evaluation -------------------------------------------------------------------------------
 
+    def _eval_model(self, c: int) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """What client ``c`` is evaluated with: ``(adapters, None)``, or under FedDPA-F, once it has
+        its local adapter and bank, ``(global adapters, dual)`` for ``ClientActor.evaluate``."""
+        if c in self.client_banks:
+            dual = {
+                "local": self.client_states[c], "bank": self.client_banks[c],
+                "top_k": self.cfg.federation.feddpa_top_k,
+            }
+            return self.global_state, dual
+        return self._client_model(c), None
+
     def _client_model(self, c: int) -> dict[str, torch.Tensor]:
         """The adapters client ``c`` is evaluated (and served) with: its own, where it has them
         (``local``, or after personalisation), else the global ones (``local``: the initial ones)."""
@@ -552,31 +573,40 @@ class Coordinator:
         deadline = time.monotonic() + cfg.federation.deadline_s
         submits = {}
         for c in range(n):  # submit everything first: the actors evaluate in parallel
-            state = truncate_to_rank(self.initial_state if initial else self._client_model(c), cfg.tier_rank(self.client_tier[c]))
+            state, dual = (self.initial_state, None) if initial else self._eval_model(c)
+            state = truncate_to_rank(state, cfg.tier_rank(self.client_tier[c]))
             idx = self.data.client_test[c]
-            fn = lambda c=c, state=state, idx=idx: self._actor_for(c).evaluate.remote(state, "train", idx, bs)
+            fn = lambda c=c, state=state, idx=idx, dual=dual: self._actor_for(c).evaluate.remote(
+                state, "train", idx, bs, dual=dual)
             submits[c] = (fn, fn())
         # The global test split is scored with the pretrained adapters (initial), the global adapters,
         # or, for strategies without a global model, every client's own adapters (then averaged), each
         # by an actor of that client's own tier: a rank-r client's state does not fit a larger rank.
         # A state that cannot be scored is an eval failure; global_test_states_scored counts the rest.
+        # FedDPA-F: a client's model is its dual adapter (global + local, weighted per question)
         if initial:
-            states = [(None, self.initial_state, self.top_actor)]
+            states = [(None, self.initial_state, None, self.top_actor)]
         elif self.strategy.personalize_only or personal:
-            states = [(c, self._client_model(c), self._actor_for(c)) for c in range(n)]
+            states = [(c, *self._eval_model(c), self._actor_for(c)) for c in range(n)]
         else:
-            states = [(None, self.global_state, self.top_actor)]
+            states = [(None, self.global_state, None, self.top_actor)]
         everything = list(range(len(self.data.test)))
         test_subs = []
-        for c, s, actor in states:  # submit all, then collect: the actors score in parallel
-            fn = lambda s=s, actor=actor: actor.evaluate.remote(s, "test", everything, bs)
-            test_subs.append((fn, fn(), "global test" if c is None else f"global test, client {c}'s adapters"))
+        for c, s, dual, actor in states:  # submit all, then collect: the actors score in parallel
+            fn = lambda s=s, actor=actor, dual=dual: actor.evaluate.remote(
+                s, "test", everything, bs, dual=dual)
+            what = "global test" if c is None else f"global test, client {c}'s adapters"
+            test_subs.append((fn, fn(), what, c))
         per_client = {}
         for c, (fn, ref) in submits.items():
             res = self._get_eval(fn, f"client {c}", failures, deadline, ref=ref)
             if res is not None and res["n"] > 0:
                 per_client[str(c)] = res
-        tests = [t for t in (self._get_eval(fn, what, failures, deadline, ref=ref) for fn, ref, what in test_subs) if t is not None]
+        scored = [
+            (c, self._get_eval(fn, what, failures, deadline, ref=ref))
+            for fn, ref, what, c in test_subs
+        ]
+        tests = [t for _, t in scored if t is not None]
         # Per-client accuracy with its test size n and 95% Wilson interval; avg_accuracy is weighted by
         # test size (pooled correct / pooled n), with the pooled interval (fednano_ray/stats.py).
         out: dict[str, Any] = {
@@ -591,6 +621,14 @@ class Coordinator:
             "global_test_adapters": adapters_fingerprint(states[0][1]) if len(states) == 1 else None,
         }
         out["global_test_states_scored"] = len(tests)  # of len(states): 1, or num_clients under `local`
+        if any("dual_weight_mean" in r for r in per_client.values()):  # FedDPA-F's dual adapters
+            out["dual_weight_mean"] = {
+                c: r["dual_weight_mean"] for c, r in per_client.items() if "dual_weight_mean" in r
+            }
+            out["global_test_dual_weight_mean"] = {
+                str(c): t["dual_weight_mean"]
+                for c, t in scored if t is not None and "dual_weight_mean" in t
+            }
         if failures:
             out["eval_failures"] = failures
         return out
@@ -607,6 +645,8 @@ class Coordinator:
             (folder / "clients").mkdir(exist_ok=True)
             for c, s in self.client_states.items():
                 save_file({k: v.contiguous() for k, v in s.items()}, str(folder / "clients" / f"client_{c:05d}.safetensors"))
+            for c, bank in self.client_banks.items():  # FedDPA-F: beside the local adapter
+                save_bank(bank_path(folder / "clients", c), bank)
         if self.optimizer_states:  # the clients' own AdamW moments: resume continues them exactly
             torch.save(self.optimizer_states, folder / "optimizer_states.pt")
         state = {"round": rnd, "rounds": self.rounds, "summary": self.summary, "client_ids": sorted(self.client_states)}
@@ -625,6 +665,10 @@ class Coordinator:
         self.global_state = load_file(str(ckpt / "adapters.safetensors"))
         self.client_states = {
             c: load_file(str(ckpt / "clients" / f"client_{c:05d}.safetensors")) for c in state["client_ids"]
+        }
+        self.client_banks = {
+            c: load_bank(bank_path(ckpt / "clients", c))
+            for c in state["client_ids"] if bank_path(ckpt / "clients", c).is_file()
         }
         if (ckpt / "optimizer_states.pt").exists():
             self.optimizer_states = torch.load(ckpt / "optimizer_states.pt", weights_only=True)
@@ -702,6 +746,13 @@ class Coordinator:
         weighted average, 95% intervals) beside the global adapters' ``accuracy_after``. A client
         whose fine-tune fails keeps the global adapters (a recorded failure). Idempotent under
         --resume: a finished personalisation is not repeated.
+
+        Under FedDPA-F (``strategy.dual_adapter``) this is the local phase: each client's result
+        is a local adapter trained beside the frozen global one (``ClientActor.fit_dual``) plus
+        its bank of training summaries (``client_banks``, checkpointed beside it); the client is
+        then scored with its dual adapter and a per-question weight, and the summary's ``feddpa``
+        record holds the weighting and each client's mean weight on its held-out questions and on
+        the global test.
         """
         import ray
 
@@ -709,18 +760,32 @@ class Coordinator:
         if not fed.personalize_steps or self.strategy.personalize_only or "accuracy_personalized" in self.summary:
             return {}
         t0 = time.perf_counter()
+        dual = self.strategy.dual_adapter
         global_ref = ray.put(self.global_state)
         refs: dict[Any, int] = {}
         for c in range(fed.num_clients):
             tier = self.client_tier[c]
             kw = self._fit_kwargs(fed.rounds, c, steps=fed.personalize_steps, batch_size=tier.batch_size)
-            kw.update(optimizer_state=None, chaos=None, prox_mu=0.0, fisher="trajectory", fisher_normalize=False)
-            refs[self._actor_for(c).fit.remote(c, self.data.client_train[c], global_ref, **kw)] = c
+            actor = self._actor_for(c)
+            if dual:  # FedDPA-F: a local adapter beside the frozen global one, and the bank
+                ref = actor.fit_dual.remote(
+                    c, self.data.client_train[c], global_ref, steps=kw["steps"],
+                    batch_size=kw["batch_size"], lr=kw["lr"], weight_decay=kw["weight_decay"],
+                    seed=kw["seed"], objective=kw["objective"], lm_weight=kw["lm_weight"],
+                    train_weight=fed.feddpa_train_weight, bank_size=fed.feddpa_bank_size,
+                )
+            else:
+                kw.update(optimizer_state=None, chaos=None, prox_mu=0.0, fisher="trajectory",
+                          fisher_normalize=False)
+                ref = actor.fit.remote(c, self.data.client_train[c], global_ref, **kw)
+            refs[ref] = c
         reasons: dict[int, str] = {}
         # (centralized's fit actor is the top tier's, not the client's own: nothing to restart by client)
         outs = self._gather(refs, "personalisation: ", reasons, kill_stalled=fed.strategy != "centralized")
         for c, out in sorted(outs.items()):
             self.client_states[c] = out["state"]
+            if dual:
+                self.client_banks[c] = out["bank"]
         ev = self.evaluate(personal=True)
         record = {
             "personalize_steps": fed.personalize_steps,
@@ -739,6 +804,22 @@ class Coordinator:
             global_test_accuracy_personalized_ci95=ev["global_test_accuracy_ci95"],
             personalization=record,
         )
+        if dual:
+            self.summary["feddpa"] = {
+                "weighting": "dynamic: per question, the mean of the top-k cosine similarities of "
+                "its frozen summary to the client's bank, clipped to [0, 1]; constant during local "
+                "training",
+                "representation": REPRESENTATION,
+                "train_weight": fed.feddpa_train_weight,
+                "top_k": fed.feddpa_top_k,
+                "bank_size": fed.feddpa_bank_size,
+                "bank_rows_per_client": {
+                    str(c): int(b.shape[0]) for c, b in sorted(self.client_banks.items())
+                },
+                # the local adapter's mean weight on the client's held-out data, on the global test
+                "mean_weight_per_client": ev.get("dual_weight_mean", {}),
+                "global_test_mean_weight_per_client": ev.get("global_test_dual_weight_mean", {}),
+            }
         if ev.get("eval_failures"):
             record["eval_failures"] = ev["eval_failures"]
         self._checkpoint(self.next_round - 1)  # the last round's checkpoint now holds clients/ (and results.json)

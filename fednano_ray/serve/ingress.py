@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fednano_ray.config import Config, load_config
 from fednano_ray.models.adapter import load_adapter_state
+from fednano_ray.models.dual import DualEdge, DynamicWeight, bank_path, load_bank
 from fednano_ray.models.split import NanoEdge
 from fednano_ray.serve.auth import TokenError, TokenStore
 from fednano_ray.serve.schemas import (
@@ -110,7 +111,7 @@ class ClientModel:
 
     client_id: int
     name: str  # e.g. client_00003@round_0002
-    edge: NanoEdge
+    edge: NanoEdge | DualEdge  # DualEdge: FedDPA-F's global + local adapters
     personal: bool
 
 
@@ -249,12 +250,13 @@ def bearer_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_
 # -- the model side, usable without Serve -------------------------------------------------------------
 
 
-def prompt_embeds(mllm: Any, edge: NanoEdge, image: Any, question: str) -> torch.Tensor:
+def prompt_embeds(mllm: Any, edge: NanoEdge | DualEdge, image: Any, question: str) -> torch.Tensor:
     """The adapted prompt embeddings z' (T, d) float32 of one image and question."""
     ids, _, mask = mllm.encode_row(question, None)
     pixels = mllm.preprocess([image])  # (1, 3, S, S)
+    prompt = torch.ones(1, len(ids), dtype=torch.bool)  # the row is the prompt alone
     with torch.inference_mode():
-        z = edge(torch.tensor([ids]), torch.tensor([mask]), pixel_values=pixels)  # (1, T, d)
+        z = edge(torch.tensor([ids]), torch.tensor([mask]), pixel_values=pixels, prompt_mask=prompt)
     return z[0].float().contiguous()
 
 
@@ -325,7 +327,12 @@ class Ingress:
         self.generation += 1
 
     def load_client_model(self, client_id: int) -> ClientModel:
-        """A NanoEdge of the client's rank with the global, then the client's personal, adapters."""
+        """A NanoEdge of the client's rank with the global, then the client's personal, adapters.
+
+        Under ``feddpa-f`` (a bank beside the client's adapters) the client's model is its
+        :class:`~fednano_ray.models.dual.DualEdge`: the global and its local adapters, mixed per
+        request by the dynamic weight, as evaluation scores it. The mix is done here, before the
+        LLM, so it holds for both engines."""
         from safetensors.torch import load_file
 
         rank = self.cfg.tier_rank(self.tiers[client_id])
@@ -336,16 +343,16 @@ class Ingress:
         ckpt, state = self.checkpoint, self.global_state
         if state is not None:
             load_adapter_state(edge.adapters, state)
-        personal = (
-            ckpt is not None
-            and (ckpt / "clients" / f"client_{client_id:05d}.safetensors").is_file()
-        )
-        if personal:
-            load_adapter_state(
-                edge.adapters,
-                load_file(str(ckpt / "clients" / f"client_{client_id:05d}.safetensors")),
-            )
-        edge.adapters.requires_grad_(False)
+        own = ckpt / "clients" / f"client_{client_id:05d}.safetensors" if ckpt is not None else None
+        personal = own is not None and own.is_file()
+        bank = bank_path(own.parent, client_id) if own is not None else None
+        if personal and state is not None and bank.is_file():  # FedDPA-F's dual adapter
+            weighting = DynamicWeight(load_bank(bank), top_k=self.cfg.federation.feddpa_top_k)
+            edge = DualEdge.around(edge, weighting=weighting).eval()
+            edge.load_states(state, load_file(str(own)))
+        elif personal:
+            load_adapter_state(edge.adapters, load_file(str(own)))
+        edge.requires_grad_(False)
         return ClientModel(
             client_id, f"client_{client_id:05d}@{self.checkpoint_name}", edge, personal
         )

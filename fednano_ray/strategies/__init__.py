@@ -28,6 +28,7 @@ from fednano_ray.strategies.centralized import Centralized
 from fednano_ray.strategies.dp import DPFedAvg
 from fednano_ray.strategies.fedavg import FedAvg
 from fednano_ray.strategies.fedavg_lora import FedAvgLoRA
+from fednano_ray.strategies.feddpa import FedDPAF
 from fednano_ray.strategies.fednano import FedNano
 from fednano_ray.strategies.fedprox import FedProx
 from fednano_ray.strategies.local import Local
@@ -48,6 +49,7 @@ __all__ = [
     "DPFedAvg",
     "FedAvg",
     "FedAvgLoRA",
+    "FedDPAF",
     "FedNano",
     "FedProx",
     "Local",
@@ -77,6 +79,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (
         FedAvg,
         FedAvgLoRA,
+        FedDPAF,
         FedProx,
         FedNano,
         Local,
@@ -94,9 +97,10 @@ def build_strategy(name: str, **kwargs: Any) -> Strategy:
 
     Args:
         name: One of ``STRATEGIES`` (``fedavg``, ``fedprox``, ``fednano``, ``local``,
-            ``centralized``, ``fedavg-lora``; the robust rules ``median``, ``trimmed_mean``,
-            ``clip``; and ``dp_fedavg``).
+            ``centralized``, ``fedavg-lora``, ``feddpa-f``; the robust rules ``median``,
+            ``trimmed_mean``, ``clip``; and ``dp_fedavg``).
         **kwargs: Constructor options, e.g. ``mu`` for ``fedprox``, ``eps`` for ``fednano``,
+            ``train_weight``, ``top_k``, ``bank_size`` for ``feddpa-f``,
             ``trim_fraction`` for ``trimmed_mean``, ``clip_norm`` for ``clip``.
 
     Returns:

@@ -92,6 +92,8 @@ class Strategy(ABC):
     personalize_only: bool = False
     #: True if clients upload a diagonal Fisher with their state (Fisher merging).
     uses_fisher: ClassVar[bool] = False
+    #: True if every client ends with a dual (global + local) adapter after the rounds (FedDPA-F).
+    dual_adapter: ClassVar[bool] = False
     rank_rule: ClassVar[str] = (
         "HetLoRA: zero-pad to the max rank of global and updates, truncate to own rank on receipt"
     )

@@ -86,7 +86,7 @@ def test_fedavg_and_fedprox_merge_products_and_refuse_a_secure_sum():
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["federation.strategy=fednano"], "use fedavg or fedprox"),
+        (["federation.strategy=fednano"], "use fedavg, fedprox or feddpa-f"),
         (["federation.strategy=fedavg"], "train.optimizer_state=reset"),
         (["federation.strategy=fedavg", "train.optimizer_state=reset", "trust.secure_aggregation=true"],
          "needs each client's factors in the clear"),

@@ -12,6 +12,7 @@ from fednano_ray.strategies import (
     ClientUpdate,
     FedAvg,
     FedAvgLoRA,
+    FedDPAF,
     FedNano,
     FedProx,
     Local,
@@ -43,7 +44,8 @@ GLOBAL_SCALAR = {"w": t([0.0])}
 def test_registry_names_and_build() -> None:
     """Every registered name builds an instance of its class with that name."""
     assert set(STRATEGIES) == {
-        "fedavg", "fedprox", "fednano", "local", "centralized", "fedavg-lora",  # federation.strategy
+        # federation.strategy
+        "fedavg", "fedprox", "fednano", "local", "centralized", "fedavg-lora", "feddpa-f",
         "median", "trimmed_mean", "clip", "dp_fedavg",  # chosen by the trust section
     }
     for name, cls in STRATEGIES.items():
@@ -63,7 +65,8 @@ def test_build_strategy_unknown_name_lists_valid_names() -> None:
     """An unknown name is a ValueError that lists the valid ones."""
     with pytest.raises(
         ValueError,
-        match="centralized, clip, dp_fedavg, fedavg, fedavg-lora, fednano, fedprox, local, median, trimmed_mean",
+        match="centralized, clip, dp_fedavg, fedavg, fedavg-lora, feddpa-f, fednano, fedprox, "
+        "local, median, trimmed_mean",
     ):
         build_strategy("fedsgd")
 
@@ -83,9 +86,16 @@ def test_flags_per_strategy() -> None:
     assert not Centralized().personalize_only
 
 
-@pytest.mark.parametrize("build", [lambda: FedProx(mu=-0.1), lambda: FedNano(eps=-1.0)])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: FedProx(mu=-0.1), lambda: FedNano(eps=-1.0), lambda: FedDPAF(train_weight=1.5),
+        lambda: FedDPAF(top_k=0), lambda: FedDPAF(bank_size=0),
+    ],
+)
 def test_invalid_options_raise(build: object) -> None:
-    """Negative mu or eps is rejected at construction."""
+    """Negative mu or eps, a FedDPA-F weight outside [0, 1] or an empty top-k or bank is rejected at
+    construction."""
     with pytest.raises(ValueError):
         build()  # type: ignore[operator]
 
@@ -98,6 +108,22 @@ def test_describe_records_the_rank_rule() -> None:
     assert "dilute" in str(FedAvg().describe()["rank_rule"])
 
 
+def test_feddpa_f_is_fedavg_with_a_dual_adapter_and_records_its_weighting() -> None:
+    """FedDPA-F aggregates as FedAvg (also as sums, for SecAgg), flags the dual adapter for the
+    coordinator, and describe() records the weighting options."""
+    dpa = build_strategy("feddpa-f", train_weight=0.25, top_k=3, bank_size=64)
+    assert isinstance(dpa, FedAvg) and dpa.dual_adapter and not FedAvg().dual_adapter
+    assert dpa.proximal_mu == 0.0 and not dpa.personalize_only and not dpa.uses_fisher
+    updates = [scalar_update("a", 1.0, 1), scalar_update("b", 5.0, 3)]
+    terms, finish = dpa.sum_plan(GLOBAL_SCALAR, updates, [])
+    summed = {k: sum(term[k] for term in terms) for k in terms[0]}
+    assert finish(summed)["w"].tolist() == [4.0]
+    info = dpa.describe()
+    options = (info["feddpa_train_weight"], info["feddpa_top_k"], info["feddpa_bank_size"])
+    assert options == (0.25, 3, 64)
+    assert "top-k" in str(info["feddpa_representation"])
+
+
 def test_client_update_rejects_negative_examples() -> None:
     """num_examples < 0 is a ValueError naming the client."""
     with pytest.raises(ValueError, match="'c1'"):
@@ -107,9 +133,11 @@ def test_client_update_rejects_negative_examples() -> None:
 # ------------------------------------------------------------------------------ FedAvg & friends
 
 
-@pytest.mark.parametrize("strategy", [FedAvg(), FedProx(mu=0.5), Centralized(), FedAvgLoRA()])
+@pytest.mark.parametrize(
+    "strategy", [FedAvg(), FedProx(mu=0.5), Centralized(), FedAvgLoRA(), FedDPAF()]
+)
 def test_fedavg_family_by_hand(strategy: Strategy) -> None:
-    """n = (1, 3), θ = (1, 5) -> 4 for FedAvg, FedProx and Centralized alike."""
+    """n = (1, 3), θ = (1, 5) -> 4 for FedAvg, FedProx, Centralized and FedDPA-F alike."""
     updates = [scalar_update("a", 1.0, 1), scalar_update("b", 5.0, 3)]
     out = strategy.aggregate(GLOBAL_SCALAR, updates, [])
     assert out["w"].tolist() == [4.0]
