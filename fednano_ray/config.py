@@ -278,6 +278,14 @@ class FederationConfig(_Section):
     )
     fedprox_mu: float = Field(0.01, ge=0, description="fedprox only: proximal coefficient mu.")
     fisher_eps: float = Field(1e-8, gt=0, description="fednano only: epsilon of Fisher merging.")
+    server_lr: float = Field(
+        1.0, gt=0, le=100,
+        description="Server learning rate eta (FedAvg with a server optimiser, Reddi et al. 2021): the new "
+        "global adapters are theta + eta * (aggregate - theta). 1 keeps the strategy's aggregate. With a few "
+        "local steps a round, averaging moves the global adapters no further than one client moves its own, "
+        "so the rounds' sequential progress is rounds x local_steps steps; eta > 1 scales each round's move. "
+        "Needs an aggregating strategy (not local, centralized) and adapter.factors joint or frozen_a.",
+    )
     feddpa_train_weight: float = Field(
         0.5, ge=0, le=1,
         description="feddpa-f only: the local adapter's constant weight w in "
@@ -516,6 +524,18 @@ class Config(_Section):
                 raise ValueError(
                     "adapter.factors=product re-factorises the global adapters every round, so a client's kept AdamW "
                     "moments would refer to other factors: set train.optimizer_state=reset"
+                )
+        if fed.server_lr != 1.0:
+            if fed.strategy in ("local", "centralized"):
+                raise ValueError(
+                    f"federation.server_lr={fed.server_lr} scales the step from one global state to the next, "
+                    f"but federation.strategy {fed.strategy} aggregates nothing: set federation.server_lr=1"
+                )
+            if self.adapter.factors == "product":
+                raise ValueError(
+                    f"federation.server_lr={fed.server_lr} steps each tensor from the old global state, but "
+                    "adapter.factors=product re-factorises the global adapters every round, so the old factors "
+                    "are in another basis: set federation.server_lr=1 or adapter.factors=joint or frozen_a"
                 )
         if self.adapter.kind != "lowrank" and fed.strategy in CLIENTS_HOLD_LLM:
             raise ValueError(

@@ -342,3 +342,31 @@ def test_learning_defaults():
     assert (cfg.train.objective, cfg.train.optimizer_state, cfg.train.fisher, cfg.train.fisher_normalize) == (
         "choice", "keep", "endpoint", True)
     assert cfg.adapter.factors == "joint" and cfg.federation.personalize_steps == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["federation.strategy=local"], r"local aggregates nothing: set federation.server_lr=1"),
+        (["federation.strategy=centralized"], r"centralized aggregates nothing"),
+        (["federation.strategy=fedavg", "adapter.factors=product", "train.optimizer_state=reset"],
+         r"re-factorises the global adapters every round"),
+        ([], None),
+        (["adapter.factors=frozen_a"], None),
+    ],
+)
+def test_server_lr_needs_an_aggregating_strategy_and_stable_factors(overrides, match):
+    """federation.server_lr != 1 steps from the old global state: nothing to step for local and
+    centralized, and product merging's re-factorised factors are in another basis."""
+    args = [str(TINY), ["federation.server_lr=3", *overrides]]
+    if match is None:
+        assert load_config(*args).federation.server_lr == 3.0
+    else:
+        with pytest.raises(ConfigError, match=match):
+            load_config(*args)
+    assert load_config(str(TINY), overrides).federation.server_lr == 1.0  # the default is the aggregate
+
+
+def test_server_lr_must_be_positive():
+    with pytest.raises(ConfigError, match=r"federation\.server_lr"):
+        load_config(str(TINY), ["federation.server_lr=0"])

@@ -28,7 +28,7 @@ import torch
 from fednano_ray.config import Config, dump_config
 from fednano_ray.models.dual import REPRESENTATION, bank_path, load_bank, save_bank
 from fednano_ray.stats import client_accuracy_stats, global_test_stats, paired_difference
-from fednano_ray.strategies.aggregate import truncate_to_rank
+from fednano_ray.strategies.aggregate import server_step, truncate_to_rank
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate
 from fednano_ray.trust.round import TrustPolicy
 
@@ -336,9 +336,10 @@ class Coordinator:
                 for u in updates:
                     self.client_states[int(u.client_id)] = u.state
             else:  # updates arrive at each client's own rank: the strategy pads (HetLoRA)
-                self.global_state, extras = self.trust.aggregate(
+                merged, extras = self.trust.aggregate(
                     self.strategy, rnd, self.global_state, updates, failures, self.rounds
                 )
+                self.global_state = server_step(self.global_state, merged, self.cfg.federation.server_lr)
                 record.update(extras)  # secure_aggregation, dp_epsilon, ... when configured
             if self.strategy.warnings:
                 record["warnings"] = list(self.strategy.warnings)
@@ -482,7 +483,8 @@ class Coordinator:
             )
             silent = sorted(unmask_failures)
             total = server.unmask({index[c]: r for c, r in responses.items()})
-            self.global_state = template.finish_ring(total, frac_bits)
+            merged = template.finish_ring(total, frac_bits)
+            self.global_state = server_step(self.global_state, merged, self.cfg.federation.server_lr)
         except SecAggError as e:
             note = str(e) if str(e).startswith("quorum") else f"secure aggregation failed: {e}; global adapters unchanged"
         losses = {str(c): out["metrics"]["loss"] for c, out in sorted(fitted.items())}

@@ -49,6 +49,7 @@ __all__ = [
     "pad_to_rank",
     "proximal_penalty",
     "rank_dim",
+    "server_step",
     "truncate_to_rank",
     "weighted_average",
 ]
@@ -545,6 +546,47 @@ def fisher_merge(
 # --------------------------------------------------------------------------------------------------
 # FedProx (Li et al. 2020)
 # --------------------------------------------------------------------------------------------------
+
+
+def server_step(
+    global_state: Mapping[str, Tensor], aggregate: Mapping[str, Tensor], lr: float
+) -> State:
+    """The server optimiser's step: ``θ + lr · (aggregate − θ)`` (FedAvg with a server learning
+    rate, Reddi et al. 2021, "Adaptive Federated Optimization"; ``lr = 1`` is ``aggregate`` itself).
+
+    The strategy's aggregate is read as a pseudo-gradient step: with few local steps per round the
+    clients' updates, averaged, move the global adapters no further than one client's, and ``lr``
+    above 1 scales that move. Coordinates no update changed (e.g. HetLoRA rows Fisher merging keeps
+    at the global value) stay where they are for every ``lr``.
+
+    Args:
+        global_state: The global state the round started from (rank at most ``aggregate``'s; it is
+            zero-padded to it, which leaves the adapter unchanged).
+        aggregate: The strategy's new global state.
+        lr: Server learning rate, finite and > 0.
+
+    Returns:
+        A new state with ``aggregate``'s keys, shapes and dtypes (``aggregate`` itself if ``lr == 1``).
+
+    Raises:
+        ValueError: If ``lr`` is not finite and > 0, or the keys differ.
+    """
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"server learning rate must be finite and > 0, got {lr}")
+    if lr == 1.0:
+        return dict(aggregate)
+    if set(global_state) != set(aggregate):
+        raise ValueError(
+            f"server step: the global state and the aggregate hold different keys "
+            f"({sorted(set(global_state) ^ set(aggregate))[:3]} ...)"
+        )
+    old = pad_to_rank(global_state, max_rank([aggregate]))
+    out: State = {}
+    for key, new in aggregate.items():
+        acc = _acc_dtype(new)
+        theta = old[key].to(acc)
+        out[key] = (theta + lr * (new.to(acc) - theta)).to(new.dtype)
+    return out
 
 
 def proximal_penalty(

@@ -348,3 +348,27 @@ def test_secure_aggregation_recovers_clients_that_die_after_key_sharing(ray_clus
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert b["vision.lora_A"].shape == (4, tiny().model.tiny.vision_hidden_size) and float(b["vision.lora_B"].abs().max()) > 0  # the connector's LoRA
 
+
+
+def test_server_lr_scales_the_rounds_move_of_the_global_adapters(tiny_run, tmp_path):
+    """federation.server_lr=2: round 0 moves the global adapters twice as far from their init as the
+    plain run's round 0 (same seed, fp32: the clients' updates are bit-identical, only the server's
+    step differs), on the coordinator's plain aggregation path."""
+    from fednano_ray.models.adapter import adapter_state
+    from fednano_ray.models.build import build_mllm
+
+    full_dir, _ = tiny_run
+    cfg = tiny("federation.server_lr=2")
+    train(cfg, tmp_path / "slr", progress=False, stop_after_round=0)
+    edge, _ = build_mllm(cfg.model).split(cfg.adapter, r=max(cfg.tier_rank(t) for t in cfg.tiers),
+                                          seed=cfg.federation.seed)
+    init = adapter_state(edge.adapters)
+    plain, stepped = _adapters(full_dir, 0), _adapters(tmp_path / "slr", 0)
+    assert sorted(plain) == sorted(stepped) == sorted(init)
+    moved = 0.0
+    for k in init:
+        torch.testing.assert_close(stepped[k] - init[k], 2 * (plain[k] - init[k]), rtol=1e-5, atol=1e-6)
+        moved += float((plain[k] - init[k]).abs().sum())
+    assert moved > 0  # round 0 did move the adapters (the comparison is not 0 == 0)
+    on_disk = json.loads((tmp_path / "slr" / "results.json").read_text())
+    assert on_disk["config"]["federation"]["server_lr"] == 2.0

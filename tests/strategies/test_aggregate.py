@@ -15,6 +15,7 @@ from fednano_ray.strategies.aggregate import (
     pad_to_rank,
     proximal_penalty,
     rank_dim,
+    server_step,
     truncate_to_rank,
     weighted_average,
 )
@@ -389,3 +390,29 @@ def test_proximal_penalty_zero_mu_and_validation() -> None:
         proximal_penalty(state, {"w": t([3.0])}, mu=-1.0)
     with pytest.raises(ValueError, match=r"'v'"):
         proximal_penalty(state, {"v": t([3.0])}, mu=1.0)
+
+
+def test_server_step_scales_the_move_from_the_global_state():
+    """θ + lr·(aggregate − θ): lr 1 is the aggregate, lr 3 three times its move; a lower-rank global
+    state is zero-padded (HetLoRA), and untouched coordinates stay put at any lr."""
+    g = {"v.lora_A": torch.ones(2, 5), "v.lora_B": torch.zeros(5, 2), "s.offset": torch.zeros(3)}
+    agg = {"v.lora_A": torch.full((4, 5), 2.0), "v.lora_B": torch.ones(5, 4), "s.offset": torch.zeros(3)}
+    assert server_step(g, agg, 1.0) == agg
+    out = server_step(g, agg, 3.0)
+    assert out["v.lora_A"].shape == (4, 5)
+    assert torch.equal(out["v.lora_A"][:2], torch.full((2, 5), 4.0))  # 1 + 3 * (2 - 1)
+    assert torch.equal(out["v.lora_A"][2:], torch.full((2, 5), 6.0))  # padded 0 + 3 * (2 - 0)
+    assert torch.equal(out["v.lora_B"], torch.full((5, 4), 3.0))
+    assert torch.equal(out["s.offset"], torch.zeros(3))
+    assert all(out[k].dtype == agg[k].dtype for k in agg)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1.0, float("nan"), float("inf")])
+def test_server_step_rejects_a_bad_learning_rate(lr):
+    with pytest.raises(ValueError, match="server learning rate"):
+        server_step({"x": torch.zeros(1)}, {"x": torch.ones(1)}, lr)
+
+
+def test_server_step_rejects_different_keys():
+    with pytest.raises(ValueError, match="different keys"):
+        server_step({"x": torch.zeros(1)}, {"y": torch.ones(1)}, 2.0)
