@@ -441,7 +441,7 @@ def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40)
         lora_target_modules=cfg.adapter.lora_target_modules,
         scaling=cfg.adapter.scaling,
         form=cfg.adapter.kind,
-        bank_size=cfg.federation.feddpa_bank_size if cfg.federation.strategy == "feddpa-f" else 0,
+        bank_size=cfg.client_bank_size(),
     )
     d = out["hidden_size"]
     seq = out["sequence_length"]

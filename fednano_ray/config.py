@@ -589,6 +589,12 @@ class Config(_Section):
             )
         return self
 
+    def client_bank_size(self) -> int:
+        """Most training summaries a client keeps beside its local adapter: ``feddpa_bank_size``
+        under ``feddpa-f`` (FedDPA-F's dynamic weight), else 0 (no bank)."""
+        fed = self.federation
+        return fed.feddpa_bank_size if fed.strategy == "feddpa-f" else 0
+
     def clients_hold_llm(self) -> bool:
         """True when every client trains its own copy of the whole MLLM (``fedavg-lora``): no split
         step, so no shared LLM trainer."""

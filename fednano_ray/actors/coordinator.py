@@ -128,7 +128,7 @@ class Coordinator:
             lora_target_modules=cfg.adapter.lora_target_modules,  # fedavg-lora: fails here if they fit no layer
             scaling=cfg.adapter.scaling,  # one scaling for every tier (adapter_rank here is the largest tier's)
             form=cfg.adapter.kind,
-            bank_size=fed.feddpa_bank_size if fed.strategy == "feddpa-f" else 0,
+            bank_size=cfg.client_bank_size(),
         )
         del mllm
         gc.collect()

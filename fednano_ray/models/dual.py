@@ -209,10 +209,7 @@ class DualEdge(nn.Module):
         prompt_mask: Tensor | None = None,
     ) -> Tensor:
         """Mixed adapted embeddings (B, T, d); arguments as :meth:`NanoEdge.forward`."""
-        if features is None:
-            if pixel_values is None:
-                raise ValueError("DualEdge.forward needs features or pixel_values")
-            features = self.global_edge.encode_images(pixel_values)  # once, for both adapter sets
+        features = self.global_edge.features_of(features, pixel_values)  # once, for both sets
         w = self.weights(input_ids, image_mask, prompt_mask, features)
         g = self.global_edge(input_ids, image_mask, features=features)
         local = self.local_edge(input_ids, image_mask, features=features)

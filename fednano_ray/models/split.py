@@ -85,6 +85,15 @@ class NanoEdge(nn.Module):
         with torch.no_grad():
             return self.encoder(pixel_values)
 
+    def features_of(self, features: Tensor | None, pixel_values: Tensor | None) -> Tensor:
+        """The encoder features of a forward call: ``features`` as given, else ``pixel_values``
+        encoded now (an error naming both if neither is given)."""
+        if features is not None:
+            return features
+        if pixel_values is None:
+            raise ValueError("an edge's forward needs features (encoder features) or pixel_values (images)")
+        return self.encode_images(pixel_values)
+
     def visual_tokens(self, features: Tensor) -> Tensor:
         """Connector + vision adapter: (B, N, d_v) -> (B, N, d).
 
@@ -123,11 +132,7 @@ class NanoEdge(nn.Module):
             z = self.embed_tokens(input_ids)  # (B, T, d)
         if "text" in self.adapters:
             z = self.adapters["text"](z)
-        if features is None:
-            if pixel_values is None:
-                raise ValueError("NanoEdge.forward needs features or pixel_values")
-            features = self.encode_images(pixel_values)
-        v = self.visual_tokens(features)  # (B, N, d)
+        v = self.visual_tokens(self.features_of(features, pixel_values))  # (B, N, d)
         n_slots = int(image_mask.sum())
         if n_slots != v.shape[0] * v.shape[1]:
             raise ValueError(f"image_mask marks {n_slots} positions but the images give {v.shape[0] * v.shape[1]} tokens")
