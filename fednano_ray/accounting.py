@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fednano_ray.config import CLIENTS_HOLD_LLM
+from fednano_ray.federation.method import METHODS
 from fednano_ray.models.dual import representation_dim
 from fednano_ray.models.split import MLLMParts
 
@@ -152,7 +152,7 @@ def trained_param_count(
     Raises:
         ValueError: naming ``adapter.lora_target_modules`` when they fit no linear layer of the LLM.
     """
-    if strategy in CLIENTS_HOLD_LLM:
+    if METHODS[strategy].client.holds_llm:
         from fednano_ray.models.lora import lora_param_count
 
         return lora_param_count(parts.decoder, r=r, target_modules=lora_target_modules)
@@ -168,7 +168,7 @@ def step_activation_bytes(
     Down: ``dL/dz'`` (B×T×d float32). (0, 0) under a ``strategy`` whose clients hold the whole
     MLLM (``fedavg-lora``): they train in-process, nothing crosses the network per step.
     """
-    if strategy in CLIENTS_HOLD_LLM:
+    if strategy is not None and METHODS[strategy].client.holds_llm:
         return 0, 0
     bt = batch_size * sequence_length
     up = bt * hidden_size * FLOAT32_BYTES + bt * MASK_BYTES + bt * LABEL_BYTES
@@ -234,7 +234,7 @@ def account(
     tied = bool(set(embed) & set(lm_head))
 
     whole = {**encoder, **connector, **embed, **decoder, **lm_head}
-    full = strategy in CLIENTS_HOLD_LLM  # fedavg-lora: the client holds it all, the server nothing
+    full = METHODS[strategy].client.holds_llm  # fedavg-lora: the client holds it all, the server nothing
     client_frozen = whole if full else {**encoder, **connector, **embed}
     server = {} if full else {**decoder, **lm_head}
     shared = {k: v for k, v in client_frozen.items() if k in server}
@@ -256,7 +256,7 @@ def account(
     dual_bytes = adapter_bytes + bank_bytes if bank_size else 0
     client_bytes += dual_bytes
 
-    fisher = strategy == "fednano"
+    fisher = METHODS[strategy].fisher_upload
     round_down = adapter_bytes * clients_per_round
     round_up = adapter_bytes * (2 if fisher else 1) * clients_per_round
 

@@ -139,8 +139,8 @@ def train(
             return results
     bar.close()
     if fed.personalize_steps:
-        if progress and fed.strategy == "feddpa-f":
-            print(f"FedDPA-F local phase: every client trains a local adapter for "
+        if progress and cfg.method().dual_adapter:
+            print(f"{fed.strategy} local phase: every client trains a local adapter for "
                   f"{fed.personalize_steps} steps beside the frozen global one", file=sys.stderr)
         elif progress:
             print(f"personalising: every client fine-tunes the global adapters for {fed.personalize_steps} steps",

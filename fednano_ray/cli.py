@@ -277,6 +277,19 @@ def cmd_grid(args: argparse.Namespace) -> int:
     )
 
 
+class _HelpConfig(argparse.Action):
+    """``--help-config``: like ``--help``, it prints and exits before the positional arguments are checked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from fednano_ray.config import describe_config
+
+        print(describe_config())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fednano-ray", description="Federated tuning of multimodal LLMs with FedNano on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -291,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens", choices=["auto", "all", "none"], default="auto",
         help="issue each client's serving token at the end (auto: when there are at most 64 clients)",
     )
+    t.add_argument("--help-config", action=_HelpConfig, help="list every config key with its default and meaning, then exit")
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser(

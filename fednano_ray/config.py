@@ -13,14 +13,28 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fednano_ray.federation.method import METHODS, Method, method_names, resolve_options
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
-#: Strategies whose clients hold the whole MLLM and train LoRA inside its LLM: no split step, no
-#: shared LLM trainer, client storage = the full model (the baseline FedNano is compared with).
-CLIENTS_HOLD_LLM = frozenset({"fedavg-lora"})
+#: The flat ``federation`` keys of earlier versions, each ``(method, option)`` of ``strategy_options``:
+#: run directories written before the move still load (a key of another method is dropped).
+LEGACY_OPTIONS = {
+    "fedprox_mu": ("fedprox", "mu"),
+    "fisher_eps": ("fednano", "eps"),
+    "feddpa_train_weight": ("feddpa-f", "train_weight"),
+    "feddpa_top_k": ("feddpa-f", "top_k"),
+    "feddpa_bank_size": ("feddpa-f", "bank_size"),
+}
+
+
+def _either(names) -> str:
+    """``a, b or c``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 class _Section(BaseModel):
@@ -265,19 +279,19 @@ class FederationConfig(_Section):
     num_clients: int = Field(8, ge=1, description="Number of clients the data is split across.")
     clients_per_round: int = Field(8, ge=1, description="Clients sampled each round.")
     rounds: int = Field(3, ge=0, description="Federated rounds.")
-    strategy: Literal[
-        "fednano", "fedavg", "fedprox", "local", "centralized", "fedavg-lora", "feddpa-f"
-    ] = Field(
+    strategy: Literal[method_names()] = Field(  # type: ignore[valid-type]
         "fednano",
-        description="Aggregation rule (fednano = Fisher merging). fedavg-lora: the conventional baseline, every "
-        "client holds the whole MLLM and trains PEFT LoRA inside its LLM (adapter.lora_target_modules), FedAvg. "
-        "feddpa-f: FedDPA-F (Yang et al., NeurIPS 2024, arXiv 2403.19211), a FedAvg global "
-        "adapter, then a local adapter per client trained for federation.personalize_steps steps beside "
-        "the frozen global one, mixed per instance by similarity to the client's training data "
-        "(federation.feddpa_*).",
+        description="The federated method, one of fednano_ray/federation/method.py's METHODS: "
+        + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+        + ". Its options go in federation.strategy_options.",
     )
-    fedprox_mu: float = Field(0.01, ge=0, description="fedprox only: proximal coefficient mu.")
-    fisher_eps: float = Field(1e-8, gt=0, description="fednano only: epsilon of Fisher merging.")
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of federation.strategy, validated against that method and filled with its "
+        "defaults: fednano {eps}, fedprox {mu}, fedavgm {momentum}, feddpa-f {train_weight, top_k, "
+        "bank_size} (see fednano_ray/federation/method.py); the others take none. The older flat keys "
+        "federation.fedprox_mu, fisher_eps and feddpa_* are still read (and moved here).",
+    )
     server_lr: float = Field(
         1.0, gt=0, le=100,
         description="Server learning rate eta (FedAvg with a server optimiser, Reddi et al. 2021): the new "
@@ -285,24 +299,6 @@ class FederationConfig(_Section):
         "local steps a round, averaging moves the global adapters no further than one client moves its own, "
         "so the rounds' sequential progress is rounds x local_steps steps; eta > 1 scales each round's move. "
         "Needs an aggregating strategy (not local, centralized) and adapter.factors joint or frozen_a.",
-    )
-    feddpa_train_weight: float = Field(
-        0.5, ge=0, le=1,
-        description="feddpa-f only: the local adapter's constant weight w in "
-        "(1 - w) E_global + w E_local while the local adapter trains (the paper's fixed mixing "
-        "weight during training).",
-    )
-    feddpa_top_k: int = Field(
-        5, ge=1,
-        description="feddpa-f only: the dynamic weight at inference is the mean of the top-k "
-        "cosine similarities between the instance's frozen summary and the client's bank, "
-        "clipped to [0, 1].",
-    )
-    feddpa_bank_size: int = Field(
-        256, ge=1,
-        description="feddpa-f only: most training-prompt summaries a client keeps for the dynamic "
-        "weight (a seeded subsample when its shard is larger); checkpointed beside its local "
-        "adapter, counted in client storage.",
     )
     deadline_s: float = Field(600.0, gt=0, description="Seconds a round waits for clients before it moves on.")
     quorum: float = Field(0.5, gt=0, le=1, description="Fraction of sampled clients that must report for a round to count.")
@@ -320,6 +316,25 @@ class FederationConfig(_Section):
         "Under feddpa-f these are the steps of the local adapter (required, > 0), which joins "
         "the global one instead of replacing it.",
     )
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_options(cls, data: Any) -> Any:
+        """Fold the older flat option keys into ``strategy_options`` and validate them for the method."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        name = data.get("strategy", "fednano")
+        options = dict(data.get("strategy_options") or {})
+        for key, (method, option) in LEGACY_OPTIONS.items():
+            if key in data:
+                value = data.pop(key)
+                if method == name:
+                    options.setdefault(option, value)
+        if isinstance(name, str) and name in METHODS:
+            data["strategy_options"] = resolve_options(name, options)
+        return data
 
 
 class TierConfig(_Section):
@@ -490,29 +505,25 @@ class Config(_Section):
         names = [t.name for t in self.tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
-        if fed.personalize_steps and fed.strategy == "local":
+        spec = METHODS[fed.strategy]
+        if fed.personalize_steps and spec.personal_only:
             raise ValueError(
-                "federation.personalize_steps fine-tunes the global adapters on each client, but strategy local has no "
-                "global model (every client already trains its own): set federation.personalize_steps=0"
+                f"federation.personalize_steps fine-tunes the global adapters on each client, but strategy {fed.strategy} "
+                "has no global model (every client already trains its own): set federation.personalize_steps=0"
             )
-        if fed.strategy == "feddpa-f" and not fed.personalize_steps:
+        if spec.dual_adapter and not fed.personalize_steps:
             raise ValueError(
-                "federation.strategy feddpa-f trains each client's local adapter after the last "
+                f"federation.strategy {fed.strategy} trains each client's local adapter after the last "
                 "round for federation.personalize_steps steps, which is 0: set it, e.g. "
                 "federation.personalize_steps=20"
             )
-        if fed.strategy == "feddpa-f" and fed.feddpa_top_k > fed.feddpa_bank_size:
-            raise ValueError(
-                f"federation.feddpa_top_k ({fed.feddpa_top_k}) averages more bank entries than "
-                f"federation.feddpa_bank_size ({fed.feddpa_bank_size}) keeps: lower feddpa_top_k "
-                "or raise feddpa_bank_size"
-            )
         if self.adapter.factors == "product":
             trust = self.trust
-            if fed.strategy not in ("fedavg", "fedprox", "feddpa-f"):
+            if not spec.product_factors:
+                ok = _either(m.name for m in METHODS.values() if m.product_factors)
                 raise ValueError(
                     f"adapter.factors=product is a FedAvg of the clients' B@A; federation.strategy "
-                    f"{fed.strategy} aggregates otherwise: use fedavg, fedprox or feddpa-f, or "
+                    f"{fed.strategy} aggregates otherwise: use {ok}, or "
                     "adapter.factors=frozen_a (exact Fisher merging of B)"
                 )
             if trust.secure_aggregation or trust.dp is not None or trust.aggregator != "mean":
@@ -526,7 +537,7 @@ class Config(_Section):
                     "moments would refer to other factors: set train.optimizer_state=reset"
                 )
         if fed.server_lr != 1.0:
-            if fed.strategy in ("local", "centralized"):
+            if not spec.aggregates:
                 raise ValueError(
                     f"federation.server_lr={fed.server_lr} scales the step from one global state to the next, "
                     f"but federation.strategy {fed.strategy} aggregates nothing: set federation.server_lr=1"
@@ -537,7 +548,7 @@ class Config(_Section):
                     "adapter.factors=product re-factorises the global adapters every round, so the old factors "
                     "are in another basis: set federation.server_lr=1 or adapter.factors=joint or frozen_a"
                 )
-        if self.adapter.kind != "lowrank" and fed.strategy in CLIENTS_HOLD_LLM:
+        if self.adapter.kind != "lowrank" and spec.client.holds_llm:
             raise ValueError(
                 f"adapter.kind={self.adapter.kind} is a NanoAdapter form; federation.strategy {fed.strategy} trains PEFT "
                 "LoRA inside the LLM: leave adapter.kind at lowrank"
@@ -547,7 +558,7 @@ class Config(_Section):
                 f"adapter.kind={self.adapter.kind} adapts the visual tokens, but adapter.modalities "
                 f"{list(self.adapter.modalities)} has no vision: add vision or use adapter.kind=lowrank"
             )
-        if self.adapter.factors != "joint" and fed.strategy in CLIENTS_HOLD_LLM:
+        if self.adapter.factors != "joint" and spec.client.holds_llm:
             raise ValueError(
                 f"adapter.factors={self.adapter.factors} applies to NanoAdapters; federation.strategy {fed.strategy} "
                 "trains PEFT LoRA inside the LLM: leave adapter.factors at joint"
@@ -566,39 +577,44 @@ class Config(_Section):
     def _check_trust(self) -> Config:
         trust, fed = self.trust, self.federation
         # fedavg-lora is FedAvg over the LLM's LoRA: robust rules, DP-FedAvg and SecAgg apply to any state.
-        mean_based = ("fedavg", "fedprox", "fedavg-lora")
-        if trust.aggregator != "mean" and fed.strategy not in mean_based:
+        spec = METHODS[fed.strategy]
+        robust = _either(m.name for m in METHODS.values() if m.robust)
+        if trust.aggregator != "mean" and not spec.robust:
             raise ValueError(
                 f"trust.aggregator {trust.aggregator!r} replaces the example-weighted mean, so it needs "
-                f"federation.strategy fedavg, fedprox or fedavg-lora, not {fed.strategy!r}"
+                f"federation.strategy {robust}, not {fed.strategy!r}"
             )
         if trust.dp is not None:
-            if fed.strategy not in mean_based:
+            if not spec.robust:
                 raise ValueError(
-                    f"trust.dp needs federation.strategy fedavg, fedprox or fedavg-lora, not {fed.strategy!r} "
-                    "(fednano's Fisher is not privatised; local and centralized do not aggregate)"
+                    f"trust.dp needs federation.strategy {robust}, not {fed.strategy!r} "
+                    "(fednano's Fisher is not privatised; local and centralized do not aggregate; "
+                    "fedavgm's momentum would be dropped)"
                 )
             if trust.dp.delta >= 1 / fed.num_clients:
                 raise ValueError(
                     f"trust.dp.delta ({trust.dp.delta:g}) must be below 1/federation.num_clients "
                     f"({1 / fed.num_clients:g}): a larger delta allows revealing a whole client"
                 )
-        if trust.secure_aggregation and fed.strategy in ("local", "centralized"):
+        if trust.secure_aggregation and not spec.aggregates:
             raise ValueError(
                 f"trust.secure_aggregation needs a federated sum; federation.strategy {fed.strategy!r} has none"
             )
         return self
 
     def client_bank_size(self) -> int:
-        """Most training summaries a client keeps beside its local adapter: ``feddpa_bank_size``
-        under ``feddpa-f`` (FedDPA-F's dynamic weight), else 0 (no bank)."""
-        fed = self.federation
-        return fed.feddpa_bank_size if fed.strategy == "feddpa-f" else 0
+        """Most training summaries a client keeps beside its local adapter: the ``bank_size`` option
+        of a dual-adapter method (FedDPA-F's dynamic weight), else 0 (no bank)."""
+        return self.method().bank_size
 
     def clients_hold_llm(self) -> bool:
         """True when every client trains its own copy of the whole MLLM (``fedavg-lora``): no split
         step, so no shared LLM trainer."""
-        return self.federation.strategy in CLIENTS_HOLD_LLM
+        return METHODS[self.federation.strategy].client.holds_llm
+
+    def method(self) -> Method:
+        """The run's method, resolved from ``federation`` and ``trust`` (fednano_ray/federation/method.py)."""
+        return Method.from_config(self)
 
     def tier_rank(self, tier: TierConfig) -> int:
         """The adapter rank a tier trains at."""
@@ -689,6 +705,22 @@ def load_config(
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, name)) from None
+
+
+def describe_config(model: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """Every key of the config tree with its default and description (``fednano-ray train --help-config``)."""
+    model = model or Config
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            lines.append(f"{key}:  {field.description or ''}".rstrip())
+            lines.append(describe_config(kind, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"{key} = {default!r}\n    {field.description or ''}".rstrip())
+    return "\n".join(lines)
 
 
 def dump_config(cfg: Config) -> str:

@@ -76,6 +76,7 @@ _ABBREV = {
     "adapter.modalities": "mod",
     "federation.rounds": "rounds",
     "federation.fedprox_mu": "mu",
+    "federation.strategy_options.mu": "mu",
 }
 _TIER_ABBREV = {"adapter_rank": "rank", "local_steps": "steps", "clients": "c", "batch_size": "bs"}
 

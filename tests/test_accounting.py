@@ -171,7 +171,7 @@ def test_feddpa_f_clients_also_store_a_local_adapter_and_the_bank(tiny_parts):
     for key in ("client_params", "adapter_params", "round_bytes_up", "step_bytes_up"):
         assert out[key] == fedavg[key], key
     cfg = load_config({"model": {"kind": "tiny"}, "federation": {
-        "strategy": "feddpa-f", "personalize_steps": 2, "feddpa_bank_size": 10}})
+        "strategy": "feddpa-f", "personalize_steps": 2, "strategy_options": {"bank_size": 10}}})
     inspected = inspect_config(cfg)
     assert inspected["client_dual_bytes"] == inspected["adapter_bytes"] + 10 * 256 * 4
 

@@ -188,3 +188,22 @@ def test_serve_refuses_a_fedavg_lora_run_before_ray(cli, tmp_path):
     assert "fedavg-lora run" in proc.stderr and "cannot be served" in proc.stderr
     assert "Started a local Ray" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_help_config_lists_every_key_the_config_error_points_to(capsys):
+    """An unknown key's error sends the user to `fednano-ray train --help-config`, which exists and
+    lists every dotted key with its default and description (no config file needed)."""
+    import pytest
+
+    from fednano_ray.cli import main as cli_main
+    from fednano_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="--help-config"):
+        load_config(None, ["federation.strategyy=fedavg"])
+    with pytest.raises(SystemExit) as info:
+        cli_main(["train", "--help-config"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("federation.strategy = 'fednano'", "federation.strategy_options = {}", "tiers = ", "trust.dp = None"):
+        assert line in out, line
+    assert "fedavgm: FedAvg with server momentum" in out

@@ -313,9 +313,18 @@ DPA = ("federation.strategy=feddpa-f", "federation.personalize_steps=2")
         (["train.fisher=diagonal"], r"train\.fisher"),
         (["train.fisher_examples=0"], r"train\.fisher_examples"),
         (["federation.strategy=feddpa-f"], r"federation\.personalize_steps=20"),
-        ([*DPA, "federation.feddpa_top_k=9", "federation.feddpa_bank_size=8"],
-         r"lower feddpa_top_k or raise feddpa_bank_size"),
-        ([*DPA, "federation.feddpa_train_weight=2"], r"federation\.feddpa_train_weight"),
+        ([*DPA, "federation.strategy_options.top_k=9", "federation.strategy_options.bank_size=8"],
+         r"lower top_k or raise bank_size"),
+        ([*DPA, "federation.strategy_options.train_weight=2"], r"strategy_options\.train_weight: .*less than or equal to 1"),
+        (["federation.strategy=fedavg", "federation.strategy_options.mu=0.1"],
+         r"strategy_options\.mu: unknown option \(valid for fedavg: none\)"),
+        (["federation.strategy=fedprox", "federation.strategy_options.eps=0.1"],
+         r"strategy_options\.eps: unknown option \(valid for fedprox: mu\)"),
+        (["federation.strategy=fedavgm", "federation.strategy_options.momentum=1"], r"strategy_options\.momentum"),
+        (["federation.strategy=fedavgm", "trust.aggregator=median"], r"trust.aggregator 'median'.*not 'fedavgm'"),
+        (["federation.strategy=fedavgm", "adapter.factors=product", "train.optimizer_state=reset"],
+         r"factors=product .* use fedavg, fedprox or feddpa-f"),
+        (["federation.strategy=fedavg-loraa"], r"federation.strategy: Input should be 'local', 'centralized'"),
         ([*DPA, "trust.aggregator=median"], r"trust.aggregator 'median'.*not 'feddpa-f'"),
         ([*DPA, "trust.dp.clip_norm=1"], r"trust.dp needs federation.strategy fedavg"),
     ],
@@ -331,8 +340,29 @@ def test_feddpa_f_takes_the_fedavg_options():
     """feddpa-f's federated phase is FedAvg: secure aggregation and product merging apply; the
     weighting options have the documented defaults."""
     fed = load_config(TINY, [*DPA, "trust.secure_aggregation=true"]).federation
-    assert (fed.feddpa_train_weight, fed.feddpa_top_k, fed.feddpa_bank_size) == (0.5, 5, 256)
+    assert fed.strategy_options == {"train_weight": 0.5, "top_k": 5, "bank_size": 256}
     load_config(TINY, [*DPA, "adapter.factors=product", "train.optimizer_state=reset"])
+
+
+def test_strategy_options_are_filled_per_method_and_the_older_flat_keys_still_load(tmp_path):
+    """federation.strategy_options holds the method's options with their defaults; a config.yaml
+    written before the move (flat fedprox_mu / fisher_eps / feddpa_* keys, every one of them
+    dumped) loads with the keys of its own method moved, the others dropped, and dumps in the new
+    form."""
+    assert load_config(TINY).federation.strategy_options == {"eps": 1e-8}
+    assert load_config(TINY, ["federation.strategy=fedavg"]).federation.strategy_options == {}
+    assert load_config(TINY, ["federation.strategy=fedavgm"]).federation.strategy_options == {"momentum": 0.9}
+    old = yaml.safe_load(dump_config(load_config(TINY)))
+    old["federation"].pop("strategy_options")
+    old["federation"].update(strategy="fedprox", fedprox_mu=0.3, fisher_eps=1e-6, feddpa_top_k=7)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    cfg = load_config(path)
+    assert cfg.federation.strategy_options == {"mu": 0.3}
+    assert cfg.method().build_strategy().proximal_mu == 0.3
+    again = yaml.safe_load(dump_config(cfg))["federation"]
+    assert again["strategy_options"] == {"mu": 0.3} and "fedprox_mu" not in again
+    assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
 
 
 def test_learning_defaults():

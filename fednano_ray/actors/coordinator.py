@@ -111,7 +111,8 @@ class Coordinator:
         self.chaos = chaos or {}
         fed = cfg.federation
         self.trust = TrustPolicy(cfg)  # cfg.trust: validation, robust/DP aggregation, secure aggregation
-        self.strategy = self.trust.build_strategy(self._strategy_kwargs())
+        self.method = cfg.method()  # what the method needs of the run (fednano_ray/federation/method.py)
+        self.strategy = self.method.build_strategy()
         self.data = prepare_data(cfg)
 
         # Frozen encoder features, once per dataset (cached on disk for real models).
@@ -140,7 +141,7 @@ class Coordinator:
         # The frozen LLM prefers the coordinator's (head) node, as cluster.yaml provisions it.
         # fedavg-lora clients train their own LLM copies: no shared trainer.
         head = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-        self.trainer = None if cfg.clients_hold_llm() else actor_classes["trainer"].options(
+        self.trainer = None if not self.method.needs_trainer else actor_classes["trainer"].options(
             num_cpus=t.trainer_num_cpus, num_gpus=t.trainer_num_gpus, max_restarts=-1, max_task_retries=-1,
             scheduling_strategy=head,
         ).remote(cfg.model, max_batch_size=t.max_batch_size, batch_wait_ms=t.batch_wait_ms,
@@ -157,7 +158,7 @@ class Coordinator:
                     num_cpus=tier.num_cpus, num_gpus=tier.num_gpus, resources=dict(tier.resources),
                     max_restarts=-1, max_task_retries=0,
                 ).remote(cfg.model, cfg.adapter, rank=cfg.tier_rank(tier), server=self.trainer, data=data_ref,
-                         num_threads=max(1, int(tier.num_cpus)), seed=fed.seed, llm_lora=cfg.clients_hold_llm())
+                         num_threads=max(1, int(tier.num_cpus)), seed=fed.seed, llm_lora=self.method.client.holds_llm)
                 for _ in range(min(n, tier.clients))
             ]
         top = max(cfg.tiers, key=cfg.tier_rank)
@@ -188,20 +189,6 @@ class Coordinator:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def _strategy_kwargs(self) -> dict[str, Any]:
-        fed = self.cfg.federation
-        factors = {"factors": "product"} if self.cfg.adapter.factors == "product" else {}
-        if fed.strategy == "fedprox":
-            return {"mu": fed.fedprox_mu, **factors}
-        if fed.strategy == "fednano":
-            return {"eps": fed.fisher_eps}
-        if fed.strategy == "feddpa-f":
-            return {
-                "train_weight": fed.feddpa_train_weight, "top_k": fed.feddpa_top_k,
-                "bank_size": fed.feddpa_bank_size, **factors,
-            }
-        return factors
-
     def _fit_kwargs(self, rnd: int, c: int, *, steps: int, batch_size: int) -> dict[str, Any]:
         """What a client's ``fit`` call needs besides its data and start state."""
         t, fed = self.cfg.train, self.cfg.federation
@@ -214,7 +201,7 @@ class Coordinator:
 
     def _fisher_record(self) -> dict[str, Any]:
         """The Fisher estimator, for results.json (Fisher-merging strategies only)."""
-        if not self.strategy.uses_fisher:
+        if not self.method.fisher_upload:
             return {}
         kw = self._fisher_kwargs()
         return {
@@ -227,7 +214,7 @@ class Coordinator:
         """The Fisher clients upload: train.fisher's estimator under Fisher merging; otherwise the free
         trajectory one, which no rule reads."""
         t = self.cfg.train
-        if self.strategy.uses_fisher:
+        if self.method.fisher_upload:
             return {"fisher": t.fisher, "fisher_examples": t.fisher_examples, "fisher_normalize": t.fisher_normalize}
         return {"fisher": "trajectory", "fisher_examples": t.fisher_examples, "fisher_normalize": False}
 
@@ -247,7 +234,7 @@ class Coordinator:
         """The tier and actor that train ``client_id`` in a round: its own, except that
         ``centralized``'s pooled client trains at the largest tier rank (the top tier's actor), the
         rank its result is scored at."""
-        if self.cfg.federation.strategy == "centralized":
+        if self.method.pooled:
             return self.top_tier, self.top_actor
         return self.client_tier[client_id], self._actor_for(client_id)
 
@@ -257,7 +244,7 @@ class Coordinator:
         return pool[tier_index % len(pool)]
 
     def _start_state(self, client_id: int) -> dict[str, torch.Tensor]:
-        if self.strategy.personalize_only:
+        if self.method.personal_only:
             return self.client_states.get(client_id, self.initial_state)
         return self.global_state
 
@@ -277,7 +264,7 @@ class Coordinator:
         t0 = time.perf_counter()
         trainer_start = self._trainer_incarnation()
         rng = np.random.default_rng(_seed(fed.seed, rnd))
-        centralized = fed.strategy == "centralized"
+        centralized = self.method.pooled
         if centralized:  # one pooled "client" holding every client's training data (upper bound)
             sampled = [0]
         else:
@@ -290,7 +277,7 @@ class Coordinator:
         bytes_down = 0
         for c in sampled:
             tier, actor = self._fit_tier_and_actor(c)
-            start = global_ref if not self.strategy.personalize_only else ray.put(self._start_state(c))
+            start = global_ref if not self.method.personal_only else ray.put(self._start_state(c))
             idx = self.data.client_train[c]
             steps = tier.local_steps
             if centralized:
@@ -325,14 +312,14 @@ class Coordinator:
             "client_loss": {str(u.client_id): u.metrics["loss"] for u in updates},
             "placement": placement,
             "bytes_down": bytes_down,
-            "bytes_up": sum(_nbytes(u.state) + (_nbytes(u.fisher) if self.strategy.uses_fisher else 0) for u in updates),
+            "bytes_up": sum(_nbytes(u.state) + (_nbytes(u.fisher) if self.method.fisher_upload else 0) for u in updates),
         }
         if len(updates) < quorum:
             record["aggregated"] = False
             record["note"] = f"quorum not met: {len(updates)} of {len(sampled)} reported, {quorum} needed; global adapters unchanged"
         else:
             record["aggregated"] = True
-            if self.strategy.personalize_only:
+            if self.method.personal_only:
                 for u in updates:
                     self.client_states[int(u.client_id)] = u.state
             else:  # updates arrive at each client's own rank: the strategy pads (HetLoRA)
@@ -361,11 +348,7 @@ class Coordinator:
     # -- a round under secure aggregation ---------------------------------------------------------
 
     def _secure_by_clients(self) -> bool:
-        return (
-            self.cfg.trust.secure_aggregation
-            and not self.strategy.personalize_only
-            and self.cfg.federation.strategy != "centralized"
-        )
+        return self.method.uplink == "secagg"
 
     def _gather(
         self, refs: dict[Any, int], what: str, failures: dict[int, str], *, kill_stalled: bool = False
@@ -527,7 +510,7 @@ class Coordinator:
         if c in self.client_banks:
             dual = {
                 "local": self.client_states[c], "bank": self.client_banks[c],
-                "top_k": self.cfg.federation.feddpa_top_k,
+                "top_k": self.method.options["top_k"],
             }
             return self.global_state, dual
         return self._client_model(c), None
@@ -537,7 +520,7 @@ class Coordinator:
         (``local``, or after personalisation), else the global ones (``local``: the initial ones)."""
         if c in self.client_states:
             return self.client_states[c]
-        return self.initial_state if self.strategy.personalize_only else self.global_state
+        return self.initial_state if self.method.personal_only else self.global_state
 
     def _get_eval(self, submit, what: str, failures: list[dict[str, str]], deadline: float, ref=None):
         """Result of an evaluation call (``ref``, already submitted, or ``submit()``), retried through an
@@ -588,7 +571,7 @@ class Coordinator:
         # FedDPA-F: a client's model is its dual adapter (global + local, weighted per question)
         if initial:
             states = [(None, self.initial_state, None, self.top_actor)]
-        elif self.strategy.personalize_only or personal:
+        elif self.method.personal_only or personal:
             states = [(c, *self._eval_model(c), self._actor_for(c)) for c in range(n)]
         else:
             states = [(None, self.global_state, None, self.top_actor)]
@@ -651,6 +634,8 @@ class Coordinator:
                 save_bank(bank_path(folder / "clients", c), bank)
         if self.optimizer_states:  # the clients' own AdamW moments: resume continues them exactly
             torch.save(self.optimizer_states, folder / "optimizer_states.pt")
+        if strategy_state := self.strategy.state_dict():  # e.g. fedavgm's server momentum
+            save_file(strategy_state, str(folder / "strategy_state.safetensors"))
         state = {"round": rnd, "rounds": self.rounds, "summary": self.summary, "client_ids": sorted(self.client_states)}
         tmp = folder / "state.json.tmp"
         tmp.write_text(json.dumps(state))
@@ -674,6 +659,8 @@ class Coordinator:
         }
         if (ckpt / "optimizer_states.pt").exists():
             self.optimizer_states = torch.load(ckpt / "optimizer_states.pt", weights_only=True)
+        if (ckpt / "strategy_state.safetensors").exists():
+            self.strategy.load_state_dict(load_file(str(ckpt / "strategy_state.safetensors")))
         self.rounds = state["rounds"]
         self.summary = state["summary"]
         self.next_round = state["round"] + 1
@@ -749,7 +736,7 @@ class Coordinator:
         whose fine-tune fails keeps the global adapters (a recorded failure). Idempotent under
         --resume: a finished personalisation is not repeated.
 
-        Under FedDPA-F (``strategy.dual_adapter``) this is the local phase: each client's result
+        Under FedDPA-F (``method.dual_adapter``) this is the local phase: each client's result
         is a local adapter trained beside the frozen global one (``ClientActor.fit_dual``) plus
         its bank of training summaries (``client_banks``, checkpointed beside it); the client is
         then scored with its dual adapter and a per-question weight, and the summary's ``feddpa``
@@ -759,10 +746,10 @@ class Coordinator:
         import ray
 
         fed = self.cfg.federation
-        if not fed.personalize_steps or self.strategy.personalize_only or "accuracy_personalized" in self.summary:
+        if not fed.personalize_steps or self.method.personal_only or "accuracy_personalized" in self.summary:
             return {}
         t0 = time.perf_counter()
-        dual = self.strategy.dual_adapter
+        dual = self.method.dual_adapter
         global_ref = ray.put(self.global_state)
         refs: dict[Any, int] = {}
         for c in range(fed.num_clients):
@@ -774,7 +761,7 @@ class Coordinator:
                     c, self.data.client_train[c], global_ref, steps=kw["steps"],
                     batch_size=kw["batch_size"], lr=kw["lr"], weight_decay=kw["weight_decay"],
                     seed=kw["seed"], objective=kw["objective"], lm_weight=kw["lm_weight"],
-                    train_weight=fed.feddpa_train_weight, bank_size=fed.feddpa_bank_size,
+                    train_weight=self.method.options["train_weight"], bank_size=self.method.bank_size,
                 )
             else:
                 kw.update(optimizer_state=None, chaos=None, prox_mu=0.0, fisher="trajectory",
@@ -783,7 +770,7 @@ class Coordinator:
             refs[ref] = c
         reasons: dict[int, str] = {}
         # (centralized's fit actor is the top tier's, not the client's own: nothing to restart by client)
-        outs = self._gather(refs, "personalisation: ", reasons, kill_stalled=fed.strategy != "centralized")
+        outs = self._gather(refs, "personalisation: ", reasons, kill_stalled=not self.method.pooled)
         for c, out in sorted(outs.items()):
             self.client_states[c] = out["state"]
             if dual:
@@ -812,9 +799,7 @@ class Coordinator:
                 "its frozen summary to the client's bank, clipped to [0, 1]; constant during local "
                 "training",
                 "representation": REPRESENTATION,
-                "train_weight": fed.feddpa_train_weight,
-                "top_k": fed.feddpa_top_k,
-                "bank_size": fed.feddpa_bank_size,
+                **{k: self.method.options[k] for k in ("train_weight", "top_k", "bank_size")},
                 "bank_rows_per_client": {
                     str(c): int(b.shape[0]) for c, b in sorted(self.client_banks.items())
                 },

@@ -347,7 +347,7 @@ class Ingress:
         personal = own is not None and own.is_file()
         bank = bank_path(own.parent, client_id) if own is not None else None
         if personal and state is not None and bank.is_file():  # FedDPA-F's dual adapter
-            weighting = DynamicWeight(load_bank(bank), top_k=self.cfg.federation.feddpa_top_k)
+            weighting = DynamicWeight(load_bank(bank), top_k=self.cfg.method().options["top_k"])
             edge = DualEdge.around(edge, weighting=weighting).eval()
             edge.load_states(state, load_file(str(own)))
         elif personal:

@@ -197,6 +197,15 @@ class Strategy(ABC):
             "secure aggregation; use trust.aggregator mean or clip"
         )
 
+    def state_dict(self) -> State:
+        """What the strategy carries from round to round (e.g. server momentum), checkpointed with
+        the round so ``--resume`` continues it exactly; empty for stateless rules (the default)."""
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore :meth:`state_dict` (default: nothing to restore)."""
+        del state
+
     def describe(self) -> dict[str, str | float | bool]:
         """What this strategy did, for the run's ``results.json``."""
         return {

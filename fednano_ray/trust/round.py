@@ -15,7 +15,6 @@ from typing import Any
 from torch import Tensor
 
 from fednano_ray.config import Config
-from fednano_ray.strategies import build_strategy
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate, Strategy
 from fednano_ray.trust.validate import screen_updates
 
@@ -35,34 +34,6 @@ class TrustPolicy:
         self.trust = cfg.trust
         self.max_rank = max(cfg.tier_rank(t) for t in cfg.tiers)
 
-    def build_strategy(self, base_kwargs: Mapping[str, Any]) -> Strategy:
-        """The run's strategy: ``federation.strategy`` unless ``trust`` replaces the aggregation.
-
-        Args:
-            base_kwargs: The options of ``federation.strategy`` (e.g. ``{"mu": 0.01}``).
-
-        Returns:
-            DP-FedAvg if ``trust.dp`` is set; the robust rule if ``trust.aggregator`` is not
-            ``mean`` (both keep FedProx's client-side ``mu``); else ``federation.strategy``.
-        """
-        fed, trust = self.cfg.federation, self.trust
-        mu = fed.fedprox_mu if fed.strategy == "fedprox" else 0.0
-        if trust.dp is not None:
-            return build_strategy(
-                "dp_fedavg",
-                clip_norm=trust.dp.clip_norm,
-                noise_multiplier=trust.dp.noise_multiplier,
-                seed=fed.seed,
-                mu=mu,
-            )
-        if trust.aggregator == "median":
-            return build_strategy("median", mu=mu)
-        if trust.aggregator == "trimmed_mean":
-            return build_strategy("trimmed_mean", trim_fraction=trust.trim_fraction, mu=mu)
-        if trust.aggregator == "clip":
-            return build_strategy("clip", clip_norm=trust.clip_norm, mu=mu)
-        return build_strategy(fed.strategy, **base_kwargs)
-
     def screen(
         self,
         updates: Sequence[ClientUpdate],
@@ -71,14 +42,14 @@ class TrustPolicy:
         """Valid updates, and ``ClientFailure(id, "rejected: <reason>")`` for the others.
 
         Structure, dtype and finiteness are always checked; the norm bound only if
-        ``trust.max_update_norm`` is set; the Fisher only under ``federation.strategy: fednano``.
+        ``trust.max_update_norm`` is set; the Fisher only where the method uploads one (fednano).
         """
         return screen_updates(
             updates,
             reference,
             max_rank=self.max_rank,
             max_update_norm=self.trust.max_update_norm,
-            check_fisher=self.cfg.federation.strategy == "fednano",
+            check_fisher=self.cfg.method().fisher_upload,
         )
 
     def aggregate(
@@ -93,7 +64,7 @@ class TrustPolicy:
         """The next global state, and what to add to the round record.
 
         Args:
-            strategy: The run's strategy (from :meth:`build_strategy`).
+            strategy: The run's strategy (:meth:`fednano_ray.federation.method.Method.build_strategy`).
             rnd: The round number (seeds DP noise; binds SecAgg messages to the round).
             global_state, updates, failures: As :meth:`Strategy.aggregate`.
             history: The records of the rounds before this one (to count DP releases on resume).

@@ -36,7 +36,7 @@ def test_feddpa_f_trains_scores_checkpoints_resumes_and_serves_the_dual_adapter(
         [
             "federation.strategy=feddpa-f",
             "federation.personalize_steps=3",
-            f"federation.feddpa_bank_size={BANK}",
+            f"federation.strategy_options.bank_size={BANK}",
         ],
     )
     run = tmp_path / "run"

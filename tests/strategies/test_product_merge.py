@@ -100,14 +100,9 @@ def test_product_merging_config_errors(overrides, needle):
     assert ok.adapter.factors == "product"
 
 
-def test_the_coordinator_builds_the_product_strategy_from_the_config():
-    from fednano_ray.actors.coordinator import Coordinator
-    from fednano_ray.trust.round import TrustPolicy
-
+def test_the_method_builds_the_product_strategy_from_the_config():
     for strategy, cls in (("fedavg", FedAvg), ("fedprox", FedProx)):
         cfg = load_config("examples/tiny.yaml", ["adapter.factors=product", f"federation.strategy={strategy}",
                                                   "train.optimizer_state=reset"])
-        coordinator = Coordinator.__new__(Coordinator)  # only the config is needed, no Ray
-        coordinator.cfg = cfg
-        built = TrustPolicy(cfg).build_strategy(coordinator._strategy_kwargs())
+        built = cfg.method().build_strategy()  # what the coordinator aggregates with
         assert type(built) is cls and built.factors == "product"

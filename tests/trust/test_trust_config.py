@@ -34,7 +34,7 @@ def test_defaults_change_nothing() -> None:
     t = cfg.trust
     assert t.max_update_norm is None and t.aggregator == "mean" and t.dp is None
     assert not t.secure_aggregation
-    assert isinstance(TrustPolicy(cfg).build_strategy({"eps": 1e-8}), FedNano)
+    assert isinstance(cfg.method().build_strategy(), FedNano)
     assert load_config(dump_config_tree(cfg)) == cfg  # the section round-trips through YAML
 
 
@@ -59,7 +59,7 @@ def test_defaults_change_nothing() -> None:
             ],
             DPFedAvg,
         ),
-        (["federation.strategy=fedprox", "federation.fedprox_mu=0.1"], FedProx),
+        (["federation.strategy=fedprox", "federation.strategy_options.mu=0.1"], FedProx),
         # fedavg-lora aggregates with FedAvg, so every FedAvg-family rule applies to its LLM LoRA.
         (["federation.strategy=fedavg-lora", "trust.aggregator=median"], Median),
         (["federation.strategy=fedavg-lora", "trust.dp.clip_norm=0.5", "trust.dp.noise_multiplier=1.1"], DPFedAvg),
@@ -69,12 +69,10 @@ def test_defaults_change_nothing() -> None:
 def test_trust_selects_the_strategy(overrides: list[str], cls: type) -> None:
     """trust.aggregator / trust.dp pick the aggregation rule; FedProx's mu stays client-side."""
     cfg = load_config(TINY, overrides)
-    strategy = TrustPolicy(cfg).build_strategy(
-        {"mu": 0.1} if cfg.federation.strategy == "fedprox" else {}
-    )
+    strategy = cfg.method().build_strategy()
     assert type(strategy) is cls
     if cfg.federation.strategy == "fedprox":
-        assert strategy.proximal_mu == cfg.federation.fedprox_mu
+        assert strategy.proximal_mu == cfg.federation.strategy_options["mu"]  # 0.1 or the default 0.01
     if cls is TrimmedMean:
         assert strategy.trim_fraction == 0.25
     if cls is DPFedAvg:
@@ -172,7 +170,7 @@ def test_policy_records_secure_aggregation_and_the_epsilon_spent_per_round() -> 
         ],
     )
     policy = TrustPolicy(cfg)
-    strategy = policy.build_strategy({})
+    strategy = cfg.method().build_strategy()
     glob, updates = small_round()
     history: list[dict] = []
     for rnd in range(3):
