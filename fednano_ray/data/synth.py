@@ -251,68 +251,30 @@ def _fallback_scene(rng: np.random.Generator, size: int, attrs: list[dict[str, A
     return scene
 
 
-def _q_colour(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
-    options = [("shape",), ("size", "shape")]
+def _q_attribute(
+    rng: np.random.Generator, size: int, hard: bool, attribute: str, refs_by: list[tuple[str, ...]]
+) -> dict[str, Any]:
+    """A question about one object's ``attribute`` (colour, shape or size), the object named by a
+    unique combination of its other attributes (``refs_by``)."""
     while True:
         scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS) if hard else _random_scene(rng, size, 1, 1)
         objs = scene.objects
         for target in rng.permutation(len(objs)):
             target = int(target)
-            refs = _unique_refs(objs, target, options)
-            if not refs:
-                continue
-            keys = refs[int(rng.integers(len(refs)))]
-            template = ("What colour is {}?", "Which colour is {}?")[int(rng.integers(2))]
-            answer = objs[target]["colour"]
-            others = {o["colour"] for i, o in enumerate(objs) if i != target}
-            choices, idx = _choices(rng, answer, _COLOUR_NAMES, others)
-            return {
-                "scene": scene,
-                "question": template.format(_ref_text(objs[target], keys)),
-                "choices": choices,
-                "answer": idx,
-                "meta": {"target": target, "ref": {k: objs[target][k] for k in keys}},
-            }
-
-
-def _q_shape(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
-    options = [("colour",), ("size", "colour")]
-    while True:
-        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS) if hard else _random_scene(rng, size, 1, 1)
-        objs = scene.objects
-        for target in rng.permutation(len(objs)):
-            target = int(target)
-            refs = _unique_refs(objs, target, options)
-            if not refs:
-                continue
-            keys = refs[int(rng.integers(len(refs)))]
-            template = ("What shape is {}?", "Which shape is {}?")[int(rng.integers(2))]
-            answer = objs[target]["shape"]
-            others = {o["shape"] for i, o in enumerate(objs) if i != target}
-            choices, idx = _choices(rng, answer, SHAPES, others)
-            return {
-                "scene": scene,
-                "question": template.format(_ref_text(objs[target], keys)),
-                "choices": choices,
-                "answer": idx,
-                "meta": {"target": target, "ref": {k: objs[target][k] for k in keys}},
-            }
-
-
-def _q_size(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
-    options = [("colour", "shape"), ("shape",), ("colour",)]
-    while True:
-        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS) if hard else _random_scene(rng, size, 1, 1)
-        objs = scene.objects
-        for target in rng.permutation(len(objs)):
-            target = int(target)
-            refs = _unique_refs(objs, target, options)
+            refs = _unique_refs(objs, target, refs_by)
             if not refs:
                 continue
             keys = refs[int(rng.integers(len(refs)))]
             ref = _ref_text(objs[target], keys)
-            question = (f"Is {ref} big or small?", f"Is {ref} small or big?")[int(rng.integers(2))]
-            choices, idx = _choices(rng, objs[target]["size"], SIZES, k=1)
+            answer = objs[target][attribute]
+            if attribute == "size":  # a yes/no-like pair: both sizes are always the choices
+                question = (f"Is {ref} big or small?", f"Is {ref} small or big?")[int(rng.integers(2))]
+                choices, idx = _choices(rng, answer, SIZES, k=1)
+            else:
+                question = (f"What {attribute} is {ref}?", f"Which {attribute} is {ref}?")[int(rng.integers(2))]
+                others = {o[attribute] for i, o in enumerate(objs) if i != target}
+                names = _COLOUR_NAMES if attribute == "colour" else SHAPES
+                choices, idx = _choices(rng, answer, names, others)
             return {
                 "scene": scene,
                 "question": question,
@@ -320,6 +282,18 @@ def _q_size(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
                 "answer": idx,
                 "meta": {"target": target, "ref": {k: objs[target][k] for k in keys}},
             }
+
+
+def _q_colour(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
+    return _q_attribute(rng, size, hard, "colour", [("shape",), ("size", "shape")])
+
+
+def _q_shape(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
+    return _q_attribute(rng, size, hard, "shape", [("colour",), ("size", "colour")])
+
+
+def _q_size(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
+    return _q_attribute(rng, size, hard, "size", [("colour", "shape"), ("shape",), ("colour",)])
 
 
 def _q_count(rng: np.random.Generator, size: int, hard: bool) -> dict[str, Any]:
