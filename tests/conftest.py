@@ -3,8 +3,14 @@
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
+
+# Tests name the project's files from its root (examples/tiny.yaml, fednano_ray/assets): run them from
+# there whatever directory pytest was started in (`pytest /path/to/repo/tests` works too).
+ROOT = Path(__file__).resolve().parents[1]
+os.chdir(ROOT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

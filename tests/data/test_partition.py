@@ -53,7 +53,10 @@ def test_iid_sizes_balanced_and_mixed() -> None:
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
     assert _label_skew(parts, LABELS) < 0.1
-    assert parts != [list(range(i * 129, (i + 1) * 129)) for i in range(7)]  # shuffled
+    starts = np.cumsum([0, *sizes[:-1]])
+    contiguous = [list(range(int(s), int(s) + n)) for s, n in zip(starts, sizes, strict=True)]
+    assert sorted(i for p in parts for i in p) == list(range(len(LABELS)))
+    assert parts != contiguous and [sorted(p) for p in parts] != contiguous  # shuffled, not chunked
 
 
 def test_dirichlet_small_alpha_is_more_skewed() -> None:
