@@ -12,15 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fednano_ray.config import Config, ConfigError, load_config
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
+from fednano_ray.units import format_bytes
 
 TABLE_MAX_CLIENTS = 24  # more clients than this: the table lists the first TABLE_HEAD_CLIENTS and a spread
 TABLE_HEAD_CLIENTS = 10
@@ -122,15 +114,15 @@ def summary_table(results: dict[str, Any]) -> str:
             )
     if s.get("chance_accuracy") is not None:
         lines.append(f"chance (uniform guess)     {s['chance_accuracy']:.3f}")
-    lines.append(f"adapters sent up / down    {_fmt_bytes(s['bytes_up'])} / {_fmt_bytes(s['bytes_down'])} in total")
+    lines.append(f"adapters sent up / down    {format_bytes(s['bytes_up'])} / {format_bytes(s['bytes_down'])} in total")
     # fedavg-lora: every client trains its own full MLLM, so no activations cross the network.
     no_split = " (no split step: each client holds the whole MLLM)" if s.get("adapter_kind") == "llm_lora" else ""
     lines.append(
-        f"split-step activations     {_fmt_bytes(s['step_bytes_up'])} up + {_fmt_bytes(s['step_bytes_down'])} down "
+        f"split-step activations     {format_bytes(s['step_bytes_up'])} up + {format_bytes(s['step_bytes_down'])} down "
         f"per step{no_split}"
     )
     lines.append(
-        f"client storage             {_fmt_bytes(s['client_bytes'])} of {_fmt_bytes(s['total_bytes'])} "
+        f"client storage             {format_bytes(s['client_bytes'])} of {format_bytes(s['total_bytes'])} "
         f"({100 * s['client_storage_fraction']:.1f}% of the full MLLM)"
     )
     lines.append(f"wall time                  {s['wall_time_s']:.0f} s")

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fednano_ray.units import format_bytes
+
 __all__ = [
     "ReportError",
     "Run",
@@ -165,11 +167,7 @@ def fmt_pct(values: Sequence[float | None], n: int) -> str:
 
 
 def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return _NA
-    from fednano_ray.cli import _fmt_bytes
-
-    return _fmt_bytes(n)
+    return _NA if n is None else format_bytes(n)
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
