@@ -87,13 +87,12 @@ def write_run_dir(run_dir: Path, cfg, *, seed: int = 0, scale: float = 0.02) -> 
     """config.yaml plus checkpoints/round_0001: random global adapters (max rank) and one personal
     set per client at its tier's rank (lora_B random, so every client's model differs)."""
     import torch
-    from safetensors.torch import save_file
 
-    from fednano_ray.config import dump_config
+    from fednano_ray.federation import rundir
     from fednano_ray.models.adapter import adapter_state
     from fednano_ray.models.build import build_mllm
 
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    rundir.write_config(run_dir, cfg)
     mllm = build_mllm(cfg.model)
     tiers = cfg.client_tiers()
     gen = torch.Generator().manual_seed(seed)
@@ -108,17 +107,10 @@ def write_run_dir(run_dir: Path, cfg, *, seed: int = 0, scale: float = 0.02) -> 
                 state[k] = scale * torch.randn(state[k].shape, generator=gen)
         return state
 
-    folder = run_dir / "checkpoints" / "round_0001"
-    (folder / "clients").mkdir(parents=True, exist_ok=True)
-    save_file(
-        randomised(max(cfg.tier_rank(t) for t in tiers)), str(folder / "adapters.safetensors")
-    )
-    for c, tier in enumerate(tiers):
-        save_file(
-            randomised(cfg.tier_rank(tier)), str(folder / "clients" / f"client_{c:05d}.safetensors")
-        )
-    (folder / "state.json").write_text(
-        json.dumps({"round": 1, "rounds": [], "summary": {}, "client_ids": list(range(len(tiers)))})
+    global_state = randomised(max(cfg.tier_rank(t) for t in tiers))
+    personal = {c: randomised(cfg.tier_rank(tier)) for c, tier in enumerate(tiers)}
+    rundir.write_checkpoint(
+        run_dir, rundir.Checkpoint(round=1, global_state=global_state, client_states=personal)
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fednano_ray.config import Config, ConfigError
+from fednano_ray.federation import rundir
 
 
 def check_resources(cfg: Config, available: dict[str, float]) -> None:
@@ -103,7 +104,7 @@ def train(
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    if not resume and (run_dir / "results.json").exists():
+    if not resume and rundir.results_path(run_dir).exists():
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
     check_resources(cfg, ray.cluster_resources())
     classes = actor_classes()

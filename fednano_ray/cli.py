@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fednano_ray.config import Config, ConfigError, load_config
+from fednano_ray.federation import rundir
 from fednano_ray.units import format_bytes
 
 TABLE_MAX_CLIENTS = 24  # more clients than this: the table lists the first TABLE_HEAD_CLIENTS and a spread
@@ -71,7 +72,7 @@ def summary_table(results: dict[str, Any]) -> str:
 
         vals = [after[c] for c in clients]
         lines.append(
-            f"{'...':>8}   {len(clients) - len(shown)} more clients (all in results.json); after: min {min(vals):.3f}, "
+            f"{'...':>8}   {len(clients) - len(shown)} more clients (all in {rundir.RESULTS}); after: min {min(vals):.3f}, "
             f"median {statistics.median(vals):.3f}, max {max(vals):.3f}"
         )
     lines.append(rule)
@@ -132,8 +133,8 @@ def summary_table(results: dict[str, Any]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # validated before Ray starts
     run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.config).stem}-{datetime.now():%Y%m%d-%H%M%S}")
-    if args.resume and not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); pass the --run-dir of the run to continue")
+    if args.resume and not rundir.config_path(run_dir).exists():
+        raise ConfigError(f"--resume: {run_dir} holds no run (no {rundir.CONFIG}); pass the --run-dir of the run to continue")
     # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster; otherwise start a private one.
     address = args.address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS") != "local" else None)
     if address is None:
@@ -146,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}", file=sys.stderr)
     results = train(cfg, run_dir, resume=args.resume)
     print(summary_table(results))
-    print(f"\nresults: {run_dir / 'results.json'}")
+    print(f"\nresults: {rundir.results_path(run_dir)}")
     _issue_tokens(run_dir, cfg.federation.num_clients, args.tokens)
     return 0
 
@@ -346,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_token)
 
     r = sub.add_parser("report", help="Markdown table and plots over runs: mean ± std over seeds per setting")
-    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each with a results.json)")
-    r.add_argument("--out", default="report", help="output folder for report.md and its PNGs (default ./report)")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=f"run directories (each with a {rundir.RESULTS})")
+    r.add_argument("--out", default="report", help=f"output folder for {rundir.REPORT} and its PNGs (default ./report)")
     r.set_defaults(func=cmd_report)
 
     g = sub.add_parser("grid", help="run a grid of experiments (e.g. examples/paper/grid.yaml), resumably, then report")

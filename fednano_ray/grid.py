@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from fednano_ray.config import ConfigError, load_config, parse_overrides
+from fednano_ray.federation import rundir
 from fednano_ray.report import ReportError, build_report, flatten, load_run, run_finished
 
 __all__ = [
@@ -363,7 +364,7 @@ def check_cells(cells: Sequence[Cell], spec: GridSpec, runs_dir: Path) -> list[s
                     f"{run_dir}: finished with a config that differs from the grid's in {', '.join(diff[:6])}"
                     f"{' ...' if len(diff) > 6 else ''}; it is kept (delete it to rerun)"
                 )
-        elif (run_dir / "config.yaml").exists():
+        elif rundir.config_path(run_dir).exists():
             cell.status = "resume"
         else:
             cell.status = "new"
@@ -420,7 +421,7 @@ def train_subprocess(
         cmd.append("--resume")
     if address:
         cmd += ["--address", address]
-    log = run_dir / "grid.log"
+    log = run_dir / rundir.GRID_LOG
     with log.open("a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
@@ -506,7 +507,7 @@ def run_grid(
         if c.status == "finished" or run_finished(run_dir):
             out(f"{tag}: finished before, skipped")
             continue
-        resume = (run_dir / "config.yaml").exists()
+        resume = rundir.config_path(run_dir).exists()
         out(f"{tag}: {'resuming' if resume else 'running'} ...")
         t0 = time.perf_counter()
         try:
@@ -514,7 +515,8 @@ def run_grid(
         except Exception as e:  # noqa: BLE001 - a broken cell must not take the grid down
             ok, msg = False, f"{type(e).__name__}: {e}"
         if ok and not run_finished(run_dir):
-            ok, msg = False, f"the run ended but {run_dir / 'results.json'} holds no finished run"
+            results = rundir.results_path(run_dir)
+            ok, msg = False, f"the run ended but {results} holds no finished run"
         if ok:
             out(f"{tag}: done in {time.perf_counter() - t0:.0f} s: {_outcome(run_dir)}")
         else:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fednano_ray.federation import rundir
 from fednano_ray.units import format_bytes
 
 __all__ = [
@@ -115,7 +116,7 @@ def load_run(run_dir: str | Path) -> Run:
         ReportError: naming the path, when the folder or file is missing or is not a results file.
     """
     run_dir = Path(run_dir)
-    path = run_dir / "results.json"
+    path = rundir.results_path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
     if not path.is_file():
@@ -651,7 +652,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, 
         raise ReportError("no run directories given")
     seen: dict[Path, Run] = {}
     for d in run_dirs:
-        if (Path(d) / "report.md").is_file() and not (Path(d) / "results.json").exists():
+        if (Path(d) / rundir.REPORT).is_file() and not rundir.results_path(d).exists():
             # A report's own folder: `fednano-ray grid` writes RUNS_DIR/report, which RUNS_DIR/*/ matches.
             warn(f"{d}: a report folder, not a run directory; skipped")
             continue
@@ -719,6 +720,6 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, 
             )
     if unfinished:
         md += ["", "Left out (not finished): " + ", ".join(f"`{r.path}`" for r in unfinished)]
-    path = out / "report.md"
+    path = out / rundir.REPORT
     path.write_text("\n".join(md) + "\n")
     return path

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fednano_ray.config import load_config
+from fednano_ray.federation import rundir
 from fednano_ray.stats import client_accuracy_stats, global_test_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +167,6 @@ def write_run(
         "accounting": {**ACCOUNTING, "strategy": strategy},
         "coordinator_node": "node",
     }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    rundir.config_path(run_dir).write_text(yaml.safe_dump(config, sort_keys=False))
+    rundir.write_results(run_dir, results)
     return run_dir

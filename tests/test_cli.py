@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from fednano_ray.data import load_dataset
+from fednano_ray.federation import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -176,7 +177,7 @@ def test_serve_refuses_a_fedavg_lora_run_before_ray(cli, tmp_path):
     # Prepare: a run directory as `fednano-ray train` starts it (its resolved config.yaml)
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(
+    rundir.config_path(run).write_text(
         _config_with(tmp_path, lambda t: t["federation"].update(strategy="fedavg-lora")).read_text()
     )
 

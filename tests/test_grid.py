@@ -5,7 +5,6 @@ The training itself is replaced by a fake runner that writes a finished results.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from _fake_runs import ROOT, TINY, write_run
 
 from fednano_ray.cli import main
 from fednano_ray.config import load_config
+from fednano_ray.federation import rundir
 from fednano_ray.grid import GridError, cell_name, check_cells, expand, load_grid, run_grid
 
 PAPER = ROOT / "examples" / "paper" / "grid.yaml"
@@ -191,7 +191,7 @@ def test_run_skips_finished_resumes_partial_and_survives_unknown_strategy(tmp_pa
         f"{cells['scaffold-0']}: FAILED, config error" in text and "federation.strategy" in text
     )
     assert "4 of 6 cells finished, 2 failed" in text
-    md = (runs / "report" / "report.md").read_text()
+    md = (runs / "report" / rundir.REPORT).read_text()
     assert "| fedavg | 0.5 | 4 | 2 |" in md and "| fednano | 0.5 | 4 | 2 |" in md
 
     # Rerun: nothing left to train; the report is written again.
@@ -209,7 +209,7 @@ def test_failed_cell_does_not_stop_the_grid(tmp_path):
     assert [n for n, _ in runner.calls] == names
     assert any(f"{names[0]}: FAILED" in ln and "boom" in ln for ln in lines)
     assert (
-        json.loads((tmp_path / "runs" / names[1] / "results.json").read_text())["summary"][
+        rundir.read_results(tmp_path / "runs" / names[1])["summary"][
             "accuracy_after"
         ]
         == 0.4

@@ -11,6 +11,7 @@ import pytest
 from _fake_runs import ROOT, tiny_config, write_run
 
 from fednano_ray.cli import main
+from fednano_ray.federation import rundir
 from fednano_ray.report import ReportError, build_report, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,7 +72,7 @@ def runs(tmp_path: Path) -> list[Path]:
 
 def test_table_mean_std_over_seeds(runs, tmp_path):
     md_path = build_report(runs, tmp_path / "out")
-    assert md_path == tmp_path / "out" / "report.md"
+    assert md_path == tmp_path / "out" / rundir.REPORT
     header, body = _table(md_path.read_text())
     # Seeds are not settings: three rows, and no column for federation.seed / data.synth.seed.
     assert header[:4] == ["strategy", "Dirichlet α", "clients", "n"]
@@ -149,7 +150,7 @@ def test_a_report_folder_among_the_run_dirs_is_skipped(runs, tmp_path):
     warnings = []
     md = build_report([*runs, first], tmp_path / "again", warn=warnings.append).read_text()
     assert warnings == [f"{first}: a report folder, not a run directory; skipped"]
-    assert md == (first / "report.md").read_text()
+    assert md == (first / rundir.REPORT).read_text()
 
 
 def test_missing_or_invalid_results_name_the_path(tmp_path, capsys):
@@ -157,26 +158,26 @@ def test_missing_or_invalid_results_name_the_path(tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(ReportError) as e:
         load_run(empty)
-    assert str(empty / "results.json") in str(e.value) and "not found" in str(e.value)
+    assert str(rundir.results_path(empty)) in str(e.value) and "not found" in str(e.value)
     with pytest.raises(ReportError, match="no such run directory"):
         build_report([tmp_path / "nope"], tmp_path / "out")
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "results.json").write_text("{not json")
+    rundir.results_path(bad).write_text("{not json")
     with pytest.raises(ReportError, match="not valid JSON") as e:
         load_run(bad)
-    assert str(bad / "results.json") in str(e.value)
-    (bad / "results.json").write_text(json.dumps({"rounds": []}))
+    assert str(rundir.results_path(bad)) in str(e.value)
+    rundir.results_path(bad).write_text(json.dumps({"rounds": []}))
     with pytest.raises(ReportError, match="not a fednano-ray results file"):
         load_run(bad)
     # The CLI prints one line naming the file and exits 2.
     assert main(["report", str(empty), "--out", str(tmp_path / "out")]) == 2
-    assert f"error: {empty / 'results.json'}: not found" in capsys.readouterr().err
+    assert f"error: {rundir.results_path(empty)}: not found" in capsys.readouterr().err
 
 
 def test_cli_report(runs, tmp_path, capsys):
     assert main(["report", *map(str, runs), "--out", str(tmp_path / "cli")]) == 0
-    assert f"report: {tmp_path / 'cli' / 'report.md'}" in capsys.readouterr().out
+    assert f"report: {tmp_path / 'cli' / rundir.REPORT}" in capsys.readouterr().out
 
 
 def test_report_on_a_real_run(tiny_run, tmp_path):
@@ -192,7 +193,7 @@ def test_report_on_a_real_run(tiny_run, tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    real = json.loads((run / "results.json").read_text())["summary"]
+    real = rundir.read_results(run)["summary"]
     # The Coordinator's averages are weighted by test size, and every accuracy has its 95% interval.
     ns, after = real["accuracy_n_per_client"], real["accuracy_after_per_client"]
     assert set(ns) == set(after) and all(n >= 1 for n in ns.values())
@@ -202,7 +203,7 @@ def test_report_on_a_real_run(tiny_run, tmp_path):
         lo, hi = real[f"{key}_ci95"]
         assert 0 <= lo <= real[key] <= hi <= 1, key
     assert set(real["accuracy_after_per_client_ci95"]) == set(after) and real["global_test_n"] == 40
-    header, body = _table((out / "report.md").read_text())
+    header, body = _table((out / rundir.REPORT).read_text())
     assert len(body) == 1 and body[0][header.index("n")] == "1"
     assert (
         body[0][header.index("avg client acc. after (%)")] == f"{100 * real['accuracy_after']:.1f}"

@@ -10,6 +10,7 @@ from _fake_runs import tiny_config, write_run
 
 from fednano_ray.cli import summary_table
 from fednano_ray.config import ConfigError, load_config
+from fednano_ray.federation import rundir
 from fednano_ray.stats import (
     client_accuracy_stats,
     global_test_stats,
@@ -156,7 +157,7 @@ def _results(tmp_path, num_clients: int, test_n: list[int]) -> dict:
         f"tiers.0.clients={half}", f"tiers.1.clients={num_clients - half}",
     )
     run = write_run(tmp_path / f"run{num_clients}", cfg, accs=[0.3, 0.386], global_acc=0.3, test_n=test_n, global_n=200)
-    return json.loads((run / "results.json").read_text())
+    return rundir.read_results(run)
 
 
 def test_table_shows_n_and_intervals(tmp_path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import math
 import os
 import time
@@ -25,14 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fednano_ray.config import Config, dump_config
-from fednano_ray.models.dual import REPRESENTATION, bank_path, load_bank, save_bank
+from fednano_ray.config import Config
+from fednano_ray.federation import rundir
+from fednano_ray.models.dual import REPRESENTATION
 from fednano_ray.stats import client_accuracy_stats, global_test_stats, paired_difference
 from fednano_ray.strategies.aggregate import server_step, truncate_to_rank
 from fednano_ray.strategies.base import ClientFailure, ClientUpdate
 from fednano_ray.trust.round import TrustPolicy
-
-CHECKPOINTS = "checkpoints"
 
 #: What results.json says about repeating a run (DESIGN.md: same config and seed, same accuracies).
 REPRODUCIBILITY = (
@@ -61,12 +59,6 @@ def _nbytes(state: dict[str, torch.Tensor] | None) -> int:
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete ``checkpoints/round_XXXX`` (``state.json`` is written last)."""
-    done = sorted(p.parent for p in (run_dir / CHECKPOINTS).glob("round_*/state.json"))
-    return done[-1] if done else None
 
 
 class Coordinator:
@@ -175,7 +167,7 @@ class Coordinator:
         self.summary: dict[str, Any] = {}
         self.next_round = 0
         self.progress = {"round": -1, "done": 0, "total": 0}
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        rundir.write_config(self.run_dir, cfg)
         if resume:
             self._restore()
         from fednano_ray.precision import hardware_info
@@ -621,49 +613,29 @@ class Coordinator:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _checkpoint(self, rnd: int) -> None:
-        from safetensors.torch import save_file
-
-        folder = self.run_dir / CHECKPOINTS / f"round_{rnd:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.global_state.items()}, str(folder / "adapters.safetensors"))
-        if self.client_states:
-            (folder / "clients").mkdir(exist_ok=True)
-            for c, s in self.client_states.items():
-                save_file({k: v.contiguous() for k, v in s.items()}, str(folder / "clients" / f"client_{c:05d}.safetensors"))
-            for c, bank in self.client_banks.items():  # FedDPA-F: beside the local adapter
-                save_bank(bank_path(folder / "clients", c), bank)
-        if self.optimizer_states:  # the clients' own AdamW moments: resume continues them exactly
-            torch.save(self.optimizer_states, folder / "optimizer_states.pt")
-        if strategy_state := self.strategy.state_dict():  # e.g. fedavgm's server momentum
-            save_file(strategy_state, str(folder / "strategy_state.safetensors"))
-        state = {"round": rnd, "rounds": self.rounds, "summary": self.summary, "client_ids": sorted(self.client_states)}
-        tmp = folder / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.replace(folder / "state.json")  # written last: its presence marks the checkpoint complete
+        # The clients' own adapters, FedDPA-F banks, AdamW moments and the strategy's own state
+        # (e.g. fedavgm's server momentum) too: resume continues exactly.
+        rundir.write_checkpoint(self.run_dir, rundir.Checkpoint(
+            round=rnd, global_state=self.global_state, client_states=self.client_states,
+            client_banks=self.client_banks, optimizer_states=self.optimizer_states,
+            strategy_state=self.strategy.state_dict(), rounds=self.rounds, summary=self.summary,
+        ))
         self.write_results()
 
     def _restore(self) -> None:
-        from safetensors.torch import load_file
-
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
+        folder = rundir.latest_checkpoint(self.run_dir)
+        if folder is None:
             return
-        state = json.loads((ckpt / "state.json").read_text())
-        self.global_state = load_file(str(ckpt / "adapters.safetensors"))
-        self.client_states = {
-            c: load_file(str(ckpt / "clients" / f"client_{c:05d}.safetensors")) for c in state["client_ids"]
-        }
-        self.client_banks = {
-            c: load_bank(bank_path(ckpt / "clients", c))
-            for c in state["client_ids"] if bank_path(ckpt / "clients", c).is_file()
-        }
-        if (ckpt / "optimizer_states.pt").exists():
-            self.optimizer_states = torch.load(ckpt / "optimizer_states.pt", weights_only=True)
-        if (ckpt / "strategy_state.safetensors").exists():
-            self.strategy.load_state_dict(load_file(str(ckpt / "strategy_state.safetensors")))
-        self.rounds = state["rounds"]
-        self.summary = state["summary"]
-        self.next_round = state["round"] + 1
+        ckpt = rundir.read_checkpoint(folder)
+        self.global_state = ckpt.global_state
+        self.client_states = ckpt.client_states
+        self.client_banks = ckpt.client_banks
+        self.optimizer_states = ckpt.optimizer_states
+        if ckpt.strategy_state:
+            self.strategy.load_state_dict(ckpt.strategy_state)
+        self.rounds = ckpt.rounds
+        self.summary = ckpt.summary
+        self.next_round = ckpt.round + 1
 
     def write_results(self) -> dict[str, Any]:
         import ray
@@ -677,9 +649,7 @@ class Coordinator:
             "coordinator_node": ray.get_runtime_context().get_node_id(),
             "runtime": self.runtime,  # precision, hardware (coordinator's and the LLM trainer's), reproducibility
         }
-        tmp = self.run_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(self.run_dir / "results.json")
+        rundir.write_results(self.run_dir, results)
         return results
 
     # -- whole run ---------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ higher on its own.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,10 +43,7 @@ __all__ = [
     "REPRESENTATION",
     "DualEdge",
     "DynamicWeight",
-    "bank_path",
-    "load_bank",
     "representation_dim",
-    "save_bank",
     "subsample",
 ]
 
@@ -218,20 +214,3 @@ class DualEdge(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.local_edge.trainable_parameters()
-
-
-def bank_path(clients_dir: Path, client_id: int) -> Path:
-    """Where a client's bank lives in a checkpoint, beside its (local) adapters."""
-    return Path(clients_dir) / f"client_{client_id:05d}.bank.safetensors"
-
-
-def save_bank(path: Path, bank: Tensor) -> None:
-    from safetensors.torch import save_file
-
-    save_file({"bank": bank.detach().float().contiguous()}, str(path))
-
-
-def load_bank(path: Path) -> Tensor:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["bank"]

@@ -27,8 +27,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fednano_ray.federation import rundir
+
 APP_NAME = "fednano"
-LLM_DIR = "serve/llm"  # inside the run directory: the exported server LLM (HF causal-LM folder)
+LLM_DIR = rundir.SERVE_LLM  # in the run directory: the exported server LLM (HF causal-LM folder)
 
 
 class ServeArgs(BaseModel):
@@ -64,24 +66,23 @@ class ServeArgs(BaseModel):
 
 def export_server_llm(run_dir: str | Path) -> Path:
     """The run's frozen LLM as a HF causal-LM folder (written once into ``run_dir/serve/llm``)."""
-    from fednano_ray.config import load_config
     from fednano_ray.models.build import build_mllm
     from fednano_ray.serve.export import export_llm
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
+    cfg = rundir.read_config(run_dir)
     return export_llm(build_mllm(cfg.model), Path(run_dir) / LLM_DIR)
 
 
 def _check_run_dir(run_dir: str | Path) -> Path:
-    from fednano_ray.config import ConfigError, load_config
+    from fednano_ray.config import ConfigError
 
     run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / "config.yaml").is_file():
+    if not rundir.config_path(run_dir).is_file():
         raise ConfigError(
-            f"{run_dir} is not a training run directory (no config.yaml): pass the --run-dir of "
-            "`fednano-ray train`"
+            f"{run_dir} is not a training run directory (no {rundir.CONFIG}): pass the --run-dir "
+            "of `fednano-ray train`"
         )
-    if load_config(run_dir / "config.yaml").clients_hold_llm():
+    if rundir.read_config(run_dir).clients_hold_llm():
         # Serving runs NanoEdges in front of one frozen, shared LLM; this run's LoRA lives inside it.
         raise ConfigError(
             f"{run_dir} is a federation.strategy fedavg-lora run: its LoRA is inside the LLM, which the "
@@ -137,9 +138,7 @@ def build_app(
     model_dir = export_server_llm(run_dir)
     dtype = args.dtype
     if dtype == "auto":  # the run's own setting; "auto" resolves in the LLM server replica, on its hardware
-        from fednano_ray.config import load_config
-
-        dtype = load_config(run_dir / "config.yaml").model.precision
+        dtype = rundir.read_config(run_dir).model.precision
     llm = serve.deployment(
         llm_server_cls,
         name="LLMServer",
@@ -196,7 +195,7 @@ def deploy_config(
     from pydantic import ValidationError
 
     from fednano_ray.config import ConfigError
-    from fednano_ray.serve.ingress import UserConfig, resolve_checkpoint
+    from fednano_ray.serve.ingress import UserConfig
 
     args = ServeArgs(run_dir=str(_check_run_dir(run_dir)), engine=engine, **options)
     uc = dict(user_config or {})
@@ -204,7 +203,7 @@ def deploy_config(
         uc.setdefault("checkpoint", args.checkpoint)
     # Check here, not in the replica: a user_config the replica rejects takes the app down (503s).
     try:
-        resolve_checkpoint(Path(args.run_dir), UserConfig.model_validate(uc).checkpoint)
+        rundir.resolve_checkpoint(args.run_dir, UserConfig.model_validate(uc).checkpoint)
     except (ValidationError, ValueError) as e:
         raise ConfigError(f"Ingress user_config {uc}: {e}") from e
     return {

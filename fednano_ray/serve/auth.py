@@ -30,8 +30,10 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fednano_ray.federation import rundir
+
 TOKEN_PREFIX = "fnr_"
-TOKENS_FILE = "tokens.json"
+TOKENS_FILE = rundir.TOKENS
 _SCHEME = "sha256-v1"
 _DOMAIN = b"fednano-ray/serve-token/v1\x00"
 # Compared against when a client has no token, so that path does the same work as a real check.
@@ -129,10 +131,8 @@ def _check_run_dir(run_dir: str | Path, client_id: int, num_clients: int | None)
         raise TokenError(
             f"run directory {run_dir} does not exist (pass the --run-dir of a training run)"
         )
-    if num_clients is None and (run_dir / "config.yaml").exists():
-        from fednano_ray.config import load_config
-
-        num_clients = load_config(run_dir / "config.yaml").federation.num_clients
+    if num_clients is None and rundir.config_path(run_dir).exists():
+        num_clients = rundir.read_config(run_dir).federation.num_clients
     if client_id < 0 or (num_clients is not None and client_id >= num_clients):
         hi = f"0..{num_clients - 1}" if num_clients else "a non-negative integer"
         raise TokenError(f"client id {client_id} is not a client of this run (use {hi})")

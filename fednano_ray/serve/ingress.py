@@ -38,9 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fednano_ray.config import Config, load_config
+from fednano_ray.config import Config
+from fednano_ray.federation import rundir
 from fednano_ray.models.adapter import load_adapter_state
-from fednano_ray.models.dual import DualEdge, DynamicWeight, bank_path, load_bank
+from fednano_ray.models.dual import DualEdge, DynamicWeight
 from fednano_ray.models.split import NanoEdge
 from fednano_ray.serve.auth import TokenError, TokenStore
 from fednano_ray.serve.schemas import (
@@ -78,31 +79,12 @@ class UserConfig(BaseModel):
 
     checkpoint: str | None = Field(
         None,
-        pattern=r"^round_\d{4,}$",
+        pattern=rundir.CHECKPOINT_NAME,
         description="Serve this checkpoint (e.g. round_0003); default the newest.",
     )
     reload: int = Field(
         0, description="Change it to re-read the newest checkpoint (new adapters) without redeploy."
     )
-
-
-def resolve_checkpoint(run_dir: Path, name: str | None) -> Path | None:
-    """The checkpoint folder to serve: ``name`` (must be complete) or the newest; None before round 1.
-
-    Raises:
-        ValueError: if ``name`` is missing or incomplete (no state.json), listing the complete ones.
-    """
-    from fednano_ray.actors.coordinator import CHECKPOINTS, latest_checkpoint
-
-    if name is None:
-        return latest_checkpoint(run_dir)
-    ckpt = run_dir / CHECKPOINTS / name
-    if not (ckpt / "state.json").is_file():
-        have = sorted(p.parent.name for p in (run_dir / CHECKPOINTS).glob("round_*/state.json"))
-        raise ValueError(
-            f"checkpoint {name} of {run_dir} is missing or incomplete; complete ones: {have or 'none'}"
-        )
-    return ckpt
 
 
 @dataclass
@@ -292,7 +274,7 @@ class Ingress:
         from fednano_ray.models.build import build_mllm
 
         self.run_dir = Path(run_dir)
-        self.cfg: Config = load_config(self.run_dir / "config.yaml")
+        self.cfg: Config = rundir.read_config(self.run_dir)
         # Built once per replica; its frozen encoder, connector and embeddings serve every client.
         self.mllm = build_mllm(self.cfg.model)
         self.llm = llm
@@ -318,8 +300,8 @@ class Ingress:
     def _select(self, uc: UserConfig) -> None:
         from safetensors.torch import load_file
 
-        ckpt = resolve_checkpoint(self.run_dir, uc.checkpoint)
-        global_state = load_file(str(ckpt / "adapters.safetensors")) if ckpt is not None else None
+        ckpt = rundir.resolve_checkpoint(self.run_dir, uc.checkpoint)
+        global_state = load_file(str(rundir.adapters_path(ckpt))) if ckpt is not None else None
         # Swap everything at once, then bump the generation: new requests miss the cache and reload.
         self.checkpoint, self.global_state = ckpt, global_state
         self.checkpoint_name = ckpt.name if ckpt is not None else PRETRAINED
@@ -343,18 +325,19 @@ class Ingress:
         ckpt, state = self.checkpoint, self.global_state
         if state is not None:
             load_adapter_state(edge.adapters, state)
-        own = ckpt / "clients" / f"client_{client_id:05d}.safetensors" if ckpt is not None else None
+        own = rundir.client_adapters_path(ckpt, client_id) if ckpt is not None else None
         personal = own is not None and own.is_file()
-        bank = bank_path(own.parent, client_id) if own is not None else None
+        bank = rundir.client_bank_path(ckpt, client_id) if ckpt is not None else None
         if personal and state is not None and bank.is_file():  # FedDPA-F's dual adapter
-            weighting = DynamicWeight(load_bank(bank), top_k=self.cfg.method().options["top_k"])
+            top_k = self.cfg.method().options["top_k"]
+            weighting = DynamicWeight(rundir.load_bank(bank), top_k=top_k)
             edge = DualEdge.around(edge, weighting=weighting).eval()
             edge.load_states(state, load_file(str(own)))
         elif personal:
             load_adapter_state(edge.adapters, load_file(str(own)))
         edge.requires_grad_(False)
         return ClientModel(
-            client_id, f"client_{client_id:05d}@{self.checkpoint_name}", edge, personal
+            client_id, f"{rundir.client_name(client_id)}@{self.checkpoint_name}", edge, personal
         )
 
     @serve.multiplexed(max_num_models_per_replica=MAX_CLIENT_MODELS_PER_REPLICA)

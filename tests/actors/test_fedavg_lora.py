@@ -1,6 +1,5 @@
 """fedavg-lora end to end: full-model clients train PEFT LoRA in their own LLM, FedAvg on the coordinator."""
 
-import json
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from fednano_ray.actors.coordinator import _seed, adapters_fingerprint
 from fednano_ray.app import train
 from fednano_ray.config import load_config
 from fednano_ray.features import cached_features
+from fednano_ray.federation import rundir
 from fednano_ray.models.build import build_mllm
 from fednano_ray.models.lora import lora_param_count
 from fednano_ray.strategies.aggregate import pad_to_rank
@@ -27,7 +27,7 @@ def _cfg(*overrides: str):
 
 
 def _ckpt(run, rnd: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"round_{rnd:04d}" / "adapters.safetensors"))
+    return load_file(str(rundir.adapters_path(rundir.round_dir(run, rnd))))
 
 
 def _client_actor(cfg, rank: int, data) -> ClientActor:
@@ -48,7 +48,7 @@ def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_l
     cfg = _cfg()
     run = tmp_path / "run"
     res = train(cfg, run, progress=False)
-    on_disk = json.loads((run / "results.json").read_text())
+    on_disk = rundir.read_results(run)
     s, acct = on_disk["summary"], on_disk["accounting"]
 
     # Accounting: the client holds everything; LoRA on q_proj/v_proj of the 2 layers, fp32.
@@ -101,7 +101,7 @@ def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_l
     # Secure aggregation goes through the same FedAvg sum plan, masked by the client actors.
     sec = tmp_path / "sec"
     train(_cfg("trust.secure_aggregation=true", "federation.rounds=1"), sec, progress=False)
-    r0 = json.loads((sec / "results.json").read_text())["rounds"][0]
+    r0 = rundir.read_results(sec)["rounds"][0]
     assert r0["aggregated"] and r0["secure_aggregation"]["summed"] == ["0", "1", "2"], r0
     for k, v in _ckpt(sec, 0).items():
         torch.testing.assert_close(v, got[k], rtol=1e-4, atol=1e-6)

@@ -1,7 +1,6 @@
 """FedDPA-F end to end on the simulated Ray cluster: FedAvg rounds, the local phase, the dual
 adapter's evaluation, its checkpoint, --resume of the finished run, and serving's loader."""
 
-import json
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from safetensors.torch import load_file
 
 from fednano_ray.app import train
 from fednano_ray.config import load_config
+from fednano_ray.federation import rundir
 
 BANK = 16  # below every tiny.yaml training shard, so the bound is exercised
 
@@ -26,7 +26,7 @@ def test_feddpa_f_trains_scores_checkpoints_resumes_and_serves_the_dual_adapter(
     from fednano_ray.actors.coordinator import adapters_fingerprint
     from fednano_ray.features import cached_features
     from fednano_ray.models.build import build_mllm
-    from fednano_ray.models.dual import DualEdge, bank_path
+    from fednano_ray.models.dual import DualEdge
     from fednano_ray.serve.ingress import Ingress
     from fednano_ray.task import prepare_data
     from fednano_ray.training import LocalServer, evaluate
@@ -59,17 +59,17 @@ def test_feddpa_f_trains_scores_checkpoints_resumes_and_serves_the_dual_adapter(
             0 <= w <= 1 for w in dpa[key].values()
         ), key
     # Assert: the checkpoint (global adapters untouched by the local phase; local adapters, banks)
-    ckpt = run / "checkpoints" / "round_0001"
-    global_state = load_file(str(ckpt / "adapters.safetensors"))
+    ckpt = rundir.round_dir(run, 1)
+    global_state = load_file(str(rundir.adapters_path(ckpt)))
     assert res["rounds"][-1]["global_test_adapters"] == adapters_fingerprint(global_state)
     data = prepare_data(cfg)
     for c, rank in ((0, 2), (1, 2), (2, 4), (3, 4)):
-        local = load_file(str(ckpt / "clients" / f"client_{c:05d}.safetensors"))
+        local = load_file(str(rundir.client_adapters_path(ckpt, c)))
         assert local["vision.lora_B"].shape == (128, rank)
         assert not torch.equal(
             local["vision.lora_B"], global_state["vision.lora_B"][:, :rank]
         )  # it trained
-        bank = load_file(str(bank_path(ckpt / "clients", c)))["bank"]
+        bank = rundir.load_bank(rundir.client_bank_path(ckpt, c))
         assert (
             bank.shape
             == (min(BANK, len(data.client_train[c])), 2 * 128)
@@ -81,13 +81,13 @@ def test_feddpa_f_trains_scores_checkpoints_resumes_and_serves_the_dual_adapter(
     )
 
     # Execute / Assert: resuming the finished run does not redo the local phase
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (ckpt / "clients").iterdir()}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (ckpt / rundir.CLIENTS).iterdir()}
     again = train(cfg, run, resume=True, progress=False)
     assert (
         again["summary"]["feddpa"] == dpa
         and again["summary"]["personalization"] == s["personalization"]
     )
-    assert {p.name: p.stat().st_mtime_ns for p in (ckpt / "clients").iterdir()} == mtimes
+    assert {p.name: p.stat().st_mtime_ns for p in (ckpt / rundir.CLIENTS).iterdir()} == mtimes
 
     # Execute / Assert: serving's loader builds client 2's dual adapter; scored in-process on the
     # same held-out questions and features, it reproduces the run's accuracy and mean weight.
@@ -118,7 +118,7 @@ def test_feddpa_f_trains_scores_checkpoints_resumes_and_serves_the_dual_adapter(
     assert float(torch.cat(model.edge.weight_log).mean()) == pytest.approx(
         dpa["mean_weight_per_client"]["2"]
     )
-    on_disk = json.loads((run / "results.json").read_text())
+    on_disk = rundir.read_results(run)
     assert on_disk["summary"]["feddpa"] == dpa
     # The request path (an image, the prompt alone) mixes the two adapters' z' with one weight.
     from PIL import Image

@@ -1,6 +1,5 @@
 """Federated runs on a simulated multi-node Ray cluster: run directory, faults, resume, placement."""
 
-import json
 import threading
 import time
 
@@ -10,6 +9,7 @@ from safetensors.torch import load_file
 
 from fednano_ray.app import train
 from fednano_ray.config import load_config
+from fednano_ray.federation import rundir
 
 
 def tiny(*overrides: str):
@@ -17,7 +17,7 @@ def tiny(*overrides: str):
 
 
 def _adapters(run, rnd: int):
-    return load_file(str(run / "checkpoints" / f"round_{rnd:04d}" / "adapters.safetensors"))
+    return load_file(str(rundir.adapters_path(rundir.round_dir(run, rnd))))
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,13 @@ def test_run_writes_the_run_directory(tiny_run):
     """A tiny FedNano run writes config.yaml, results.json with the DESIGN §4 summary, and per-round checkpoints."""
     run, res = tiny_run
 
-    on_disk = json.loads((run / "results.json").read_text())
+    on_disk = rundir.read_results(run)
     s = on_disk["summary"]
     for key in ("accuracy_before", "accuracy_after", "global_test_accuracy", "bytes_up", "bytes_down",
                 "client_storage_fraction", "wall_time_s"):
         assert key in s, key
     assert 0 <= s["accuracy_after"] <= 1 and 0 < s["client_storage_fraction"] < 1
-    assert load_config(run / "config.yaml") == tiny()
+    assert rundir.read_config(run) == tiny()
     assert [r["round"] for r in on_disk["rounds"]] == [0, 1]
     for r in on_disk["rounds"]:
         assert r["failures"] == [] and r["completed"] == [0, 1, 2, 3] and r["aggregated"]
@@ -94,7 +94,7 @@ def test_faults_become_failures_and_the_rounds_go_on_until_the_quorum_fails(ray_
     chaos = {(0, 1): "die", (0, 0): "nan", (1, 2): "stall", (1, 3): "scale", (2, 0): "die", (2, 1): "nan", (2, 2): "die"}
     res = train(cfg, tmp_path / "run", chaos=chaos, progress=False)
 
-    r0, r1, r2 = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]
+    r0, r1, r2 = rundir.read_results(tmp_path / "run")["rounds"]
     reasons = [{f["client_id"]: f["reason"] for f in r["failures"]} for r in (r0, r1, r2)]
     # Round 0: a dead process, a NaN update
     assert sorted(reasons[0]) == ["0", "1"] and "Actor" in reasons[0]["1"]
@@ -122,9 +122,9 @@ def test_resume_ends_with_the_same_adapters(tiny_run, tmp_path):
     full_dir, _ = tiny_run
     cfg = tiny()
     train(cfg, tmp_path / "cut", progress=False, stop_after_round=0)
-    assert not (tmp_path / "cut" / "checkpoints" / "round_0001").exists()
+    assert not rundir.round_dir(tmp_path / "cut", 1).exists()
     # train.optimizer_state=keep: the clients' AdamW moments are part of the checkpoint, one per client.
-    moments = torch.load(tmp_path / "cut" / "checkpoints" / "round_0000" / "optimizer_states.pt", weights_only=True)
+    moments = rundir.read_checkpoint(rundir.round_dir(tmp_path / "cut", 0)).optimizer_states
     assert sorted(moments) == [0, 1, 2, 3] and all(int(s["step"]) == 2 for s in moments[0]["state"].values())
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, tmp_path / "cut", progress=False)
@@ -136,7 +136,7 @@ def test_resume_ends_with_the_same_adapters(tiny_run, tmp_path):
     a, b = _adapters(full_dir, 1), _adapters(tmp_path / "cut", 1)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    full, cut = (json.loads((d / "results.json").read_text()) for d in (full_dir, tmp_path / "cut"))
+    full, cut = (rundir.read_results(d) for d in (full_dir, tmp_path / "cut"))
     for key in ("accuracy_before", "accuracy_after", "global_test_accuracy_before", "global_test_accuracy",
                 "accuracy_after_per_client"):
         assert full["summary"][key] == cut["summary"][key], key
@@ -154,7 +154,7 @@ def test_llm_trainer_killed_mid_round_is_restarted_and_the_round_completes(tiny_
     cfg = tiny()
     train(cfg, tmp_path / "run", chaos={(0, 1): "kill_trainer"}, progress=False)
 
-    r0, r1 = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]
+    r0, r1 = rundir.read_results(tmp_path / "run")["rounds"]
     assert r0["trainer_restarted"] is True and r1["trainer_restarted"] is False
     for r in (r0, r1):
         assert r["failures"] == [] and r["completed"] == [0, 1, 2, 3] and r["aggregated"], r
@@ -177,18 +177,18 @@ def test_other_strategies_run(ray_cluster, tmp_path, strategy, request):
         run = tmp_path / "run"
         res = train(tiny(f"federation.strategy={strategy}", "federation.rounds=1"), run, progress=False)
     r0 = res["rounds"][0]
-    ckpt = run / "checkpoints" / "round_0000"
+    ckpt = rundir.round_dir(run, 0)
     if strategy == "centralized":
         assert r0["clients"] == [0] and r0["completed"] == [0]
-        state = load_file(str(ckpt / "adapters.safetensors"))
+        state = load_file(str(rundir.adapters_path(ckpt)))
         assert state["vision.lora_A"].shape == (4, 128) and state["vision.lora_B"].shape == (128, 4)
         # Trained at rank 4: the components beyond client 0's rank 2 moved (a rank-2 update pads them with 0).
         assert state["vision.lora_B"][:, 2:].abs().sum() > 0 and state["text.lora_B"][:, 2:].abs().sum() > 0
     else:
         assert r0["completed"] == [0, 1, 2, 3]
     if strategy == "local":
-        assert len(list((ckpt / "clients").glob("*.safetensors"))) == 4
-        assert load_file(str(ckpt / "clients" / "client_00000.safetensors"))["vision.lora_A"].shape == (2, 128)
+        assert len(list((ckpt / rundir.CLIENTS).glob("*.safetensors"))) == 4
+        assert load_file(str(rundir.client_adapters_path(ckpt, 0)))["vision.lora_A"].shape == (2, 128)
         assert r0["global_test_states_scored"] == 4  # every client's own adapters, rank-2 tier included
     else:
         assert r0["global_test_states_scored"] == 1
@@ -208,7 +208,7 @@ def test_personalisation_fine_tunes_every_client_and_serves_it_its_own(fedavg_ru
     run, res = fedavg_run
     s = res["summary"]
     global_state = _adapters(run, 1)
-    clients = run / "checkpoints" / "round_0001" / "clients"
+    ckpt = rundir.round_dir(run, 1)
 
     # Assert: the record and the summary
     assert s["personalization"]["personalized_clients"] == [0, 1, 2, 3] and s["personalization"]["failures"] == []
@@ -219,7 +219,7 @@ def test_personalisation_fine_tunes_every_client_and_serves_it_its_own(fedavg_ru
         assert lo <= s[key] <= hi, key
     # Assert: each client's own adapters, at its tier's rank, trained away from the global ones
     for c, rank in ((0, 2), (1, 2), (2, 4), (3, 4)):
-        own = load_file(str(clients / f"client_{c:05d}.safetensors"))
+        own = load_file(str(rundir.client_adapters_path(ckpt, c)))
         assert own["vision.lora_B"].shape == (128, rank)
         assert own["vision.offset"].shape == global_state["vision.offset"].shape  # no rank: whole on every tier
         assert not torch.equal(own["vision.offset"], global_state["vision.offset"])
@@ -250,7 +250,7 @@ def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(r
     worker = threading.Thread(target=run_it)
     worker.start()
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (run / "checkpoints" / "round_0000" / "state.json").exists():
+    while time.monotonic() < deadline and rundir.latest_checkpoint(run) is None:
         time.sleep(0.2)
     large = nodes["edge-large"]
     cluster.remove_node(large)
@@ -290,11 +290,11 @@ def test_cli_joins_an_existing_cluster_with_address(ray_cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "average" in proc.stdout and "global test accuracy" in proc.stdout
     assert "Started a local Ray instance" not in proc.stderr  # it joined, it did not start its own
-    assert json.loads((run / "results.json").read_text())["summary"]["rounds"] == 1
+    assert rundir.read_results(run)["summary"]["rounds"] == 1
     # Serving tokens are created at training time, printed once, and stored only as hashes.
     printed = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if ": fnr_" in line]
     assert len(printed) == 4 and len(set(printed)) == 4
-    stored = (run / "tokens.json").read_text()
+    stored = (run / rundir.TOKENS).read_text()
     assert all(tok not in stored for tok in printed)
 
 
@@ -306,7 +306,7 @@ def test_secure_aggregation_masks_on_the_clients_and_matches_the_plain_run(fedav
     res = train(tiny(*FEDAVG_SLOTS, "trust.secure_aggregation=true"), tmp_path / "sec", progress=False)
     plain = fedavg_run[0]
 
-    for r in json.loads((tmp_path / "sec" / "results.json").read_text())["rounds"]:
+    for r in rundir.read_results(tmp_path / "sec")["rounds"]:
         sa = r["secure_aggregation"]
         assert r["aggregated"] and r["failures"] == [] and r["completed"] == [0, 1, 2, 3], r
         assert sa["masked_by"] == "clients" and sa["summed"] == ["0", "1", "2", "3"]
@@ -370,7 +370,7 @@ def test_server_lr_scales_the_rounds_move_of_the_global_adapters(tiny_run, tmp_p
         torch.testing.assert_close(stepped[k] - init[k], 2 * (plain[k] - init[k]), rtol=1e-5, atol=1e-6)
         moved += float((plain[k] - init[k]).abs().sum())
     assert moved > 0  # round 0 did move the adapters (the comparison is not 0 == 0)
-    on_disk = json.loads((tmp_path / "slr" / "results.json").read_text())
+    on_disk = rundir.read_results(tmp_path / "slr")
     assert on_disk["config"]["federation"]["server_lr"] == 2.0
 
 
@@ -391,8 +391,7 @@ def test_fedavgm_keeps_its_server_momentum_across_a_resume(ray_cluster, tmp_path
                                           seed=cfg.federation.seed)
     init = adapter_state(edge.adapters)
     g0, g1 = _adapters(tmp_path / "full", 0), _adapters(tmp_path / "full", 1)
-    v0, v1 = (load_file(str(tmp_path / "full" / "checkpoints" / f"round_{r:04d}" / "strategy_state.safetensors"))
-              for r in (0, 1))
+    v0, v1 = (rundir.read_checkpoint(rundir.round_dir(tmp_path / "full", r)).strategy_state for r in (0, 1))
     for k in init:
         torch.testing.assert_close(v0[f"velocity.{k}"], g0[k] - init[k])
         torch.testing.assert_close(v1[f"velocity.{k}"], g1[k] - g0[k])

@@ -1,11 +1,12 @@
 """`ray job submit`: a training run submitted as a Ray job to the running cluster (docs/SCALING.md)."""
 
-import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
+
+from fednano_ray.federation import rundir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,7 @@ def test_a_training_run_submitted_as_a_ray_job_succeeds(ray_cluster, tmp_path):
     assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}:\n{logs[-3000:]}"
     assert "Started a local Ray instance" not in logs  # it joined the cluster, it did not start its own
     assert "global test accuracy" in logs  # the summary table went to the job's logs
-    results = json.loads((run / "results.json").read_text())
+    results = rundir.read_results(run)
     assert results["summary"]["rounds"] == 1 and results["rounds"][0]["aggregated"]
     # On THIS cluster: not on another Ray instance of this machine that "auto" could also find.
     assert results["coordinator_node"] == cluster.head_node.node_id

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fednano_ray.config import load_config
+from fednano_ray.federation import rundir
 from fednano_ray.models.adapter import ADAPTER_FORMS, adapter_state
 from fednano_ray.models.build import build_mllm
-from fednano_ray.models.dual import DualEdge, DynamicWeight, load_bank, save_bank, subsample
+from fednano_ray.models.dual import DualEdge, DynamicWeight, subsample
 from fednano_ray.models.prompt import collate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -216,13 +217,12 @@ def test_the_dual_state_round_trips_through_save_and_load(tiny, tmp_path):
     same z'."""
     from safetensors.torch import load_file, save_file
 
-    from fednano_ray.models.dual import bank_path
-
     cfg, mllm, batch, feats = tiny
     g, loc = _randomised(cfg, mllm, "slots", 6), _randomised(cfg, mllm, "slots", 7)
     gs, ls, bank = adapter_state(g.adapters), adapter_state(loc.adapters), torch.randn(6, 256)
-    save_file(ls, str(tmp_path / "client_00001.safetensors"))
-    save_bank(bank_path(tmp_path, 1), bank)
+    rundir.client_adapters_path(tmp_path, 1).parent.mkdir()
+    save_file(ls, str(rundir.client_adapters_path(tmp_path, 1)))
+    rundir.save_bank(rundir.client_bank_path(tmp_path, 1), bank)
     prompt = batch["attention_mask"].bool() & (batch["labels"] == -100)
 
     def z(local_state, bank_rows):
@@ -232,6 +232,7 @@ def test_the_dual_state_round_trips_through_save_and_load(tiny, tmp_path):
             return dual(batch["input_ids"], batch["image_mask"], features=feats, prompt_mask=prompt)
 
     loaded = z(
-        load_file(str(tmp_path / "client_00001.safetensors")), load_bank(bank_path(tmp_path, 1))
+        load_file(str(rundir.client_adapters_path(tmp_path, 1))),
+        rundir.load_bank(rundir.client_bank_path(tmp_path, 1)),
     )
     assert torch.equal(loaded, z(ls, bank))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import os
 import socket
 import stat
@@ -23,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fednano_ray.config import dump_config, load_config
+from fednano_ray.config import load_config
+from fednano_ray.federation import rundir
 from fednano_ray.serve import auth
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,12 +42,10 @@ def write_checkpoint(
     run_dir: Path, rnd: int, *, personal: list[int], seed: int, scale: float = 3.0
 ) -> Path:
     """checkpoints/round_XXXX with random global adapters (max rank) and per-client personal ones."""
-    from safetensors.torch import save_file
-
     from fednano_ray.models.adapter import adapter_state
     from fednano_ray.models.build import build_mllm
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = rundir.read_config(run_dir)
     mllm = build_mllm(cfg.model)
     tiers = cfg.client_tiers()
     r_max = max(cfg.tier_rank(t) for t in tiers)
@@ -63,18 +61,11 @@ def write_checkpoint(
                 state[k] = scale * torch.randn(state[k].shape, generator=gen)
         return state
 
-    folder = run_dir / "checkpoints" / f"round_{rnd:04d}"
-    (folder / "clients").mkdir(parents=True, exist_ok=True)
-    save_file(randomised(r_max), str(folder / "adapters.safetensors"))
-    for c in personal:
-        save_file(
-            randomised(cfg.tier_rank(tiers[c])),
-            str(folder / "clients" / f"client_{c:05d}.safetensors"),
-        )
-    (folder / "state.json").write_text(
-        json.dumps({"round": rnd, "rounds": [], "summary": {}, "client_ids": personal})
+    global_state = randomised(r_max)
+    own = {c: randomised(cfg.tier_rank(tiers[c])) for c in personal}
+    return rundir.write_checkpoint(
+        run_dir, rundir.Checkpoint(round=rnd, global_state=global_state, client_states=own)
     )
-    return folder
 
 
 def png_b64(seed: int = 0, size: int = 32) -> str:
@@ -94,7 +85,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("serve-run")
-    (d / "config.yaml").write_text(dump_config(load_config(TINY)))
+    rundir.write_config(d, load_config(TINY))
     # Client 3 has no personal adapters: it is served the global ones.
     write_checkpoint(d, 1, personal=[0, 1, 2], seed=1)
     return d
@@ -169,15 +160,15 @@ def llm_stats() -> dict:
 
 def test_tokens_store_only_hashes_with_mode_0600(tmp_path):
     """tokens.json is 0600 and holds no token; reissuing needs rotate, which revokes the old token."""
-    (tmp_path / "config.yaml").write_text(dump_config(load_config(TINY)))
+    rundir.write_config(tmp_path, load_config(TINY))
     tok = auth.issue_token(tmp_path, 2)
-    text = (tmp_path / "tokens.json").read_text()
+    text = auth.tokens_path(tmp_path).read_text()
     assert (
         tok.startswith(auth.TOKEN_PREFIX)
         and tok not in text
         and tok.removeprefix(auth.TOKEN_PREFIX) not in text
     )
-    assert stat.S_IMODE(os.stat(tmp_path / "tokens.json").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(auth.tokens_path(tmp_path)).st_mode) == 0o600
     with pytest.raises(auth.TokenError, match="--rotate"):
         auth.issue_token(tmp_path, 2)
     with pytest.raises(auth.TokenError, match="not a client"):
@@ -210,7 +201,7 @@ def test_match_choice_and_serve_config(run_dir):
     with pytest.raises(Exception, match="not a training run"):
         app_builder({"run_dir": str(ROOT / "no-such-run")})
     assert isinstance(app_builder(ServeArgs(run_dir=str(run_dir), engine="hf")), Application)
-    assert (run_dir / "serve" / "llm" / "config.json").is_file()  # the exported server LLM
+    assert (run_dir / rundir.SERVE_LLM / "config.json").is_file()  # the exported server LLM
 
 
 # -- HTTP -----------------------------------------------------------------------------------------------
@@ -445,7 +436,7 @@ def test_served_edge_computes_what_the_client_trained(run_dir):
     from fednano_ray.serve.ingress import Ingress, prompt_embeds
     from fednano_ray.serve.schemas import decode_image
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = rundir.read_config(run_dir)
     ing = Ingress(run_dir, llm=None)
     img = decode_image(png_b64())
     for c in (0, 3):  # rank 2 with personal adapters; rank 4 with the global ones
@@ -470,7 +461,7 @@ def test_token_cli_and_rotation_while_serving(url, run_dir, tokens):
     )
     assert done.returncode == 0, done.stderr
     new = done.stdout.strip()
-    assert new.startswith("fnr_") and new not in (run_dir / "tokens.json").read_text()
+    assert new.startswith("fnr_") and new not in auth.tokens_path(run_dir).read_text()
     assert answer(url, 3, tokens[3]).status_code == 403
     ok = answer(url, 3, new)
     assert ok.status_code == 200 and ok.json()["model"] == "client_00003@round_0001"

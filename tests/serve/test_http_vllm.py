@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from fednano_ray.config import dump_config, load_config
+from fednano_ray.config import load_config
+from fednano_ray.federation import rundir
 from fednano_ray.serve import auth
 from fednano_ray.serve.engines import vllm_available
 
@@ -91,7 +92,7 @@ def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("serve-run-vllm")
-    (d / "config.yaml").write_text(dump_config(load_config(TINY)))
+    rundir.write_config(d, load_config(TINY))
     write_checkpoint(d, 1, personal=[0, 1, 2], seed=1)  # client 3: global adapters only
     return d
 
