@@ -129,7 +129,7 @@ def train(
                 bar.set_postfix_str(f"round {rnd}: {p['done']}/{p['total']} clients")
         rec = ray.get(ref)
         post = {"loss": f"{rec['loss']:.3f}" if rec["loss"] is not None else "-", "failed": len(rec["failures"])}
-        if "avg_accuracy" in rec:
+        if rec.get("avg_accuracy") is not None:  # None when no client could be scored (eval failures)
             post["acc"] = f"{rec['avg_accuracy']:.3f}"
         bar.set_postfix(post)
         bar.update(1)

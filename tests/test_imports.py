@@ -174,7 +174,8 @@ def test_serving_never_imports_the_actors():
 
 
 def test_the_run_directory_layout_imports_without_ray():
-    """fednano_ray.federation (and its rundir) import with Ray unimportable."""
+    """fednano_ray.federation (method, rounds, rundir, setup, transport) imports with Ray
+    unimportable, and the config resolves its method and strategy."""
     code = textwrap.dedent(
         """
         import sys
@@ -182,6 +183,10 @@ def test_the_run_directory_layout_imports_without_ray():
         sys.modules["ray"] = None  # `import ray` (and ray.anything) now raises ImportError
         import fednano_ray.federation
         import fednano_ray.federation.rundir as rundir
+        import fednano_ray.federation.method, fednano_ray.federation.rounds  # noqa: E401
+        import fednano_ray.federation.setup, fednano_ray.federation.transport  # noqa: E401
+        from fednano_ray.config import load_config
+        assert load_config("examples/tiny.yaml").method().build_strategy().name == "fednano"
         assert Path(rundir.__file__).resolve().is_relative_to(sys.argv[1]), rundir.__file__
         assert rundir.round_name(3) == "round_0003"
         loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))

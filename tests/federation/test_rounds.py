@@ -1,0 +1,141 @@
+"""The round logic without Ray: plain ClientActor objects, one in-process frozen LLM, the
+in-process transport. Quorum, screening, SecAgg with a dropout, resume and personalisation are
+checked here as the coordinator actor runs them (tests/actors run the same code over Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fednano_ray.actors.client import ClientActor
+from fednano_ray.config import load_config
+from fednano_ray.federation import rundir
+from fednano_ray.federation.setup import in_process
+from fednano_ray.federation.transport import InProcess
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny(*overrides: str):
+    return load_config("examples/tiny.yaml", ["federation.rounds=2", *overrides])
+
+
+def _run(fed, rounds: int | None = None):
+    fed.begin()
+    for rnd in range(fed.next_round, rounds if rounds is not None else fed.cfg.federation.rounds):
+        fed.run_round(rnd)
+    return fed
+
+
+class Faulty(InProcess):
+    """A test-only transport that fails chosen calls, as a crashed actor would."""
+
+    def __init__(self, fail: set[tuple[str, int]]):
+        super().__init__()
+        self.fail = fail
+
+    def submit(self, actor, method, *args, **kwargs):
+        client = args[1] if method.startswith("secagg") else args[0] if method.startswith("fit") else None
+        if (method, client) in self.fail:
+            return super().submit(self, "_crash", method, client)
+        return super().submit(actor, method, *args, **kwargs)
+
+    @staticmethod
+    def _crash(method, client):
+        raise RuntimeError(f"injected: {method} of client {client} crashed")
+
+
+class NaNClient(ClientActor):
+    """Client 1 returns a NaN tensor (a broken client; screening must reject it)."""
+
+    def fit(self, client_id, *args, **kwargs):
+        out = super().fit(client_id, *args, **kwargs)
+        if client_id == 1 and "state" in out:
+            key = sorted(out["state"])[0]
+            out["state"][key] = torch.full_like(out["state"][key], math.nan)
+        return out
+
+
+def test_a_run_in_process_writes_the_run_directory_and_moves_the_adapters(tmp_path):
+    fed = _run(in_process(tiny(), tmp_path))
+    results = fed.finish(0.0)
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+    for r in results["rounds"]:
+        assert r["completed"] == [0, 1, 2, 3] and r["failures"] == [] and r["aggregated"]
+        assert r["bytes_up"] == 2 * r["bytes_down"] > 0  # fednano: adapters + Fisher up
+    assert [p.name for p in rundir.list_checkpoints(tmp_path)] == ["round_0000", "round_0001"]
+    assert rundir.read_results(tmp_path)["summary"]["accuracy_after"] == results["summary"]["accuracy_after"]
+    moved = sum(float((fed.global_state[k] - fed.initial_state[k]).abs().sum()) for k in fed.global_state)
+    assert moved > 0
+
+
+def test_failed_clients_are_recorded_and_the_quorum_decides(tmp_path):
+    """One crashed client of four: recorded, the round aggregates the other three. Three crashed
+    (quorum 0.5 needs 2): nothing is aggregated and the global adapters stay as they were."""
+    one = _run(in_process(tiny(), tmp_path / "one", transport=Faulty({("fit", 2)})), rounds=1)
+    r0 = one.rounds[0]
+    assert r0["completed"] == [0, 1, 3] and r0["aggregated"]
+    assert r0["failures"] == [{"client_id": "2", "reason": "RuntimeError: injected: fit of client 2 crashed"}]
+
+    fed = in_process(tiny(), tmp_path / "three", transport=Faulty({("fit", 0), ("fit", 1), ("fit", 3)}))
+    before = {k: v.clone() for k, v in fed.global_state.items()}
+    _run(fed, rounds=1)
+    r0 = fed.rounds[0]
+    assert r0["aggregated"] is False and r0["completed"] == [2]
+    assert r0["note"].startswith("quorum not met: 1 of 4 reported, 2 needed")
+    assert all(torch.equal(fed.global_state[k], before[k]) for k in before)
+
+
+def test_a_nan_update_is_rejected_not_aggregated(tmp_path):
+    fed = _run(in_process(tiny("federation.strategy=fedavg"), tmp_path, client_class=NaNClient), rounds=1)
+    r0 = fed.rounds[0]
+    assert r0["completed"] == [0, 2, 3] and r0["aggregated"]
+    assert [f["client_id"] for f in r0["failures"]] == ["1"] and r0["failures"][0]["reason"].startswith("rejected:")
+    assert all(torch.isfinite(v).all() for v in fed.global_state.values())
+
+
+def test_secure_aggregation_in_process_matches_the_plain_round_and_survives_a_dropout(tmp_path):
+    """The SecAgg uplink (the clients' code, the server's protocol) gives the plain round's FedAvg
+    up to quantisation; a client that dies before unmasking is recovered from its shares and its
+    masked input still counts."""
+    plain = _run(in_process(tiny("federation.strategy=fedavg"), tmp_path / "plain"), rounds=1)
+    secure = _run(in_process(tiny("federation.strategy=fedavg", "trust.secure_aggregation=true"),
+                             tmp_path / "secure"), rounds=1)
+    info = secure.rounds[0]["secure_aggregation"]
+    assert info["masked_by"] == "clients" and secure.rounds[0]["aggregated"]
+    for k, v in plain.global_state.items():
+        torch.testing.assert_close(secure.global_state[k], v, atol=1e-5, rtol=0)
+    late = _run(in_process(tiny("federation.strategy=fedavg", "trust.secure_aggregation=true"), tmp_path / "late",
+                           transport=Faulty({("secagg_unmask", 3)})), rounds=1)
+    r0 = late.rounds[0]
+    assert r0["aggregated"] and r0["secure_aggregation"]["dropped_before_unmask"] == ["3"]
+    for k, v in plain.global_state.items():
+        torch.testing.assert_close(late.global_state[k], v, atol=1e-5, rtol=0)
+
+
+def test_resume_from_the_checkpoint_continues_exactly(tmp_path):
+    """fedavgm (a strategy with state) cut after round 0: a new federation restored from the
+    checkpoint ends with the uninterrupted run's adapters and records."""
+    cfg = tiny("federation.strategy=fedavgm", "federation.strategy_options.momentum=0.5")
+    full = _run(in_process(cfg, tmp_path / "full"))
+    _run(in_process(cfg, tmp_path / "cut"), rounds=1)
+    resumed = in_process(cfg, tmp_path / "cut")
+    assert resumed.restore() and resumed.next_round == 1 and resumed.strategy.velocity
+    _run(resumed)
+    for k, v in full.global_state.items():
+        assert torch.equal(resumed.global_state[k], v), k
+    assert [r["loss"] for r in resumed.rounds] == [r["loss"] for r in full.rounds]
+
+
+def test_personalisation_gives_every_client_its_own_adapters(tmp_path):
+    fed = _run(in_process(tiny("federation.strategy=fedavg", "federation.personalize_steps=2"), tmp_path), rounds=1)
+    record = fed.personalize()
+    assert record["personalized_clients"] == [0, 1, 2, 3] and record["failures"] == []
+    assert sorted(fed.client_states) == [0, 1, 2, 3]
+    assert fed.client_states[0]["vision.lora_A"].shape[0] == 2  # at its tier's rank
+    assert "accuracy_personalized" in fed.summary
+    assert fed.personalize() == {}  # idempotent (as under --resume)
+    ckpt = rundir.read_checkpoint(rundir.latest_checkpoint(tmp_path))
+    assert sorted(ckpt.client_states) == [0, 1, 2, 3]
