@@ -90,13 +90,15 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
-    chaos: dict[tuple[int, int], str] | None = None,
+    client_class: type | None = None,
     progress: bool = True,
     stop_after_round: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a federated training run on the connected Ray cluster; returns results.json.
 
     Args:
+        client_class: the client actor's class (default :class:`~fednano_ray.actors.client.ClientActor`;
+            a subclass keeps its constructor and methods, e.g. tests/_chaos.py's fault injectors).
         stop_after_round: end after this round without finishing (simulates a killed run).
     """
     import ray
@@ -108,12 +110,14 @@ def train(
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
     check_resources(cfg, ray.cluster_resources())
     classes = actor_classes()
+    if client_class is not None:
+        classes["client"] = ray.remote(client_class)
     t0 = time.perf_counter()
     # The coordinator owns the run: pin it to the head node, never to a client node that may be
     # removed mid-run (tests/actors/test_federation.py removes one). It needs no CPU, so it always fits.
     on_head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
     coord = classes["coordinator"].options(max_concurrency=4, num_cpus=0, scheduling_strategy=on_head).remote(
-        cfg, str(run_dir), resume=resume, actor_classes={k: classes[k] for k in ("client", "trainer")}, chaos=chaos
+        cfg, str(run_dir), resume=resume, actor_classes={k: classes[k] for k in ("client", "trainer")}
     )
     info = ray.get(coord.begin.remote())
     fed = cfg.federation

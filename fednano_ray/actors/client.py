@@ -11,7 +11,6 @@ its own copy of the LLM, and trains and evaluates in-process: no split step reac
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -29,8 +28,6 @@ class RemoteServer:
 
     def __init__(self, handle) -> None:
         self.handle = handle
-        # Chaos (tests): kill the trainer while split step number `kill_in` from now is in flight.
-        self.kill_in: int | None = None
 
     def loss_and_grad(self, z, attention_mask, labels):
         return self._step(self.handle.loss_and_grad, z, attention_mask, labels)
@@ -43,14 +40,7 @@ class RemoteServer:
 
         # The trainer actor has max_task_retries=-1: if it dies with this call in flight, Ray
         # restarts it (its __init__ reloads the frozen LLM) and re-sends the call; get() just waits.
-        ref = method.remote(*args)
-        if self.kill_in is not None:
-            if self.kill_in == 0:
-                ray.kill(self.handle, no_restart=False)  # SIGKILL; Ray restarts it (max_restarts=-1)
-                self.kill_in = None
-            else:
-                self.kill_in -= 1
-        return ray.get(ref)
+        return ray.get(method.remote(*args))
 
     def score_packed(self, *args):
         import ray
@@ -106,7 +96,6 @@ class ClientActor:
         # SecAgg (trust.secure_aggregation): this actor's protocol state per (round, client id);
         # the keys and self-mask seed never leave the actor except as encrypted Shamir shares.
         self._secagg: dict[tuple[int, int], Any] = {}
-        self._die_before_unmask: set[tuple[int, int]] = set()
         self._dual: DualEdge | None = None  # FedDPA-F's dual edge, built on first use
 
     def _question(self, i: int):
@@ -128,7 +117,6 @@ class ClientActor:
         weight_decay: float = 0.0,
         prox_mu: float = 0.0,
         seed: int = 0,
-        chaos: str | None = None,
         secagg: dict[str, Any] | None = None,
         objective: str = "lm",
         lm_weight: float = 0.0,
@@ -151,23 +139,9 @@ class ClientActor:
         term (quantised and masked here). ``secagg`` holds ``round``, ``shares`` (the routed
         ciphertexts for this client), ``strategy``, ``rank``, ``keys``, ``num_clients`` and
         ``frac_bits`` (see :func:`~fednano_ray.trust.secagg.client_masked_input`).
-
-        ``chaos`` (tests only) injects a fault: ``"die"`` kills the process, ``"stall"`` hangs,
-        ``"nan"`` returns a NaN tensor, ``"scale"`` returns the trained state times 1000,
-        ``"kill_trainer"`` kills the LLM trainer actor mid-training, with this client's second
-        split step (and whatever other clients have) in flight; ``"die_after_mask"`` (with
-        ``secagg``) uploads its masked input, then kills the process when asked to unmask.
         """
         if secagg is not None:
             session = self._secagg_session(secagg["round"], client_id)  # fail before training
-        if chaos == "die":
-            os._exit(1)  # a real crash: the process disappears mid-round
-        if chaos == "stall":
-            time.sleep(3600)
-        if chaos == "kill_trainer":
-            if not isinstance(self.server, RemoteServer):
-                raise ClientError("chaos 'kill_trainer' needs the LLMTrainer actor as the server")
-            self.server.kill_in = 1 if steps > 1 else 0
         if not indices:
             raise ClientError(f"client {client_id} has no training examples")
         t0 = time.perf_counter()
@@ -187,11 +161,6 @@ class ClientActor:
             if self._llm is not None:
                 self._llm.eval()
         metrics["fit_s"] = time.perf_counter() - t0
-        if chaos == "nan":  # a diverged or corrupted upload: the coordinator must reject it
-            first = next(iter(state))
-            state[first] = torch.full_like(state[first], float("nan"))
-        if chaos == "scale":  # a scaled-update (model replacement) attack
-            state = {k: v * 1000.0 for k, v in state.items()}
         if secagg is not None:
             from fednano_ray.strategies.base import ClientUpdate
             from fednano_ray.trust.secagg import client_masked_input
@@ -202,8 +171,6 @@ class ClientActor:
                 rank=secagg["rank"], keys=secagg["keys"], num_clients=secagg["num_clients"],
                 frac_bits=secagg["frac_bits"],
             )
-            if chaos == "die_after_mask":
-                self._die_before_unmask.add((secagg["round"], client_id))
             return {
                 "client_id": client_id, "masked": masked, "metrics": metrics, "rank": self.rank,
                 "node_id": self.node_id(), "optimizer_state": opt_state,
@@ -237,7 +204,6 @@ class ClientActor:
 
         for key in [k for k in self._secagg if k[0] < rnd]:  # sessions of rounds that are over
             del self._secagg[key]
-        self._die_before_unmask = {k for k in self._die_before_unmask if k[0] >= rnd}
         client = SecAggClient(index, session)
         self._secagg[(rnd, client_id)] = client
         return client.advertise_keys()
@@ -251,8 +217,6 @@ class ClientActor:
     def secagg_unmask(self, rnd: int, client_id: int, survivors: list[int], dropped: list[int]) -> dict[str, dict[int, int]]:
         """Round 3: this client's shares of the survivors' self-mask seeds and the dropped
         clients' mask keys; the round's protocol state is then discarded."""
-        if (rnd, client_id) in self._die_before_unmask:
-            os._exit(1)  # chaos "die_after_mask": gone after uploading, before unmasking
         response = self._secagg_session(rnd, client_id).unmask(survivors, dropped)
         del self._secagg[(rnd, client_id)]
         return response

@@ -82,9 +82,6 @@ class Coordinator:
         run_dir: where config.yaml, results.json and checkpoints go.
         resume: continue from the newest checkpoint in ``run_dir``.
         actor_classes: ``{"client": ray.remote(ClientActor), "trainer": ray.remote(LLMTrainer)}``.
-        chaos: test hook ``{(round, client_id): "die" | "stall" | "nan" | "scale" | "kill_trainer"}``
-            injecting real faults (a crash, a hang, a NaN update, a 1000x-scaled update, the LLM
-            trainer killed with split steps in flight: see ``ClientActor.fit``).
     """
 
     def __init__(
@@ -94,7 +91,6 @@ class Coordinator:
         *,
         resume: bool = False,
         actor_classes: dict[str, Any],
-        chaos: dict[tuple[int, int], str] | None = None,
     ) -> None:
         import ray
 
@@ -149,7 +145,7 @@ class Coordinator:
                 "reproducibility": REPRODUCIBILITY,
             },
             coordinator_node=ray.get_runtime_context().get_node_id(),
-            chaos=chaos, trainer_incarnation=self._trainer_incarnation,
+            trainer_incarnation=self._trainer_incarnation,
         )
         if resume:
             self.federation.restore()

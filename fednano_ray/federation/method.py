@@ -213,8 +213,8 @@ def resolve_options(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
         problems = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"])
-            msg = f"unknown option (valid for {name}: {', '.join(valid) or 'none'})" if e["type"] == "extra_forbidden" else e["msg"]
-            problems.append(f"federation.strategy_options.{key}: {msg}")
+            why = f"unknown option (valid for {name}: {', '.join(valid) or 'none'})" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"federation.strategy_options.{key}: {why}")
         raise ValueError("; ".join(problems)) from None
     if spec.check is not None and (msg := spec.check(options)):
         raise ValueError(msg)

@@ -115,7 +115,6 @@ class Federation:
         accounting: the run's storage and traffic accounting (for results.json).
         runtime: what results.json says about where and how the run ran.
         coordinator_node: the node the coordinator runs on (results.json), or None.
-        chaos: test hook ``{(round, client): fault}`` passed to ``ClientActor.fit``.
         trainer_incarnation: which start of the LLM trainer serves now (None without one).
     """
 
@@ -134,7 +133,6 @@ class Federation:
         accounting: dict[str, Any],
         runtime: dict[str, Any] | None = None,
         coordinator_node: str | None = None,
-        chaos: dict[tuple[int, int], str] | None = None,
         trainer_incarnation: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.cfg, self.method, self.strategy, self.trust = cfg, method, strategy, trust
@@ -142,7 +140,6 @@ class Federation:
         self.run_dir = Path(run_dir)
         self.accounting, self.runtime = accounting, runtime if runtime is not None else {}
         self.coordinator_node = coordinator_node
-        self.chaos = chaos or {}
         self.trainer_incarnation = trainer_incarnation
         self.global_state: State = initial_state
         self.initial_state: State = {k: v.clone() for k, v in initial_state.items()}
@@ -163,7 +160,7 @@ class Federation:
         return {
             "steps": steps, "batch_size": batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
             "prox_mu": self.strategy.proximal_mu, "seed": round_seed(fed.seed, rnd, c),
-            "chaos": self.chaos.get((rnd, c)), "objective": t.objective, "lm_weight": t.lm_weight,
+            "objective": t.objective, "lm_weight": t.lm_weight,
             "optimizer_state": self.optimizer_states.get(c), **self._fisher_kwargs(),
         }
 
@@ -488,18 +485,21 @@ class Federation:
         failures: list[dict[str, str]] = []
         # One deadline for the whole phase, as for the fit: k unreachable clients cost one deadline.
         deadline = time.monotonic() + cfg.federation.deadline_s
+        def scorer(actor: Any, state: State, split: str, idx: list[int], dual: dict[str, Any] | None):
+            """Submits (and, through an actor restart, re-submits) one evaluation call."""
+            return lambda: self.transport.submit(actor, "evaluate", state, split, idx, bs, dual=dual)
+
         submits = {}
         for c in range(n):  # submit everything first: the actors evaluate in parallel
             state, dual = (self.initial_state, None) if initial else self._eval_model(c)
-            state = truncate_to_rank(state, self._rank(c))
-            idx = self.data.client_test[c]
-            fn = lambda c=c, state=state, idx=idx, dual=dual: self.transport.submit(
-                self.placement.actor_for(c), "evaluate", state, "train", idx, bs, dual=dual)
+            fn = scorer(self.placement.actor_for(c), truncate_to_rank(state, self._rank(c)), "train",
+                        self.data.client_test[c], dual)
             submits[c] = (fn, fn())
         # The global test split is scored with the pretrained adapters (initial), the global adapters,
         # or, for methods without a global model, every client's own adapters (then averaged), each
         # by an actor of that client's own tier: a rank-r client's state does not fit a larger rank.
         # A state that cannot be scored is an eval failure; global_test_states_scored counts the rest.
+        states: list[tuple[int | None, State, dict[str, Any] | None, Any]]
         if initial:
             states = [(None, self.initial_state, None, self.placement.top_actor)]
         elif self.method.personal_only or personal:
@@ -508,11 +508,10 @@ class Federation:
             states = [(None, self.global_state, None, self.placement.top_actor)]
         everything = list(range(len(self.data.test)))
         test_subs = []
-        for c, s, dual, actor in states:  # submit all, then collect: the actors score in parallel
-            fn = lambda s=s, actor=actor, dual=dual: self.transport.submit(
-                actor, "evaluate", s, "test", everything, bs, dual=dual)
-            what = "global test" if c is None else f"global test, client {c}'s adapters"
-            test_subs.append((fn, fn(), what, c))
+        for who, s, dual, actor in states:  # submit all, then collect: the actors score in parallel
+            fn = scorer(actor, s, "test", everything, dual)
+            what = "global test" if who is None else f"global test, client {who}'s adapters"
+            test_subs.append((fn, fn(), what, who))
         per_client = {}
         for c, (fn, call) in submits.items():
             res = self._get_eval(fn, f"client {c}", failures, deadline, call=call)
@@ -662,7 +661,7 @@ class Federation:
                     train_weight=self.method.options["train_weight"], bank_size=self.method.bank_size,
                 )
             else:
-                kw.update(optimizer_state=None, chaos=None, prox_mu=0.0, fisher="trajectory", fisher_normalize=False)
+                kw.update(optimizer_state=None, prox_mu=0.0, fisher="trajectory", fisher_normalize=False)
                 call = self.transport.submit(actor, "fit", c, self.data.client_train[c], global_ref, **kw)
             calls[call] = c
         reasons: dict[int, str] = {}

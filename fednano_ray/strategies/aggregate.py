@@ -135,6 +135,7 @@ def pad_to_rank(state: Mapping[str, Tensor], r: int) -> State:
                 "use truncate_to_rank to shrink"
             )
         dim = rank_dim(key)
+        assert dim is not None  # a tensor with a rank has a rank dim
         shape = list(tensor.shape)
         shape[dim] = r - rank
         zeros = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
@@ -171,7 +172,9 @@ def truncate_to_rank(state: Mapping[str, Tensor], r: int) -> State:
                 f"key {key!r} has rank {rank} < {r}: truncate_to_rank only shrinks; "
                 "use pad_to_rank to grow"
             )
-        out[key] = tensor.narrow(rank_dim(key), 0, r).contiguous()
+        dim = rank_dim(key)
+        assert dim is not None  # a tensor with a rank has a rank dim
+        out[key] = tensor.narrow(dim, 0, r).contiguous()
     return out
 
 

@@ -94,7 +94,7 @@ class Strategy(ABC):
     uses_fisher: ClassVar[bool] = False
     #: True if every client ends with a dual (global + local) adapter after the rounds (FedDPA-F).
     dual_adapter: ClassVar[bool] = False
-    rank_rule: ClassVar[str] = (
+    rank_rule: str = (
         "HetLoRA: zero-pad to the max rank of global and updates, truncate to own rank on receipt"
     )
 

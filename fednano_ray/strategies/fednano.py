@@ -80,7 +80,7 @@ class FedNano(Strategy):
             return fedavg([(u.state, u.num_examples) for u in updates], rank=rank)
         for u in updates:
             _check_fisher(u)
-        results = [(u.state, u.num_examples, u.fisher) for u in updates]
+        results = [(u.state, u.num_examples, u.fisher) for u in updates if u.fisher is not None]
         return fisher_merge(results, self.eps, rank=rank, fallback=pad_to_rank(global_state, rank))
 
     def sum_plan_updates(
@@ -100,6 +100,7 @@ class FedNano(Strategy):
         terms = []
         for u in updates:
             _check_fisher(u)
+            assert u.fisher is not None  # _check_fisher raised otherwise
             n = float(u.num_examples)
             parts: dict[str, State] = {"nF_theta": {}, "nF": {}, "n_theta": {}, "n": {}}
             for key, theta in u.state.items():

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from _chaos import chaos_client
 from safetensors.torch import load_file
 
 from fednano_ray.app import train
@@ -92,7 +93,7 @@ def test_faults_become_failures_and_the_rounds_go_on_until_the_quorum_fails(ray_
     ~40 s of this 2-core machine.)"""
     cfg = tiny("federation.mode=deployment", "federation.deadline_s=8", "federation.rounds=3", "trust.max_update_norm=10")
     chaos = {(0, 1): "die", (0, 0): "nan", (1, 2): "stall", (1, 3): "scale", (2, 0): "die", (2, 1): "nan", (2, 2): "die"}
-    res = train(cfg, tmp_path / "run", chaos=chaos, progress=False)
+    res = train(cfg, tmp_path / "run", client_class=chaos_client(cfg, chaos), progress=False)
 
     r0, r1, r2 = rundir.read_results(tmp_path / "run")["rounds"]
     reasons = [{f["client_id"]: f["reason"] for f in r["failures"]} for r in (r0, r1, r2)]
@@ -152,7 +153,7 @@ def test_llm_trainer_killed_mid_round_is_restarted_and_the_round_completes(tiny_
     in-flight calls (max_task_retries=-1): the round completes with every client, results.json
     records the restart, and the run ends with the adapters of an uninterrupted run (same seed)."""
     cfg = tiny()
-    train(cfg, tmp_path / "run", chaos={(0, 1): "kill_trainer"}, progress=False)
+    train(cfg, tmp_path / "run", client_class=chaos_client(cfg, {(0, 1): "kill_trainer"}), progress=False)
 
     r0, r1 = rundir.read_results(tmp_path / "run")["rounds"]
     assert r0["trainer_restarted"] is True and r1["trainer_restarted"] is False
@@ -330,9 +331,11 @@ def test_secure_aggregation_recovers_clients_that_die_after_key_sharing(ray_clus
     the paper's."""
     chaos = {(0, 1): "die", (1, 2): "die_after_mask"}
     cfg = ("federation.mode=deployment", "federation.strategy=fedavg", "adapter.kind=connector")
-    res = train(tiny(*cfg, "trust.secure_aggregation=true"), tmp_path / "sec", chaos=chaos, progress=False)
+    sec = tiny(*cfg, "trust.secure_aggregation=true")
+    res = train(sec, tmp_path / "sec", client_class=chaos_client(sec, chaos), progress=False)
     # The plain reference is cut after round 0 and resumed: --resume holds for this form too.
-    train(tiny(*cfg), tmp_path / "plain", chaos={(0, 1): "die"}, progress=False, stop_after_round=0)
+    dies = chaos_client(tiny(*cfg), {(0, 1): "die"})
+    train(tiny(*cfg), tmp_path / "plain", client_class=dies, progress=False, stop_after_round=0)
     train(tiny(*cfg), tmp_path / "plain", resume=True, progress=False)
 
     r0, r1 = res["rounds"]

@@ -53,7 +53,7 @@ class NaNClient(ClientActor):
     def fit(self, client_id, *args, **kwargs):
         out = super().fit(client_id, *args, **kwargs)
         if client_id == 1 and "state" in out:
-            key = sorted(out["state"])[0]
+            key = min(out["state"])
             out["state"][key] = torch.full_like(out["state"][key], math.nan)
         return out
 
