@@ -230,9 +230,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from fednano_ray.config import ServeConfig
     from fednano_ray.serve.app import serve_run
 
-    serve_run(args.run_dir, host=args.host, port=args.port, engine=args.engine, address=args.address)
+    # The run's serve section gives the defaults (a folder without config.yaml fails in serve_run, clearly).
+    path = rundir.config_path(args.run_dir)
+    section = rundir.read_config(args.run_dir).serve if path.is_file() else ServeConfig()
+    serve_run(args.run_dir, host=args.host or section.host, port=args.port or section.port,
+              engine=args.engine or section.engine, address=args.address)
     return 0
 
 
@@ -334,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="serve a run's personalised models over HTTP (Ray Serve)")
     v.add_argument("run_dir", help="a training run directory (--run-dir of `train`)")
-    v.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="generation engine of the frozen LLM")
-    v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--engine", choices=["vllm", "hf"], help="generation engine of the frozen LLM (default: the run's serve.engine, hf)")
+    v.add_argument("--host", help="bind address (default: the run's serve.host, 127.0.0.1: loopback only)")
+    v.add_argument("--port", type=int, help="HTTP port (default: the run's serve.port, 8000)")
     v.add_argument("--address", help="join an existing Ray cluster (auto or ray://host:port)")
     v.set_defaults(func=cmd_serve)
 

@@ -406,12 +406,21 @@ class TrainConfig(_Section):
 
 
 class ServeConfig(_Section):
-    """HTTP serving of the personalised models."""
+    """HTTP serving of the personalised models: ``fednano-ray serve RUN_DIR``'s defaults (its
+    --host, --port and --engine override them)."""
 
-    host: str = Field("127.0.0.1", description="Bind address.")
+    host: str = Field("127.0.0.1", description="Bind address (loopback only by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     engine: Literal["vllm", "hf"] = Field("hf", description="Generation engine of the frozen LLM.")
-    max_new_tokens: int = Field(16, ge=1, le=512, description="Default generation length.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unused(cls, data: Any) -> Any:
+        """serve.max_new_tokens was never read (each request sets its own): run directories that
+        still have it load without it."""
+        if isinstance(data, dict) and "max_new_tokens" in data:
+            data = {k: v for k, v in data.items() if k != "max_new_tokens"}
+        return data
 
 
 class DPConfig(_Section):

@@ -139,3 +139,51 @@ def test_personalisation_gives_every_client_its_own_adapters(tmp_path):
     assert fed.personalize() == {}  # idempotent (as under --resume)
     ckpt = rundir.read_checkpoint(rundir.latest_checkpoint(tmp_path))
     assert sorted(ckpt.client_states) == [0, 1, 2, 3]
+
+
+class _Killed(BaseException):
+    """Stands in for the process being killed (not an Exception: nothing may catch it)."""
+
+
+def test_a_run_killed_mid_round_or_mid_checkpoint_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    """Killed while round 1 trains, or while round 1's checkpoint is half written (its adapters on
+    disk, its state.json not): --resume starts again from round 0's checkpoint and ends with the
+    uninterrupted run's adapters."""
+    cfg = tiny("federation.strategy=fedavg")
+    full = _run(in_process(cfg, tmp_path / "full"))
+
+    class KillOnRound1(InProcess):
+        def submit(self, actor, method, *args, **kwargs):
+            if method == "fit" and kwargs.get("seed") == seeds[1]:
+                raise _Killed
+            return super().submit(actor, method, *args, **kwargs)
+
+    from fednano_ray.federation.rounds import round_seed
+
+    seeds = {r: round_seed(cfg.federation.seed, r, 2) for r in (0, 1)}
+    mid_round = in_process(cfg, tmp_path / "mid-round", transport=KillOnRound1())
+    with pytest.raises(_Killed):
+        _run(mid_round)
+
+    mid_write = in_process(cfg, tmp_path / "mid-write")
+    real = rundir._save_tensors
+
+    def dies_after_the_adapters(path, tensors):
+        real(path, tensors)
+        if path.parent.name == "round_0001":
+            raise _Killed
+
+    monkeypatch.setattr(rundir, "_save_tensors", dies_after_the_adapters)
+    with pytest.raises(_Killed):
+        _run(mid_write)
+    monkeypatch.setattr(rundir, "_save_tensors", real)
+    assert (tmp_path / "mid-write" / "checkpoints" / "round_0001" / rundir.ADAPTERS).exists()
+
+    for name in ("mid-round", "mid-write"):
+        assert [p.name for p in rundir.list_checkpoints(tmp_path / name)] == ["round_0000"], name
+        resumed = in_process(cfg, tmp_path / name)
+        assert resumed.restore() and resumed.next_round == 1
+        _run(resumed)
+        for k, v in full.global_state.items():
+            assert torch.equal(resumed.global_state[k], v), (name, k)
+        assert not list((tmp_path / name).rglob("*.tmp")), name
