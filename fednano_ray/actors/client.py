@@ -138,7 +138,7 @@ class ClientActor:
         example count: only ``masked``, the ``uint64`` SecAgg input ``y_u`` of its own sum-plan
         term (quantised and masked here). ``secagg`` holds ``round``, ``shares`` (the routed
         ciphertexts for this client), ``strategy``, ``rank``, ``keys``, ``num_clients`` and
-        ``frac_bits`` (see :func:`~fednano_ray.trust.secagg.client_masked_input`).
+        ``frac_bits`` (see :func:`~fednano_ray.trust.secagg_plan.client_masked_input`).
         """
         if secagg is not None:
             session = self._secagg_session(secagg["round"], client_id)  # fail before training
@@ -163,7 +163,7 @@ class ClientActor:
         metrics["fit_s"] = time.perf_counter() - t0
         if secagg is not None:
             from fednano_ray.strategies.base import ClientUpdate
-            from fednano_ray.trust.secagg import client_masked_input
+            from fednano_ray.trust.secagg_plan import client_masked_input
 
             update = ClientUpdate(str(client_id), state, len(indices), fisher, metrics)
             masked = client_masked_input(

@@ -358,9 +358,8 @@ class Federation:
             SecAggError,
             SecAggServer,
             default_threshold,
-            protocol_info,
-            sum_template,
         )
+        from fednano_ray.trust.secagg_plan import protocol_info, sum_template
 
         frac_bits = DEFAULT_FRAC_BITS
         session = b"fednano round %d" % rnd

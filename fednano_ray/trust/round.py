@@ -69,28 +69,25 @@ class TrustPolicy:
             global_state, updates, failures: As :meth:`Strategy.aggregate`.
             history: The records of the rounds before this one (to count DP releases on resume).
 
-        With ``trust.secure_aggregation`` this runs every SecAgg party in this process on plaintext
-        updates (:func:`~fednano_ray.trust.secagg.secure_aggregate`); the coordinator of a
-        federated run does not come here then: its client actors mask their own terms
-        (``Coordinator._secure_round``), and it uses :meth:`dp_extras` for the record.
+        This is the plain uplink's aggregation: under ``trust.secure_aggregation`` no update reaches
+        the coordinator; its SecAgg uplink (``Federation._secure_uplink``) finishes the masked sum
+        and uses :meth:`dp_extras` for the record.
 
         Returns:
-            ``(state, extras)``; ``extras`` may hold ``secure_aggregation`` (the protocol's run)
-            and ``dp_epsilon`` / ``dp_delta`` / ``dp_noise_std`` / ``dp_releases``.
-        """
-        strategy.begin_round(rnd)
-        extras: dict[str, Any] = {}
-        if self.trust.secure_aggregation:
-            from fednano_ray.trust.secagg import secure_aggregate
+            ``(state, extras)``; ``extras`` may hold ``dp_epsilon`` / ``dp_delta`` /
+            ``dp_noise_std`` / ``dp_releases``.
 
-            state, info = secure_aggregate(
-                strategy, global_state, updates, failures, session=b"round %d" % rnd
+        Raises:
+            ValueError: under ``trust.secure_aggregation``: the updates would be in the clear here.
+        """
+        if self.trust.secure_aggregation:
+            raise ValueError(
+                "trust.secure_aggregation: the clients mask their own terms and the round finishes "
+                "the masked sum (Federation's SecAgg uplink); plain updates must not be aggregated"
             )
-            extras["secure_aggregation"] = info
-        else:
-            state = strategy.aggregate(global_state, updates, failures)
-        extras.update(self.dp_extras(len(updates) + len(failures), history))
-        return state, extras
+        strategy.begin_round(rnd)
+        state = strategy.aggregate(global_state, updates, failures)
+        return state, self.dp_extras(len(updates) + len(failures), history)
 
     def dp_extras(self, num_sampled: int, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """The round record's DP figures for a release among ``num_sampled`` clients (empty

@@ -28,51 +28,42 @@ the sum is exact in the ring and the only error is rounding, at most ``n · 2^-(
 coordinate. The decoded sum must stay below ``2^(63 − frac_bits)`` in magnitude: each client's
 values are checked against ``2^(63 − frac_bits) / n``.
 
-:func:`secure_sum` runs the whole protocol among in-process clients; :func:`secure_aggregate` uses
-it for any strategy that can aggregate from sums (:meth:`~.base.Strategy.sum_plan`), running
-every party inside one process on plaintext updates (a simulation of the message flow and cost).
-In a federated run (``trust.secure_aggregation``) the parties are separate: each client actor
-keeps its own :class:`SecAggClient` and masks its own sum-plan term (:func:`client_masked_input`),
-and the coordinator only relays keys and encrypted shares, receives masked vectors and turns the
-unmasked sum into the new global state (:func:`sum_template`, :meth:`SumTemplate.finish_ring`).
+:func:`secure_sum` runs the whole protocol among in-process parties on plain vectors. What a
+strategy sums and how a client masks its own term is :mod:`fednano_ray.trust.secagg_plan`: in a
+federated run (``trust.secure_aggregation``) each client keeps its own :class:`SecAggClient` and
+masks its own sum-plan term, and the coordinator only relays keys and encrypted shares, receives
+masked vectors and turns the unmasked sum into the new global state.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from torch import Tensor
 
 __all__ = [
+    "DEFAULT_FRAC_BITS",
     "PRIME",
     "SecAggClient",
     "SecAggError",
     "SecAggResult",
     "SecAggServer",
-    "SumTemplate",
-    "client_masked_input",
-    "client_term_vector",
     "default_threshold",
     "dequantize",
     "prg",
-    "protocol_info",
     "quantize",
-    "secure_aggregate",
     "secure_sum",
     "shamir_reconstruct",
     "shamir_split",
-    "sum_template",
 ]
 
 #: What every party of this repository's protocol runs uses (the ring resolution).
@@ -517,201 +508,3 @@ def secure_sum(
         threshold=t,
         masked={u - 1: y for u, y in server.masked.items()},
     )
-
-
-def _flatten(term: Mapping[str, Tensor], keys: Sequence[str]) -> np.ndarray:
-    return np.concatenate([term[k].detach().to(torch.float64).reshape(-1).numpy() for k in keys])
-
-
-def _unflatten(
-    flat: np.ndarray, like: Mapping[str, Tensor], keys: Sequence[str]
-) -> dict[str, Tensor]:
-    out, offset = {}, 0
-    for k in keys:
-        size = like[k].numel()
-        out[k] = torch.from_numpy(flat[offset : offset + size].copy()).reshape(like[k].shape)
-        offset += size
-    return out
-
-
-def secure_aggregate(
-    strategy,
-    global_state: dict[str, Tensor],
-    updates: Sequence,
-    failures: Sequence = (),
-    *,
-    frac_bits: int = DEFAULT_FRAC_BITS,
-    threshold: int | None = None,
-    drop_before_upload: Iterable[int] = (),
-    drop_before_unmask: Iterable[int] = (),
-    session: bytes = b"",
-) -> tuple[dict[str, Tensor], dict[str, object]]:
-    """Aggregate a round with ``strategy`` while the server sees only the sum of masked terms.
-
-    Each update's term of :meth:`~fednano_ray.strategies.base.Strategy.sum_plan` (computed on the
-    client's side of the protocol) is flattened, summed with :func:`secure_sum`, and turned into
-    the new global state by the plan's ``finish``.
-
-    Args:
-        strategy: A strategy whose rule is a function of sums (mean, clip, DP-FedAvg, FedNano).
-        global_state, updates, failures: As :meth:`~fednano_ray.strategies.base.Strategy.aggregate`.
-        frac_bits, threshold, drop_before_upload, drop_before_unmask, session: As :func:`secure_sum`
-            (drops are positions in ``updates``).
-
-    Returns:
-        ``(new_global_state, info)``: ``info`` describes the run of the protocol for the round
-        record (clients, threshold, dropouts, vector length, masked bytes uploaded).
-
-    Raises:
-        NotImplementedError: If the strategy cannot aggregate from sums (median, trimmed mean).
-        ValueError, SecAggError: As :func:`secure_sum`.
-    """
-    terms, finish = strategy.sum_plan(global_state, updates, failures)
-    keys = sorted(terms[0])
-    result = secure_sum(
-        [_flatten(term, keys) for term in terms],
-        frac_bits=frac_bits,
-        threshold=threshold,
-        drop_before_upload=drop_before_upload,
-        drop_before_unmask=drop_before_unmask,
-        session=session,
-    )
-    state = finish(_unflatten(result.total, terms[0], keys))
-
-    def ids(positions: Iterable[int]) -> list[str]:
-        return [str(updates[i].client_id) for i in positions]
-
-    info = protocol_info(
-        clients=len(terms),
-        threshold=result.threshold,
-        summed=ids(result.survivors),
-        dropped_before_upload=ids(result.dropped),
-        dropped_before_unmask=ids(result.silent),
-        vector_length=int(result.total.size),
-        frac_bits=frac_bits,
-        num_masked=len(result.masked),
-    )
-    return state, info
-
-
-def protocol_info(
-    *,
-    clients: int,
-    threshold: int,
-    summed: Iterable[str],
-    dropped_before_upload: Iterable[str],
-    dropped_before_unmask: Iterable[str],
-    vector_length: int,
-    frac_bits: int,
-    num_masked: int,
-) -> dict[str, object]:
-    """The round record's description of one run of the protocol (client ids as strings)."""
-
-    def order(names: Iterable[str]) -> list[str]:
-        return sorted(names, key=lambda name: (len(name), name))  # "2" before "10"
-
-    summed = order(summed)
-    return {
-        "protocol": "SecAgg (Bonawitz et al. 2017), semi-honest, X25519 + AES-CTR masks in Z_2^64",
-        "clients": clients,
-        "threshold": threshold,
-        "summed": summed,
-        "dropped_before_upload": order(dropped_before_upload),
-        "dropped_before_unmask": order(dropped_before_unmask),
-        "vector_length": vector_length,
-        "frac_bits": frac_bits,
-        "masked_bytes_up": vector_length * RING_BITS // 8 * num_masked,
-        "max_rounding_error": len(summed) * 2.0 ** -(frac_bits + 1),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# The protocol between separate parties (client actors and the coordinator)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SumTemplate:
-    """The server's view of a round's sum plan, built without any client's update.
-
-    Attributes:
-        keys: The term keys, in the order every client flattens them.
-        like: ``{key: zero tensor}`` with each term's shape (to unflatten the sum).
-        finish: The strategy's function of the sums (the plan's ``finish``).
-        rank: The rank every client pads its term to.
-    """
-
-    keys: list[str]
-    like: dict[str, Tensor] = field(repr=False)
-    finish: Callable[[dict[str, Tensor]], dict[str, Tensor]] = field(repr=False)
-    rank: int = 0
-
-    @property
-    def length(self) -> int:
-        """The length of each client's flattened term."""
-        return sum(self.like[k].numel() for k in self.keys)
-
-    def finish_ring(self, total: np.ndarray, frac_bits: int) -> dict[str, Tensor]:
-        """The new global state from the unmasked sum in ``Z_{2^64}`` (:meth:`SecAggServer.unmask`)."""
-        return self.finish(_unflatten(dequantize(total, frac_bits), self.like, self.keys))
-
-
-def sum_template(strategy, global_state: dict[str, Tensor], num_sampled: int) -> SumTemplate:
-    """The coordinator's side of :meth:`~.base.Strategy.sum_plan`, from the global state alone.
-
-    The plan is made for one stand-in update (the global state padded to the max rank, unit
-    Fisher, one example) plus ``num_sampled − 1`` stand-in failures, so strategies that count the
-    sampled clients (DP-FedAvg's denominator) see the round's number. Only the plan's keys, shapes
-    and ``finish`` are kept: ``finish`` depends on the global state and strategy, not on the terms.
-    """
-    from fednano_ray.strategies.aggregate import max_rank, pad_to_rank
-    from fednano_ray.strategies.base import ClientFailure, ClientUpdate
-
-    rank = max_rank([global_state])
-    state = pad_to_rank(global_state, rank)
-    stand_in = ClientUpdate(
-        "template", state, 1, {k: torch.ones_like(v) for k, v in state.items()}, {}
-    )
-    stand_ins = [ClientFailure("template", "stand-in")] * max(0, num_sampled - 1)
-    terms, finish = strategy.sum_plan(global_state, [stand_in], stand_ins)
-    keys = sorted(terms[0])
-    like = {k: torch.zeros_like(terms[0][k]) for k in keys}
-    return SumTemplate(keys=keys, like=like, finish=finish, rank=rank)
-
-
-def client_term_vector(
-    strategy, global_state: dict[str, Tensor], update, rank: int, keys: Sequence[str]
-) -> np.ndarray:
-    """A client's own flattened sum-plan term at ``rank`` (what it masks).
-
-    Raises:
-        ValueError: If the update does not fit the global state, or its term's keys differ from
-            ``keys`` (the coordinator's :class:`SumTemplate`), e.g. a FedNano update without Fisher.
-    """
-    from fednano_ray.strategies.base import _check_against_global
-
-    _check_against_global(global_state, update)
-    terms, _ = strategy.sum_plan_updates(global_state, [update], rank)
-    if sorted(terms[0]) != list(keys):
-        raise ValueError(
-            f"client {update.client_id!r}: its sum-plan term has keys {sorted(terms[0])}, the "
-            f"round's plan has {list(keys)}"
-        )
-    return _flatten(terms[0], keys)
-
-
-def client_masked_input(
-    client: SecAggClient,
-    strategy,
-    global_state: dict[str, Tensor],
-    update,
-    *,
-    shares: Mapping[int, bytes],
-    rank: int,
-    keys: Sequence[str],
-    num_clients: int,
-    frac_bits: int = DEFAULT_FRAC_BITS,
-) -> np.ndarray:
-    """Round 2 on the client: quantise its own sum-plan term and mask it (``uint64``)."""
-    vector = client_term_vector(strategy, global_state, update, rank, keys)
-    return client.masked_input(quantize(vector, frac_bits, num_clients), shares)

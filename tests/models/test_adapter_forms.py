@@ -143,7 +143,7 @@ def test_fisher_merging_secagg_and_dp_of_mixed_rank_clients_for_each_form(tiny, 
         load_adapter_state(edge.adapters, merged)
     # SecAgg's fixed-point sums give the same merge; DP-FedAvg clips and noises every tensor of the form.
     from fednano_ray.strategies import DPFedAvg
-    from fednano_ray.trust.secagg import secure_aggregate
+    from fednano_ray.trust.secagg_plan import secure_aggregate
 
     secure, _ = secure_aggregate(FedNano(), global_state, updates)
     for k, v in merged.items():

@@ -22,17 +22,15 @@ from fednano_ray.trust.secagg import (
     SecAggClient,
     SecAggError,
     SecAggServer,
-    client_masked_input,
     default_threshold,
     dequantize,
     prg,
     quantize,
-    secure_aggregate,
     secure_sum,
     shamir_reconstruct,
     shamir_split,
-    sum_template,
 )
+from fednano_ray.trust.secagg_plan import client_masked_input, secure_aggregate, sum_template
 
 FRAC = 32
 QUANTUM = 2.0**-FRAC
@@ -241,12 +239,13 @@ def test_fisher_merging_survives_a_dropout_after_masking() -> None:
     assert_states_close(state, expected, atol=1e-5)
 
 
-def test_fednano_without_fisher_falls_back_to_fedavg_under_secure_aggregation() -> None:
+def test_fednano_without_fisher_is_refused_under_secure_aggregation() -> None:
+    """The round's plan (built from the global state alone) has FedNano's Fisher terms, so a
+    client without a Fisher cannot mask a term that fits it: an error naming the client, as on the
+    actors (the plain rule falls back to FedAvg instead, with a warning)."""
     glob, updates = het_round(fisher=False)
-    strategy = FedNano()
-    state, _ = secure_aggregate(strategy, glob, updates)
-    assert_states_close(state, FedAvg().aggregate(glob, updates, []), atol=1e-6)
-    assert strategy.warnings and "FedAvg" in strategy.warnings[0]
+    with pytest.raises(ValueError, match=r"client '0': its sum-plan term has keys"):
+        secure_aggregate(FedNano(), glob, updates)
 
 
 def test_clipping_and_dp_under_secure_aggregation_match_the_plain_rules() -> None:

@@ -158,8 +158,11 @@ def small_round():
 
 
 def test_policy_records_secure_aggregation_and_the_epsilon_spent_per_round() -> None:
-    """DP + SecAgg through TrustPolicy.aggregate: each round's extras carry the protocol's run and
-    the cumulative ε (from dp-accounting at q = 4/4); the summary reports the final ε."""
+    """DP + SecAgg: the policy refuses to aggregate plain updates (under SecAgg none may reach the
+    coordinator); the SecAgg uplink's record gets dp_extras, the cumulative ε (from dp-accounting
+    at q = 4/4), and the summary reports the final ε."""
+    from fednano_ray.trust.secagg_plan import secure_aggregate
+
     cfg = load_config(
         TINY,
         [
@@ -172,11 +175,14 @@ def test_policy_records_secure_aggregation_and_the_epsilon_spent_per_round() -> 
     policy = TrustPolicy(cfg)
     strategy = cfg.method().build_strategy()
     glob, updates = small_round()
+    with pytest.raises(ValueError, match="secure_aggregation"):
+        policy.aggregate(strategy, 0, glob, updates, [], [])
     history: list[dict] = []
     for rnd in range(3):
-        state, extras = policy.aggregate(strategy, rnd, glob, updates, [], history)
+        strategy.begin_round(rnd)
+        state, info = secure_aggregate(strategy, glob, updates, session=b"round %d" % rnd)
         assert state.keys() == glob.keys()
-        history.append({"round": rnd, "failures": [], **extras})
+        history.append({"round": rnd, "failures": [], "secure_aggregation": info, **policy.dp_extras(4, history)})
     eps = [h["dp_epsilon"] for h in history]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(dp_epsilon(1.0, 1.0, 3, 1e-5, "rdp"))
     assert [h["dp_releases"] for h in history] == [1, 2, 3]
