@@ -376,29 +376,3 @@ def test_server_lr_scales_the_rounds_move_of_the_global_adapters(tiny_run, tmp_p
     on_disk = rundir.read_results(tmp_path / "slr")
     assert on_disk["config"]["federation"]["server_lr"] == 2.0
 
-
-def test_fedavgm_keeps_its_server_momentum_across_a_resume(ray_cluster, tmp_path):
-    """fedavgm (FedAvg with server momentum β = 0.5): round 0's velocity is its move from the init,
-    round 1 moves by that round's velocity (checkpointed as the strategy's state), and a run cut
-    after round 0 and resumed restores the velocity and ends with the uninterrupted run's adapters
-    (without it, round 1 would miss β v_0, which is not 0)."""
-    from fednano_ray.models.adapter import adapter_state
-    from fednano_ray.models.build import build_mllm
-
-    cfg = tiny("federation.strategy=fedavgm", "federation.strategy_options.momentum=0.5")
-    full = train(cfg, tmp_path / "full", progress=False)
-    assert full["strategy"]["server_momentum"] == 0.5
-    train(cfg, tmp_path / "cut", progress=False, stop_after_round=0)
-    train(cfg, tmp_path / "cut", resume=True, progress=False)
-    edge, _ = build_mllm(cfg.model).split(cfg.adapter, r=max(cfg.tier_rank(t) for t in cfg.tiers),
-                                          seed=cfg.federation.seed)
-    init = adapter_state(edge.adapters)
-    g0, g1 = _adapters(tmp_path / "full", 0), _adapters(tmp_path / "full", 1)
-    v0, v1 = (rundir.read_checkpoint(rundir.round_dir(tmp_path / "full", r)).strategy_state for r in (0, 1))
-    for k in init:
-        torch.testing.assert_close(v0[f"velocity.{k}"], g0[k] - init[k])
-        torch.testing.assert_close(v1[f"velocity.{k}"], g1[k] - g0[k])
-    assert any(float(v.abs().sum()) > 0 for v in v0.values())
-    resumed = _adapters(tmp_path / "cut", 1)
-    for k in g1:
-        assert torch.equal(resumed[k], g1[k]), k

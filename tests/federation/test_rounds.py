@@ -127,6 +127,14 @@ def test_resume_from_the_checkpoint_continues_exactly(tmp_path):
     for k, v in full.global_state.items():
         assert torch.equal(resumed.global_state[k], v), k
     assert [r["loss"] for r in resumed.rounds] == [r["loss"] for r in full.rounds]
+    # The checkpointed velocity: round 0's is its move from the init, round 1's its move from round
+    # 0; round 0's is not zero, so a resume that lost it would have ended elsewhere.
+    g0, g1 = (rundir.read_checkpoint(rundir.round_dir(tmp_path / "full", r)) for r in (0, 1))
+    for k, init in full.initial_state.items():
+        torch.testing.assert_close(g0.strategy_state[f"velocity.{k}"], g0.global_state[k] - init)
+        torch.testing.assert_close(g1.strategy_state[f"velocity.{k}"], g1.global_state[k] - g0.global_state[k])
+    assert any(float(v.abs().sum()) > 0 for v in g0.strategy_state.values())
+    assert full.results()["strategy"]["server_momentum"] == 0.5
 
 
 def test_personalisation_gives_every_client_its_own_adapters(tmp_path):
