@@ -376,3 +376,34 @@ def test_server_lr_scales_the_rounds_move_of_the_global_adapters(tiny_run, tmp_p
     on_disk = rundir.read_results(tmp_path / "slr")
     assert on_disk["config"]["federation"]["server_lr"] == 2.0
 
+
+
+def test_grid_runs_a_real_cell_on_the_cluster_and_reports_it(ray_cluster, tmp_path):
+    """`fednano-ray grid SPEC --address ADDR`: one real tiny cell trains on the running cluster (a
+    `train` subprocess), its results.json is finished, the report is written, and a second call
+    finds the cell finished and runs nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    cluster, _ = ray_cluster
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": str(Path("examples/tiny.yaml").resolve()), "seeds": [0],
+        "runs_dir": str(tmp_path / "runs"),
+        "groups": {"one": {"set": ["federation.rounds=1", "federation.strategy=fedavg"]}},
+    }))
+    cmd = [sys.executable, "-m", "fednano_ray", "grid", str(spec), "--address", cluster.address]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    (cell,) = [p for p in (tmp_path / "runs").iterdir() if (p / rundir.RESULTS).exists()]
+    results = rundir.read_results(cell)
+    assert results["summary"]["rounds"] == 1 and results["summary"]["strategy"] == "fedavg"
+    assert "Started a local Ray instance" not in (cell / rundir.GRID_LOG).read_text()  # it joined
+    assert (tmp_path / "runs" / "report" / rundir.REPORT).is_file()
+    again = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "1 finished" in again.stdout, again.stdout[-2000:]
