@@ -82,3 +82,24 @@ def chaos_client(cfg, faults: dict[tuple[int, int], str]) -> type:
             return super().secagg_unmask(rnd, client_id, survivors, dropped)
 
     return ChaosClient
+
+
+def failing_transport(cfg, fail: set[tuple[int, int]]):
+    """An in-process transport (fednano_ray.federation.transport.InProcess) on which client ``c``'s
+    fit of round ``r`` crashes for every ``(r, c)`` in ``fail``, as a died actor's call would."""
+    from fednano_ray.federation.rounds import round_seed
+    from fednano_ray.federation.transport import InProcess
+
+    seeds = {round_seed(cfg.federation.seed, r, c): c for r, c in fail}
+
+    class Failing(InProcess):
+        def submit(self, actor, method, *args, **kwargs):
+            if method == "fit" and seeds.get(kwargs.get("seed")) == args[0]:
+                return super().submit(self, "_crash", method, args[0])
+            return super().submit(actor, method, *args, **kwargs)
+
+        @staticmethod
+        def _crash(method, client):
+            raise RuntimeError(f"injected: {method} of client {client} crashed")
+
+    return Failing()

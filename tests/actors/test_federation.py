@@ -325,18 +325,26 @@ def test_secure_aggregation_recovers_clients_that_die_after_key_sharing(ray_clus
     """Round 0: client 1 dies while training (after sharing keys): its pairwise masks are rebuilt
     from the others' shares and the sum is of clients 0, 2, 3. Round 1: client 2 uploads its masked
     input and dies before unmasking: its self-mask is rebuilt and its term stays in the sum. The
-    adapters equal a plain run in which client 1 dies in round 0 (cut after round 0 and resumed). Both
-    runs use adapter.kind=connector (LoRA inside the connector, whose vision tensors are (r, d_v) and
-    (h, r)): SecAgg's padded plan, HetLoRA ranks, fault handling and --resume hold for a form unlike
-    the paper's."""
+    adapters equal a plain run in which client 1 fails in round 0, run in process (the same round
+    code without Ray, cut after round 0 and resumed). Both runs use adapter.kind=connector (LoRA
+    inside the connector, whose vision tensors are (r, d_v) and (h, r)): SecAgg's padded plan,
+    HetLoRA ranks, fault handling and resume hold for a form unlike the paper's."""
+    from _chaos import failing_transport
+
+    from fednano_ray.federation.setup import in_process
+
     chaos = {(0, 1): "die", (1, 2): "die_after_mask"}
     cfg = ("federation.mode=deployment", "federation.strategy=fedavg", "adapter.kind=connector")
     sec = tiny(*cfg, "trust.secure_aggregation=true")
     res = train(sec, tmp_path / "sec", client_class=chaos_client(sec, chaos), progress=False)
-    # The plain reference is cut after round 0 and resumed: --resume holds for this form too.
-    dies = chaos_client(tiny(*cfg), {(0, 1): "die"})
-    train(tiny(*cfg), tmp_path / "plain", client_class=dies, progress=False, stop_after_round=0)
-    train(tiny(*cfg), tmp_path / "plain", resume=True, progress=False)
+    # The plain reference, in process, is cut after round 0 and resumed: resume holds for this form too.
+    plain = tiny(*cfg)
+    cut = in_process(plain, tmp_path / "plain", transport=failing_transport(plain, {(0, 1)}))
+    cut.begin()
+    cut.run_round(0)
+    ref = in_process(plain, tmp_path / "plain")
+    assert ref.restore() and ref.rounds[0]["completed"] == [0, 2, 3]
+    ref.run_round(1)
 
     r0, r1 = res["rounds"]
     assert r0["aggregated"] and r0["completed"] == [0, 2, 3]
