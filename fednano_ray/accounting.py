@@ -47,7 +47,6 @@ Counting rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,8 +59,6 @@ from fednano_ray.models.split import MLLMParts
 FLOAT32_BYTES = 4
 MASK_BYTES = 1  # attention mask sent as int8
 LABEL_BYTES = 4  # labels sent as int32
-
-LLAVA_15_7B_ID = "llava-hf/llava-1.5-7b-hf"
 
 _Tensors = dict[int, tuple[torch.Tensor, bool]]  # id -> (tensor, is_parameter)
 
@@ -315,167 +312,83 @@ def account(
 
 
 # ------------------------------------------------------------------------------------------------
-# From a config, without loading weights.
+# The run's accounting: one entry for results.json and fednano-ray inspect.
 # ------------------------------------------------------------------------------------------------
 
 
-def _dtype_name(dtype: Any) -> str | None:
-    if dtype is None:
-        return None
-    return str(dtype).removeprefix("torch.")
+def account_run(cfg: Any, mllm: Any, *, text_tokens: int = 40) -> dict[str, Any]:
+    """The accounting of a run: what ``results.json`` records and ``fednano-ray inspect`` prints.
 
-
-def _llava_parts_on_meta(config: Any) -> tuple[MLLMParts, int]:
-    """(parts, visual tokens per image) of a LLaVA config (dict or ``LlavaConfig``), on meta."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from fednano_ray.models.llava import num_image_tokens, parts_from_llava
-
-    cfg = LlavaConfig(**config) if isinstance(config, dict) else config
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
-    return parts_from_llava(model), num_image_tokens(cfg)
-
-
-def _hf_config(name_or_path: str) -> tuple[Any, str, str]:
-    """(LlavaConfig or dict, model name, checkpoint dtype name) for an ``hf`` model, no download.
-
-    Raises:
-        ValueError: when the checkpoint's config cannot be found locally.
-    """
-    from transformers import AutoConfig
-
-    from fednano_ray.models.llava import LLAVA_15_7B
-
-    path = Path(name_or_path).expanduser()
-    if (path / "config.json").is_file():
-        cfg = AutoConfig.from_pretrained(str(path))
-    elif name_or_path == LLAVA_15_7B_ID:
-        return dict(LLAVA_15_7B), name_or_path, "float16"  # published in float16
-    else:
-        try:  # a hub id already in the local Hugging Face cache: read its config, never download
-            cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"cannot account model.name_or_path={name_or_path!r} without downloading it: pass a local folder "
-                f"holding the checkpoint's config.json (or {LLAVA_15_7B_ID!r}, whose architecture is built in)"
-            ) from e
-    if getattr(cfg, "model_type", None) != "llava":
-        raise ValueError(
-            f"{name_or_path}: config.json describes a {getattr(cfg, 'model_type', '?')!r} model; "
-            "model.kind 'hf' needs a LlavaForConditionalGeneration checkpoint (model_type 'llava')"
-        )
-    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-    if dtype is None:
-        text = getattr(cfg, "text_config", None)
-        dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
-    return cfg, name_or_path, _dtype_name(dtype) or "float32"
-
-
-def _nano_parts_fast(grid: int) -> MLLMParts:
-    """The nano architecture on the meta device (shapes only); on CPU if meta fails."""
-    from fednano_ray.models.nano import nano_parts
-
-    try:
-        with torch.device("meta"):
-            parts, _ = nano_parts(pretrained=False, grid=grid)
-    except Exception:  # noqa: BLE001 - any meta-device incompatibility: build for real instead
-        parts, _ = nano_parts(pretrained=False, grid=grid)
-    return parts
-
-
-def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40) -> dict[str, Any]:
-    """Accounting (:func:`account`) of the model a :class:`~fednano_ray.config.Config` names, as JSON.
-
-    Nothing is downloaded or loaded unless ``pretrained``: ``tiny`` builds its small random model,
-    ``nano`` its architecture on the meta device, ``hf`` a LLaVA architecture on the meta device from
-    a local folder's ``config.json`` (or the built-in llava-1.5-7b config for its hub id). Bytes are at
-    the checkpoint's dtype (``dtype`` field): float16 for llava-1.5-7b, float32 for nano and tiny.
+    The headline figures (:func:`account`) are for the client of the largest tier rank (the one that
+    stores and sends the most); ``tiers`` lists every tier's adapters and split-step traffic. Frozen
+    bytes are at the checkpoint's dtype (``mllm.dtype``: float16 for llava-1.5-7b, float32 for nano and
+    tiny), the same whether ``mllm`` holds the weights or is built on the meta device.
 
     Args:
-        cfg: the run config; its adapter, first tier (batch size, local steps) and federation
-            (clients per round, strategy) are used.
-        pretrained: build the real model instead (:func:`fednano_ray.models.build.build_mllm`); same
-            figures, much slower.
+        cfg: the run config (:class:`~fednano_ray.config.Config`).
+        mllm: its model, :func:`fednano_ray.models.build.build_mllm` (any ``device``).
         text_tokens: text tokens per row assumed for the split-step traffic.
 
     Raises:
-        ValueError: for an ``hf`` model whose config is not available locally.
+        ValueError: under ``fedavg-lora``, when ``adapter.lora_target_modules`` fit no linear layer.
     """
-    m = cfg.model
-    dtype = "float32"
-    if pretrained:
-        from fednano_ray.models.build import build_mllm
-
-        mllm = build_mllm(m)
-        parts, n_img, name = mllm.parts, mllm.num_image_tokens, mllm.name
-        dtype = _dtype_name(parts.embed_tokens.weight.dtype) or dtype
-    elif m.kind == "tiny":
-        from fednano_ray.models.llava import build_tiny_llava, num_image_tokens, parts_from_llava
-
-        model, _ = build_tiny_llava(**m.tiny.model_dump())
-        parts, n_img, name = parts_from_llava(model), num_image_tokens(model.config), "tiny-llava"
-    elif m.kind == "nano":
-        parts, n_img = _nano_parts_fast(m.grid), m.grid**2
-        name = "nano (EfficientNet-Lite0 + SmolLM2-135M-Instruct)"
-    elif m.kind == "hf":
-        hf_cfg, name, dtype = _hf_config(str(m.name_or_path))
-        parts, n_img = _llava_parts_on_meta(hf_cfg)
-    else:  # pragma: no cover - the config validates kind
-        raise ValueError(f"unknown model.kind {m.kind!r}")
-
-    dtype_bytes = _dtype_size(getattr(torch, dtype)) if hasattr(torch, dtype) else None
+    parts, n_img, a = mllm.parts, mllm.num_image_tokens, cfg.adapter
+    strategy, method = cfg.federation.strategy, cfg.method()
+    dtype_bytes = _dtype_size(getattr(torch, mllm.dtype)) if hasattr(torch, mllm.dtype) else None
     tier = cfg.tiers[0]
     out = account(
         parts,
-        adapter_rank=cfg.adapter.r,
-        lora_alpha=cfg.adapter.lora_alpha,
-        modalities=cfg.adapter.modalities,
+        adapter_rank=max(cfg.tier_rank(t) for t in cfg.tiers),
+        lora_alpha=a.lora_alpha,
+        modalities=a.modalities,
         num_image_tokens=n_img,
         text_tokens=text_tokens,
         batch_size=tier.batch_size,
         clients_per_round=cfg.federation.clients_per_round,
-        strategy=cfg.federation.strategy,
+        strategy=strategy,
         dtype_bytes=dtype_bytes,
         local_steps=tier.local_steps,
-        lora_target_modules=cfg.adapter.lora_target_modules,
-        scaling=cfg.adapter.scaling,
-        form=cfg.adapter.kind,
-        bank_size=cfg.client_bank_size(),
+        lora_target_modules=a.lora_target_modules,
+        scaling=a.scaling,  # one scaling for every tier rank
+        form=a.kind,
+        bank_size=method.bank_size,
     )
-    d = out["hidden_size"]
-    seq = out["sequence_length"]
-    strategy = cfg.federation.strategy
     tiers = []
     for t in cfg.tiers:
         r = cfg.tier_rank(t)
-        up, down = step_activation_bytes(t.batch_size, seq, d, strategy=strategy)
+        up, down = step_activation_bytes(t.batch_size, out["sequence_length"], out["hidden_size"], strategy=strategy)
         trained = trained_param_count(
-            parts, r=r, strategy=strategy, modalities=cfg.adapter.modalities,
-            lora_target_modules=cfg.adapter.lora_target_modules, kind=cfg.adapter.kind, num_image_tokens=n_img,
+            parts, r=r, strategy=strategy, modalities=a.modalities, lora_target_modules=a.lora_target_modules,
+            kind=a.kind, num_image_tokens=n_img,
         )
-        tiers.append(
-            {
-                "name": t.name,
-                "clients": t.clients,
-                "adapter_rank": r,
-                "adapter_bytes": trained * FLOAT32_BYTES,
-                "batch_size": t.batch_size,
-                "local_steps": t.local_steps,
-                "step_bytes_up": up,
-                "step_bytes_down": down,
-            }
-        )
+        tiers.append({
+            "name": t.name, "clients": t.clients, "adapter_rank": r, "adapter_bytes": trained * FLOAT32_BYTES,
+            "batch_size": t.batch_size, "local_steps": t.local_steps, "step_bytes_up": up, "step_bytes_down": down,
+        })
+    return {
+        "model": mllm.name, "model_kind": cfg.model.kind, "dtype": mllm.dtype, "adapter_dtype": "float32",
+        **out, "tiers": tiers,
+    }
+
+
+def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40) -> dict[str, Any]:
+    """``fednano-ray inspect``: :func:`account_run` of the model a config names, plus the precision the
+    frozen LLM would compute in on this machine and the machine itself.
+
+    Nothing is downloaded or loaded unless ``pretrained``: the model is built on the meta device
+    (``build_mllm(cfg.model, device="meta")``; ``hf`` reads a local folder's ``config.json`` or the
+    built-in llava-1.5-7b config for its hub id). ``pretrained`` loads the weights: the same figures,
+    much slower.
+
+    Raises:
+        ValueError: for an ``hf`` model whose config is not available locally.
+    """
+    from fednano_ray.models.build import build_mllm
     from fednano_ray.precision import hardware_info
 
+    mllm = build_mllm(cfg.model, device=None if pretrained else "meta")
     return {
-        "model": name,
-        "model_kind": m.kind,
-        "dtype": dtype,
-        "adapter_dtype": "float32",
-        **out,
-        "tiers": tiers,
-        # What the frozen LLM would compute in on this machine (model.precision resolved here), and the machine.
-        "precision": m.runtime_precision().as_dict(),
+        **account_run(cfg, mllm, text_tokens=text_tokens),
+        "precision": cfg.model.runtime_precision().as_dict(),
         "hardware": hardware_info(),
     }

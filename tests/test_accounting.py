@@ -276,3 +276,45 @@ def test_llava_15_7b_on_meta():
     assert 1e-5 < out["adapter_fraction"] < 1e-4
     assert out["sequence_length"] == 576 + 40
     assert out["step_bytes_down"] == 8 * 616 * 4096 * 4
+
+
+# ------------------------------------------------------------------------------- one entry
+
+
+def test_results_json_and_inspect_give_the_same_accounting(tmp_path):
+    """The run (federation.setup.prepare_run, the real weights) and fednano-ray inspect (meta device)
+    go through one entry, account_run, so results.json and inspect agree on every figure."""
+    from fednano_ray.federation.setup import prepare_run
+
+    cfg = load_config("examples/tiny.yaml")  # two tiers, ranks 2 and 4
+    run = prepare_run(cfg).accounting
+    shown = inspect_config(cfg)
+    assert {k: v for k, v in shown.items() if k not in ("precision", "hardware")} == run
+    assert run["adapter_rank"] == 4 and [t["adapter_rank"] for t in run["tiers"]] == [2, 4]
+    assert run["tiers"][1]["adapter_bytes"] == run["adapter_bytes"] == 2 * run["tiers"][0]["adapter_bytes"]
+
+
+def test_build_mllm_on_meta_reads_no_weights_and_has_the_real_shapes():
+    from fednano_ray.models.build import build_mllm
+
+    cfg = load_config({"model": {"kind": "tiny"}}).model
+    meta, real = build_mllm(cfg, device="meta"), build_mllm(cfg)
+    assert {p.device.type for p in meta.parts.decoder.parameters()} == {"meta"}
+    assert [p.shape for p in meta.parts.decoder.parameters()] == [p.shape for p in real.parts.decoder.parameters()]
+    assert meta.num_image_tokens == real.num_image_tokens and meta.dtype == real.dtype == "float32"
+    with pytest.raises(ValueError, match="'meta'"):
+        build_mllm(cfg, device="cuda")
+
+
+def test_an_hf_checkpoint_is_accounted_at_its_published_dtype(tmp_path):
+    """A float16 checkpoint loads in float32 here; its bytes are counted at float16 all the same."""
+    from fednano_ray.models.build import build_mllm
+
+    model, _ = build_tiny_llava()
+    model.config.dtype = "float16"
+    model.config.save_pretrained(tmp_path)
+    mllm = build_mllm(load_config({"model": {"kind": "hf", "name_or_path": str(tmp_path)}}).model, device="meta")
+    out = inspect_config(load_config({"model": {"kind": "hf", "name_or_path": str(tmp_path)}}))
+    real = inspect_config(load_config({"model": {"kind": "tiny"}}))
+    assert mllm.dtype == out["dtype"] == "float16"
+    assert out["total_bytes"] * 2 == real["total_bytes"] and out["adapter_bytes"] == real["adapter_bytes"]

@@ -81,7 +81,9 @@ def test_inspect_tiny_json(cli):
     )
     assert 0 < out["client_storage_fraction"] < 1
     assert 0 < out["adapter_fraction"] < out["client_storage_fraction"]
-    assert out["adapter_params"] == 2 * 2 * 128 * 8  # vision + text, A and B, d=128, r=8
+    # vision + text, A and B, d=128, at the largest tier's rank (examples/tiny.yaml: ranks 2 and 4)
+    assert out["adapter_params"] == 2 * 2 * 128 * 4
+    assert [t["adapter_bytes"] for t in out["tiers"]] == [4 * 2 * 2 * 128 * r for r in (2, 4)]
     assert out["step_bytes_up"] > 0 and out["step_bytes_down"] > 0
     row_bytes = out["sequence_length"] * out["hidden_size"] * 4  # fp32 dL/dz' of one row
     assert out["step_bytes_down"] == out["batch_size"] * row_bytes

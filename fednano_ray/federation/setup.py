@@ -32,7 +32,8 @@ class PreparedRun:
         client_data: ``{"train": (features, questions), "test": (...)}``: the frozen encoder's
             features (computed once, cached on disk for real models) and each question as
             ``(text, choices, answer, category)``.
-        accounting: storage and traffic (:func:`fednano_ray.accounting.account`).
+        accounting: storage and traffic (:func:`fednano_ray.accounting.account_run`, the
+            figures ``fednano-ray inspect`` prints).
     """
 
     data: FederatedData
@@ -46,7 +47,7 @@ def prepare_run(cfg: Config) -> PreparedRun:
     Uses every core of this process while it runs (before any other actor exists)."""
     import torch
 
-    from fednano_ray.accounting import account
+    from fednano_ray.accounting import account_run
     from fednano_ray.features import cached_features, feature_key
     from fednano_ray.models.build import build_mllm
     from fednano_ray.models.pretrained import cache_dir
@@ -55,21 +56,13 @@ def prepare_run(cfg: Config) -> PreparedRun:
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        fed = cfg.federation
         data = prepare_data(cfg)
         mllm = build_mllm.__wrapped__(cfg.model)
         key = feature_key(cfg.model, mllm)
         cache = None if cfg.model.kind == "tiny" else cache_dir() / "features"
         train_f = cached_features(mllm, key, data.train, cache)
         test_f = cached_features(mllm, key, data.test, cache)
-        accounting = account(
-            mllm.parts, adapter_rank=max(cfg.tier_rank(t) for t in cfg.tiers), lora_alpha=cfg.adapter.lora_alpha,
-            modalities=cfg.adapter.modalities, num_image_tokens=mllm.num_image_tokens, text_tokens=40,
-            batch_size=cfg.tiers[0].batch_size, clients_per_round=fed.clients_per_round, strategy=fed.strategy,
-            lora_target_modules=cfg.adapter.lora_target_modules,  # fedavg-lora: fails here if they fit no layer
-            scaling=cfg.adapter.scaling,  # one scaling for every tier (adapter_rank here is the largest tier's)
-            form=cfg.adapter.kind, bank_size=cfg.method().bank_size,
-        )
+        accounting = account_run(cfg, mllm)  # fedavg-lora: fails here if lora_target_modules fit no layer
         del mllm
         gc.collect()
     finally:

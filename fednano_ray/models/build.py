@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ class MLLM:
     std: tuple[float, float, float]
     num_image_tokens: int
     image_token_id: int
+    #: The dtype of the published checkpoint, at which accounting counts the frozen bytes (the
+    #: tensors here may be held in another: ``hf`` models load in float32).
+    dtype: str = "float32"
 
     @property
     def preprocessing(self) -> str:
@@ -90,14 +94,30 @@ class MLLM:
         return edge, llm, params
 
 
-@functools.lru_cache(maxsize=2)
-def build_mllm(cfg: ModelConfig) -> MLLM:
-    """Build (once per process and config) the MLLM a config names."""
+@functools.lru_cache(maxsize=4)
+def build_mllm(cfg: ModelConfig, device: str | None = None) -> MLLM:
+    """Build (once per process, config and device) the MLLM a config names: the one way a client
+    model, the server LLM and the accounting get their model.
+
+    Args:
+        cfg: the ``model`` section.
+        device: ``None`` loads the weights (downloads for a hub ``hf`` model); ``"meta"`` builds the
+            architecture only, reading and downloading nothing (``fednano-ray inspect``): shapes are
+            exact, there are no values, and ``nano``/``hf`` get no tokenizer.
+
+    Raises:
+        ValueError: for a ``device`` other than ``None`` or ``"meta"``, or (on meta) an ``hf`` model
+            whose config is not available locally.
+    """
+    if device is not None and device != "meta":
+        raise ValueError(f"build_mllm(device={device!r}): pass None (load the weights) or 'meta' (shapes only)")
+    meta = device == "meta"
     from fednano_ray.models import llava as L
 
     if cfg.kind == "tiny":
         t = cfg.tiny
-        model, tok = L.build_tiny_llava(**t.model_dump())
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, tok = L.build_tiny_llava(**t.model_dump())
         return MLLM(
             name="tiny-llava",
             parts=L.parts_from_llava(model),
@@ -110,26 +130,45 @@ def build_mllm(cfg: ModelConfig) -> MLLM:
             image_token_id=model.config.image_token_index,
         )
     if cfg.kind == "hf":
-        model, processor = L.load_hf_llava(cfg.name_or_path)
-        ip = processor.image_processor
-        size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else model.config.vision_config.image_size
+        name = str(cfg.name_or_path)
+        hf_cfg, dtype = L.llava_config(name, offline=meta)
+        if meta:
+            from transformers import LlavaForConditionalGeneration
+
+            with torch.device("meta"):
+                model = LlavaForConditionalGeneration(hf_cfg)
+            size, mean, std, tok = hf_cfg.vision_config.image_size, L.CLIP_MEAN, L.CLIP_STD, None
+        else:
+            model, processor = L.load_hf_llava(name)
+            ip, tok = processor.image_processor, processor.tokenizer
+            size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else model.config.vision_config.image_size
+            mean, std = tuple(ip.image_mean), tuple(ip.image_std)
         return MLLM(
-            name=str(cfg.name_or_path),
+            name=name,
             parts=L.parts_from_llava(model),
-            tokenizer=processor.tokenizer,
+            tokenizer=tok,
             prompt=LLAVA,
             image_size=int(size),
-            mean=tuple(ip.image_mean),
-            std=tuple(ip.image_std),
+            mean=mean,
+            std=std,
             num_image_tokens=L.num_image_tokens(model.config),
             image_token_id=model.config.image_token_index,
+            dtype=dtype,
         )
     from fednano_ray.models.nano import nano_parts
     from fednano_ray.models.pretrained import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
 
-    parts, tok = nano_parts(
-        grid=cfg.grid, connector_steps=cfg.connector_steps, instruct_steps=cfg.instruct_steps, precision=cfg.precision
-    )
+    if meta:
+        try:
+            with torch.device("meta"):
+                parts, tok = nano_parts(pretrained=False, grid=cfg.grid)
+        except Exception:  # noqa: BLE001 - a layer that cannot be built on meta: random weights, same shapes
+            parts, tok = nano_parts(pretrained=False, grid=cfg.grid)
+    else:
+        parts, tok = nano_parts(
+            grid=cfg.grid, connector_steps=cfg.connector_steps, instruct_steps=cfg.instruct_steps,
+            precision=cfg.precision,
+        )
     return MLLM(
         name="nano (EfficientNet-Lite0 + SmolLM2-135M-Instruct)",
         parts=parts,
@@ -139,5 +178,5 @@ def build_mllm(cfg: ModelConfig) -> MLLM:
         mean=tuple(EFFICIENTNET_LITE_MEAN),  # the Lite checkpoints' (x - 127) / 128, not ImageNet's
         std=tuple(EFFICIENTNET_LITE_STD),
         num_image_tokens=cfg.grid**2,
-        image_token_id=int(tok.pad_token_id),
+        image_token_id=int(tok.pad_token_id) if tok is not None else -1,  # -1: on meta, no tokenizer
     )

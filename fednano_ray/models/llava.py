@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,13 +82,44 @@ def num_image_tokens(config: Any) -> int:
     return n if config.vision_feature_select_strategy == "default" else n + 1
 
 
-def llava_on_meta(config: dict[str, Any] | None = None) -> nn.Module:
-    """Build a LLaVA architecture on the meta device (no weights, no download) for accounting."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+LLAVA_15_7B_ID = "llava-hf/llava-1.5-7b-hf"
 
-    cfg = LlavaConfig(**(config or LLAVA_15_7B))
-    with torch.device("meta"):
-        return LlavaForConditionalGeneration(cfg)
+
+def llava_config(name_or_path: str, *, offline: bool = True) -> tuple[Any, str]:
+    """(``LlavaConfig``, checkpoint dtype name) of an ``hf`` model, reading only its config.
+
+    ``offline``: never download; a local folder's ``config.json``, the built-in llava-1.5-7b architecture
+    for its hub id (published in float16), or a hub id already in the Hugging Face cache.
+
+    Raises:
+        ValueError: when the config cannot be found locally, or describes no LLaVA model.
+    """
+    from transformers import AutoConfig, LlavaConfig
+
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        cfg = AutoConfig.from_pretrained(str(path))
+    elif offline and name_or_path == LLAVA_15_7B_ID:
+        return LlavaConfig(**LLAVA_15_7B), "float16"
+    else:
+        try:
+            cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=offline)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"cannot read the config of model.name_or_path={name_or_path!r} without downloading it: pass a "
+                f"local folder holding the checkpoint's config.json (or {LLAVA_15_7B_ID!r}, whose architecture "
+                "is built in)"
+            ) from e
+    if getattr(cfg, "model_type", None) != "llava":
+        raise ValueError(
+            f"{name_or_path}: config.json describes a {getattr(cfg, 'model_type', '?')!r} model; "
+            "model.kind 'hf' needs a LlavaForConditionalGeneration checkpoint (model_type 'llava')"
+        )
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if dtype is None:
+        text = getattr(cfg, "text_config", None)
+        dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+    return cfg, str(dtype or "float32").removeprefix("torch.")
 
 
 def load_hf_llava(name_or_path: str, dtype: torch.dtype = torch.float32):
