@@ -24,7 +24,6 @@ from fednano_ray.federation import rundir
 from fednano_ray.federation.rounds import Federation, Placement, adapters_fingerprint, round_seed
 from fednano_ray.federation.setup import prepare_run
 from fednano_ray.federation.transport import CallFailed
-from fednano_ray.trust.round import TrustPolicy
 
 __all__ = ["REPRODUCIBILITY", "Coordinator", "RayTransport", "adapters_fingerprint"]
 
@@ -136,7 +135,7 @@ class Coordinator:
         top_actor = self.pools[top.name][0]
         rundir.write_config(run_dir, cfg)
         self.federation = Federation(
-            cfg, method=method, strategy=method.build_strategy(), trust=TrustPolicy(cfg), data=data,
+            cfg, method=method, strategy=method.build_strategy(), data=data,
             placement=Placement(self._actor_for, self.client_tier, top, top_actor), transport=RayTransport(),
             run_dir=run_dir, initial_state=ray.get(top_actor.initial_state.remote()), accounting=prepared.accounting,
             runtime={

@@ -12,20 +12,27 @@ Adding a baseline is its strategy file (``fednano_ray/strategies/``), one entry 
     MethodSpec("fedavgm", "FedAvg with server momentum", strategy="fednano_ray.strategies.fedavgm:FedAvgM",
                options=FedAvgMOptions)
 
+The resolved :class:`Method` also applies ``cfg.trust`` to a round: it screens the updates that
+arrived (:meth:`Method.screen`), aggregates them on the plain uplink (:meth:`Method.aggregate`) and
+accounts the privacy spent (:meth:`Method.dp_extras`, :meth:`Method.trust_summary`).
+
 This module imports neither Ray nor torch; :meth:`Method.build_strategy` imports the strategies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
+
     from fednano_ray.config import Config
-    from fednano_ray.strategies.base import Strategy
+    from fednano_ray.strategies.base import ClientFailure, ClientUpdate, Strategy
 
 __all__ = [
     "FULL_MLLM",
@@ -236,6 +243,9 @@ class Method:
     aggregation_options: Mapping[str, Any] = field(default_factory=dict)
     uplink: Literal["plain", "secagg"] = "plain"
     bank_size: int = 0
+    trust: Any = None  # cfg.trust (TrustConfig): screening bounds and the DP accounting
+    max_rank: int = 0  # the largest tier rank: no update may be wider
+    sampling_rate: float = 1.0  # clients_per_round / num_clients (DP accounting)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Method:
@@ -263,6 +273,8 @@ class Method:
             spec=spec, options=options, adapter_factors=cfg.adapter.factors, aggregation=aggregation,
             aggregation_options=agg_options, uplink="secagg" if secagg else "plain",
             bank_size=int(options["bank_size"]) if spec.dual_adapter else 0,
+            trust=trust, max_rank=max(cfg.tier_rank(t) for t in cfg.tiers),
+            sampling_rate=fed.clients_per_round / fed.num_clients,
         )
 
     # -- what the platform asks -------------------------------------------------------------------
@@ -309,3 +321,102 @@ class Method:
             return getattr(importlib.import_module(module), cls)(**self.aggregation_options)
         except TypeError as err:
             raise ValueError(f"strategy {self.name!r}: bad options {sorted(self.aggregation_options)}: {err}") from err
+
+    # -- cfg.trust applied to a round -------------------------------------------------------------
+
+    def screen(
+        self, updates: Sequence[ClientUpdate], reference: Callable[[ClientUpdate], Mapping[str, Tensor]]
+    ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+        """Valid updates, and ``ClientFailure(id, "rejected: <reason>")`` for the others.
+
+        Structure, dtype and finiteness are always checked; the norm bound only if
+        ``trust.max_update_norm`` is set; the Fisher only where the method uploads one (fednano).
+        """
+        from fednano_ray.trust.validate import screen_updates
+
+        return screen_updates(
+            updates, reference, max_rank=self.max_rank, max_update_norm=self.trust.max_update_norm,
+            check_fisher=self.fisher_upload,
+        )
+
+    def aggregate(
+        self,
+        strategy: Strategy,
+        rnd: int,
+        global_state: dict[str, Tensor],
+        updates: Sequence[ClientUpdate],
+        failures: Sequence[ClientFailure],
+        history: Sequence[Mapping[str, Any]],
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The plain uplink's aggregation: the next global state, and what to add to the round record.
+
+        Args:
+            strategy: The run's strategy (:meth:`build_strategy`).
+            rnd: The round number (seeds DP noise).
+            global_state, updates, failures: As :meth:`Strategy.aggregate`.
+            history: The records of the rounds before this one (to count DP releases on resume).
+
+        Returns:
+            ``(state, extras)``; ``extras`` may hold ``dp_epsilon`` / ``dp_delta`` /
+            ``dp_noise_std`` / ``dp_releases``.
+
+        Raises:
+            ValueError: under the SecAgg uplink: no update may be aggregated in the clear (the
+                round's SecAgg uplink finishes the masked sum and uses :meth:`dp_extras`).
+        """
+        if self.uplink == "secagg":
+            raise ValueError(
+                "trust.secure_aggregation: the clients mask their own terms and the round finishes "
+                "the masked sum (Federation's SecAgg uplink); plain updates must not be aggregated"
+            )
+        strategy.begin_round(rnd)
+        state = strategy.aggregate(global_state, updates, failures)
+        return state, self.dp_extras(len(updates) + len(failures), history)
+
+    def dp_extras(self, num_sampled: int, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The round record's DP figures for a release among ``num_sampled`` clients (empty
+        without DP)."""
+        dp = self.trust.dp
+        if dp is None:
+            return {}
+        releases = 1 + sum(1 for r in history if "dp_epsilon" in r)
+        return {
+            "dp_epsilon": self.epsilon(releases),
+            "dp_delta": dp.delta,
+            "dp_noise_std": dp.noise_multiplier * dp.clip_norm / num_sampled,
+            "dp_releases": releases,
+        }
+
+    def epsilon(self, releases: int) -> float | None:
+        """ε after ``releases`` DP rounds at ``trust.dp.delta`` (None without DP)."""
+        dp = self.trust.dp
+        if dp is None:
+            return None
+        from fednano_ray.trust.dp import dp_epsilon
+
+        eps = dp_epsilon(dp.noise_multiplier, self.sampling_rate, releases, dp.delta, dp.accountant)
+        return eps if math.isfinite(eps) else None
+
+    def trust_summary(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Run-level trust figures for ``results.json``'s summary: the final ε, SecAgg, and how many
+        updates were rejected."""
+        out: dict[str, Any] = {}
+        dp = self.trust.dp
+        if dp is not None:
+            from fednano_ray.trust.dp import accountant_version
+
+            releases = sum(1 for r in history if "dp_epsilon" in r)
+            out.update(
+                dp_epsilon=self.epsilon(releases),
+                dp_delta=dp.delta,
+                dp_releases=releases,
+                dp_sampling_rate=self.sampling_rate,
+                dp_accountant=f"{accountant_version()} ({dp.accountant}, Poisson sampling, "
+                "add/remove-one-client adjacency)",
+            )
+        if self.trust.secure_aggregation:
+            out["secure_aggregation"] = True
+        out["rejected_updates"] = sum(
+            1 for r in history for f in r.get("failures", ()) if f["reason"].startswith("rejected:")
+        )
+        return out

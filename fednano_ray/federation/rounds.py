@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fednano_ray.federation.method import Method
     from fednano_ray.strategies.base import Strategy
     from fednano_ray.task import FederatedData
-    from fednano_ray.trust.round import TrustPolicy
 
 __all__ = ["Federation", "Placement", "UplinkResult", "adapters_fingerprint", "round_seed"]
 
@@ -106,7 +105,7 @@ class Federation:
     """One federated run's logic and state.
 
     Args:
-        cfg: the validated config; ``method``, ``strategy`` and ``trust`` resolved from it.
+        cfg: the validated config; ``method`` (with its trust rules) and ``strategy`` resolved from it.
         data: the partitioned data (clients' shards and held-out splits, the global test).
         placement: the actors.
         transport: how calls reach them.
@@ -124,7 +123,6 @@ class Federation:
         *,
         method: Method,
         strategy: Strategy,
-        trust: TrustPolicy,
         data: FederatedData,
         placement: Placement,
         transport: Transport,
@@ -135,7 +133,7 @@ class Federation:
         coordinator_node: str | None = None,
         trainer_incarnation: Callable[[], str | None] = lambda: None,
     ) -> None:
-        self.cfg, self.method, self.strategy, self.trust = cfg, method, strategy, trust
+        self.cfg, self.method, self.strategy = cfg, method, strategy
         self.data, self.placement, self.transport = data, placement, transport
         self.run_dir = Path(run_dir)
         self.accounting, self.runtime = accounting, runtime if runtime is not None else {}
@@ -325,7 +323,7 @@ class Federation:
         ]
         # Invalid updates (bad keys/shapes/dtypes, NaN/Inf, norm above trust.max_update_norm) become
         # failures "rejected: <reason>": never aggregated, not counted towards the quorum.
-        updates, rejected = self.trust.screen(updates, lambda u: self._start_state(int(u.client_id)))
+        updates, rejected = self.method.screen(updates, lambda u: self._start_state(int(u.client_id)))
         up.failures.update({int(f.client_id): f.reason for f in rejected})
         kept = {int(u.client_id) for u in updates}
         up.outs = {c: o for c, o in outs.items() if c in kept}
@@ -339,7 +337,7 @@ class Federation:
             return up
         failures = [ClientFailure(str(c), r) for c, r in up.failures.items()]
         # Updates arrive at each client's own rank: the strategy pads (HetLoRA).
-        up.merged, up.extras = self.trust.aggregate(self.strategy, rnd, self.global_state, updates, failures, self.rounds)
+        up.merged, up.extras = self.method.aggregate(self.strategy, rnd, self.global_state, updates, failures, self.rounds)
         return up
 
     def _secure_uplink(self, rnd: int, sampled: list[int]) -> UplinkResult:
@@ -431,7 +429,7 @@ class Federation:
             ),
         }
         if up.note is None:
-            up.extras.update(self.trust.dp_extras(len(sampled), self.rounds))
+            up.extras.update(self.method.dp_extras(len(sampled), self.rounds))
         return up
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -736,5 +734,5 @@ class Federation:
             rank_rule=getattr(self.strategy, "rank_rule", None),
             wall_time_s=round(wall_time_s, 1),
         )
-        self.summary.update(self.trust.summary(self.rounds))  # dp_epsilon (final), rejected_updates
+        self.summary.update(self.method.trust_summary(self.rounds))  # dp_epsilon (final), rejected_updates
         return self.write_results()

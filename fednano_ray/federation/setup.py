@@ -80,8 +80,7 @@ def in_process(cfg: Config, run_dir: str | Path, *, client_class: type | None = 
     from fednano_ray.federation.transport import InProcess
     from fednano_ray.models.build import build_mllm
     from fednano_ray.training import LocalServer
-    from fednano_ray.trust.round import TrustPolicy
-
+    
     prepared = prepare_run(cfg)
     method = cfg.method()
     if method.client.holds_llm:
@@ -99,7 +98,7 @@ def in_process(cfg: Config, run_dir: str | Path, *, client_class: type | None = 
     top = max(cfg.tiers, key=cfg.tier_rank)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return Federation(
-        cfg, method=method, strategy=method.build_strategy(), trust=TrustPolicy(cfg), data=prepared.data,
+        cfg, method=method, strategy=method.build_strategy(), data=prepared.data,
         placement=Placement(lambda c: actors[tiers[c].name], tiers, top, actors[top.name]),
         transport=transport or InProcess(), run_dir=run_dir, initial_state=actors[top.name].initial_state(),
         accounting=prepared.accounting,

@@ -18,7 +18,6 @@ from fednano_ray.strategies import (
 )
 from fednano_ray.strategies.base import ClientUpdate
 from fednano_ray.trust.dp import dp_epsilon
-from fednano_ray.trust.round import TrustPolicy
 
 TINY = "examples/tiny.yaml"
 
@@ -172,7 +171,7 @@ def test_policy_records_secure_aggregation_and_the_epsilon_spent_per_round() -> 
             "trust.secure_aggregation=true",
         ],
     )
-    policy = TrustPolicy(cfg)
+    policy = cfg.method()
     strategy = cfg.method().build_strategy()
     glob, updates = small_round()
     with pytest.raises(ValueError, match="secure_aggregation"):
@@ -191,7 +190,7 @@ def test_policy_records_secure_aggregation_and_the_epsilon_spent_per_round() -> 
     assert (
         info["clients"] == 4 and info["summed"] == ["0", "1", "2", "3"] and info["threshold"] == 3
     )
-    summary = policy.summary(history)
+    summary = policy.trust_summary(history)
     assert summary["dp_epsilon"] == pytest.approx(eps[-1]) and summary["dp_releases"] == 3
     assert summary["dp_accountant"].startswith("dp-accounting==")
     assert summary["secure_aggregation"] is True and summary["rejected_updates"] == 0
@@ -203,11 +202,11 @@ def test_policy_screens_against_the_start_state() -> None:
     glob, updates = small_round()
     updates[1].state["v.lora_A"] = updates[1].state["v.lora_A"] * 50
     updates[2].fisher = {k: -torch.ones_like(v) for k, v in updates[2].state.items()}
-    valid, rejected = TrustPolicy(cfg).screen(updates, lambda u: glob)
+    valid, rejected = cfg.method().screen(updates, lambda u: glob)
     assert [u.client_id for u in valid] == ["0", "3"]
     assert [(f.client_id, f.reason.split(" ")[1]) for f in rejected] == [
         ("1", "update"),
         ("2", "Fisher"),
     ]
     history = [{"failures": [{"client_id": f.client_id, "reason": f.reason} for f in rejected]}]
-    assert TrustPolicy(cfg).summary(history) == {"rejected_updates": 2}
+    assert cfg.method().trust_summary(history) == {"rejected_updates": 2}
