@@ -91,8 +91,7 @@ class Run:
 
 
 def _finished_summary(summary: Any) -> bool:
-    # Coordinator.finish() writes accuracy_after and wall_time_s; a checkpointed, unfinished run has neither.
-    return isinstance(summary, dict) and "accuracy_after" in summary and "wall_time_s" in summary
+    return isinstance(summary, dict) and rundir.RunSummary.model_validate(summary).finished
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -125,15 +124,11 @@ def load_run(run_dir: str | Path) -> Run:
         )
     try:
         results = json.loads(path.read_text())
+        rundir.parse_results(results, path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ReportError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(results, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(results).__name__}")
-    missing = [k for k in ("config", "summary", "rounds") if k not in results]
-    if missing or not isinstance(results["config"], dict):
-        raise ReportError(
-            f"{path}: not a fednano-ray results file (missing {', '.join(missing) or 'config'})"
-        )
+    except ValueError as e:
+        raise ReportError(str(e)) from None
     return Run(path=run_dir, results=results, flat=flatten(results["config"]))
 
 

@@ -292,6 +292,7 @@ class Federation:
         # Ray restarted the LLM trainer during the round (clients' in-flight split steps were re-sent).
         record["trainer_restarted"] = self.trainer_incarnation() != trainer_start
         record["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        rundir.RoundRecord.model_validate(record)  # a malformed record fails here, not in a later report
         self.rounds.append(record)
         self.next_round = rnd + 1
         self.checkpoint(rnd)

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -55,6 +57,9 @@ __all__ = [
     "STRATEGY_STATE",
     "TOKENS",
     "Checkpoint",
+    "RoundRecord",
+    "RunResults",
+    "RunSummary",
     "adapters_path",
     "atomic_write",
     "checkpoint_round",
@@ -65,6 +70,8 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_bank",
+    "load_results",
+    "parse_results",
     "read_checkpoint",
     "read_config",
     "read_results",
@@ -251,16 +258,114 @@ def read_config(run_dir: str | Path) -> Config:
     return load_config(config_path(run_dir))
 
 
+class FailureRecord(BaseModel):
+    """A client that did not count in a round: crashed, stalled past the deadline, or rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+    client_id: str
+    reason: str
+
+
+class RoundRecord(BaseModel):
+    """One round of ``results.json``'s ``rounds``: who was sampled, who reported, what moved.
+
+    The fields every round has are typed here; an evaluated round adds its accuracies
+    (``avg_accuracy``, ``accuracy``, ``global_test_accuracy``, their intervals), a DP round
+    ``dp_epsilon`` and the rest, a SecAgg round ``secure_aggregation``: they are kept as extras.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    round: int = Field(ge=0)
+    clients: list[int]
+    completed: list[int]
+    failures: list[FailureRecord]
+    loss: float | None = Field(description="mean training loss of the clients that reported")
+    client_loss: dict[str, float]
+    placement: dict[str, str | None] = Field(description="client id -> the node its fit ran on")
+    bytes_down: int = Field(ge=0)
+    bytes_up: int = Field(ge=0)
+    aggregated: bool = Field(description="False when the quorum was not met (the adapters stayed)")
+    note: str | None = None
+    wall_time_s: float = Field(ge=0)
+
+
+class RunSummary(BaseModel):
+    """``results.json``'s ``summary``: filled as the run goes (``accuracy_before`` at its start,
+    the rest by ``Federation.finish``). Only what decides a run's state is typed; accuracies per
+    client, intervals, gains, the personalisation and the trust figures are kept as extras."""
+
+    model_config = ConfigDict(extra="allow")
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    global_test_accuracy: float | None = None
+    strategy: str | None = None
+    rounds: int | None = Field(None, ge=0)
+    bytes_up: int | None = Field(None, ge=0)
+    bytes_down: int | None = Field(None, ge=0)
+    failures: int | None = Field(None, ge=0)
+    wall_time_s: float | None = Field(None, ge=0)
+
+    @property
+    def finished(self) -> bool:
+        """``Federation.finish`` ran: a checkpointed, unfinished run has no final wall time."""
+        return {"accuracy_after", "wall_time_s"} <= self.model_fields_set
+
+
+class RunResults(BaseModel):
+    """The whole ``results.json``."""
+
+    model_config = ConfigDict(extra="allow")
+    config: dict[str, Any]
+    rounds: list[RoundRecord]
+    summary: RunSummary
+    strategy: dict[str, Any] = Field(default_factory=dict)
+    accounting: dict[str, Any] = Field(default_factory=dict)
+    coordinator_node: str | None = None
+    runtime: dict[str, Any] = Field(default_factory=dict)
+
+
+def parse_results(data: Any, source: str | Path = "results.json") -> RunResults:
+    """``data`` validated as a results file.
+
+    Raises:
+        ValueError: naming ``source`` and each field that is missing or of the wrong type.
+    """
+    try:
+        return RunResults.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()[:5]
+        )
+        raise ValueError(f"{source}: not a fednano-ray results file ({problems})") from None
+
+
 def write_results(run_dir: str | Path, results: dict[str, Any]) -> Path:
-    """Replace ``results.json`` (indented JSON)."""
+    """Replace ``results.json`` (indented JSON), after checking it is one (:class:`RunResults`)."""
     path = results_path(run_dir)
+    parse_results(results, path)
     _write_text(path, json.dumps(results, indent=2))
     return path
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:
-    """``results.json`` as written (no validation: see :func:`fednano_ray.report.load_run`)."""
+    """``results.json`` as written (use :func:`load_results` for a validated one)."""
     return json.loads(results_path(run_dir).read_text())
+
+
+def load_results(run_dir: str | Path) -> RunResults:
+    """``results.json`` validated (:class:`RunResults`).
+
+    Raises:
+        ValueError: naming the file when it is missing, not JSON, or not a results file.
+    """
+    path = results_path(run_dir)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found; pass a run directory `fednano-ray train --run-dir DIR` wrote") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return parse_results(data, path)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

@@ -259,8 +259,15 @@ def test_files_are_byte_compatible_with_the_format_before(tmp_path):
     assert load_file(str(rundir.adapters_path(folder))).keys() == ckpt.global_state.keys()
 
 
+ROUND = {
+    "round": 0, "clients": [0, 1], "completed": [1], "failures": [{"client_id": "0", "reason": "timeout"}],
+    "loss": 2.5, "client_loss": {"1": 2.5}, "placement": {"1": "node-a"}, "bytes_down": 8, "bytes_up": 16,
+    "aggregated": True, "wall_time_s": 0.5, "avg_accuracy": 0.4,  # an evaluated round's extra
+}
+
+
 def test_results_and_config(tmp_path):
-    results = {"config": {"a": 1}, "rounds": [{"round": 0}], "summary": {"ünïcode": "α"}}
+    results = {"config": {"a": 1}, "rounds": [ROUND], "summary": {"ünïcode": "α"}}
     path = rundir.write_results(tmp_path, results)
     assert path == tmp_path / "results.json"
     assert path.read_text() == json.dumps(results, indent=2)  # as the coordinator wrote it before
@@ -271,6 +278,38 @@ def test_results_and_config(tmp_path):
     assert _files(tmp_path) == ["config.yaml", "results.json"]
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"bytes_up": -1}, "rounds.0.bytes_up"),
+        ({"completed": "1"}, "rounds.0.completed"),
+        ({"failures": [{"client_id": "0"}]}, "rounds.0.failures.0.reason"),
+        ({"loss": "low"}, "rounds.0.loss"),
+    ],
+)
+def test_a_malformed_round_is_refused_naming_the_field_and_nothing_is_written(tmp_path, change, field):
+    results = {"config": {}, "rounds": [{**ROUND, **change}], "summary": {}}
+    with pytest.raises(ValueError, match=re.escape(field)):
+        rundir.write_results(tmp_path, results)
+    assert not rundir.results_path(tmp_path).exists()
+    rundir.results_path(tmp_path).write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(rundir.results_path(tmp_path)))}.*{re.escape(field)}"):
+        rundir.load_results(tmp_path)
+
+
+def test_the_summary_says_whether_the_run_finished(tmp_path):
+    results = {"config": {}, "rounds": [ROUND], "summary": {"accuracy_before": 0.3}}
+    rundir.write_results(tmp_path, results)
+    assert not rundir.load_results(tmp_path).summary.finished
+    results["summary"].update(accuracy_after=0.5, wall_time_s=3.0, global_test_n=40)
+    rundir.write_results(tmp_path, results)
+    loaded = rundir.load_results(tmp_path)
+    assert loaded.summary.finished and loaded.summary.accuracy_after == 0.5
+    assert loaded.rounds[0].model_extra == {"avg_accuracy": 0.4} and loaded.summary.model_extra == {"global_test_n": 40}
+    with pytest.raises(ValueError, match="not found"):
+        rundir.load_results(tmp_path / "nowhere")
+
+
 def test_committed_results_still_load():
     """Every results.json committed under docs/ reads back (the report reads them)."""
     from fednano_ray.report import load_run
@@ -279,3 +318,4 @@ def test_committed_results_still_load():
     assert runs
     for run in runs:
         assert rundir.read_results(run) == load_run(run).results
+        assert rundir.load_results(run).summary.finished
