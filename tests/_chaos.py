@@ -1,5 +1,5 @@
 """Fault injection for the Ray tests, outside the production code: a ClientActor subclass that
-crashes, hangs, corrupts its update or kills the LLM trainer on chosen (round, client) fits.
+crashes, corrupts its update or kills the LLM trainer on chosen (round, client) fits.
 
 ``app.train(cfg, run_dir, client_class=chaos_client(cfg, {(0, 1): "die"}))``. The class is made
 inside a function, so Ray ships it by value to its workers (tests/ is not on their path). A fit is
@@ -9,15 +9,14 @@ recognised by its seed, which the coordinator derives from (federation.seed, rou
 from __future__ import annotations
 
 import os
-import time
 
-FAULTS = ("die", "stall", "nan", "scale", "kill_trainer", "die_after_mask")
+FAULTS = ("die", "nan", "scale", "kill_trainer", "die_after_mask")
 
 
 def chaos_client(cfg, faults: dict[tuple[int, int], str]) -> type:
     """A ClientActor whose fit of client ``c`` in round ``r`` does ``faults[(r, c)]``:
 
-    ``die`` kills the process mid-round; ``stall`` hangs; ``nan`` uploads a NaN tensor; ``scale``
+    ``die`` kills the process mid-round; ``nan`` uploads a NaN tensor; ``scale``
     uploads the trained state times 1000 (a model-replacement attack); ``kill_trainer`` kills the
     LLM trainer actor with this client's second split step (and whatever others have) in flight;
     ``die_after_mask`` (SecAgg) uploads its masked input, then dies when asked to unmask.
@@ -55,8 +54,6 @@ def chaos_client(cfg, faults: dict[tuple[int, int], str]) -> type:
             fault = fault if c == client_id else None
             if fault == "die":
                 os._exit(1)  # a real crash: the process disappears mid-round
-            if fault == "stall":
-                time.sleep(3600)
             if fault == "kill_trainer":
                 server, steps = self.server, kwargs["steps"]
                 self.server = KillingServer(server.handle, 1 if steps > 1 else 0)

@@ -85,14 +85,17 @@ def _global_test_accuracy(cfg, adapters) -> float:
 
 
 def test_faults_become_failures_and_the_rounds_go_on_until_the_quorum_fails(ray_cluster, tmp_path):
-    """One 3-round run (deployment mode, deadline 8 s, quorum 0.5 = 2 of 4) with every kind of fault:
-    round 0, a client process dies and a NaN update is rejected; round 1, a client stalls past the
-    deadline and a 1000x-scaled update is rejected (trust.max_update_norm); both rounds aggregate the
-    others, the dead and stalled clients' actors restart. Round 2: three faults leave one report, the
-    quorum fails and the global adapters stay as they were. (One run instead of three: each costs
-    ~40 s of this 2-core machine.)"""
-    cfg = tiny("federation.mode=deployment", "federation.deadline_s=8", "federation.rounds=3", "trust.max_update_norm=10")
-    chaos = {(0, 1): "die", (0, 0): "nan", (1, 2): "stall", (1, 3): "scale", (2, 0): "die", (2, 1): "nan", (2, 2): "die"}
+    """One 3-round run (deployment mode, quorum 0.5 = 2 of 4) with every kind of fault: round 0, a
+    client process dies and a NaN update is rejected; round 1, another dies and a 1000x-scaled
+    update is rejected (trust.max_update_norm); both rounds aggregate the others, and the actor
+    that died in round 0 is back (Ray restarted it). Round 2: three faults leave one report, the
+    quorum fails and the global adapters stay as they were. Every fault is an event (a process
+    exit, a bad upload), none a wait: the deadline is tiny.yaml's 120 s, which no honest client
+    comes near, so the failure lists do not depend on the machine's speed (a stall past the
+    deadline is tests/federation/test_rounds.py's). (One run instead of three: each costs ~40 s
+    of this 2-core machine.)"""
+    cfg = tiny("federation.mode=deployment", "federation.rounds=3", "trust.max_update_norm=10")
+    chaos = {(0, 1): "die", (0, 0): "nan", (1, 2): "die", (1, 3): "scale", (2, 0): "die", (2, 1): "nan", (2, 2): "die"}
     res = train(cfg, tmp_path / "run", client_class=chaos_client(cfg, chaos), progress=False)
 
     r0, r1, r2 = rundir.read_results(tmp_path / "run")["rounds"]
@@ -101,8 +104,8 @@ def test_faults_become_failures_and_the_rounds_go_on_until_the_quorum_fails(ray_
     assert sorted(reasons[0]) == ["0", "1"] and "Actor" in reasons[0]["1"]
     assert reasons[0]["0"].startswith("rejected: state key") and "NaN" in reasons[0]["0"]
     assert r0["completed"] == [2, 3] and r0["aggregated"]
-    # Round 1: a stall past the deadline, a scaled update; the dead client's actor was restarted
-    assert sorted(reasons[1]) == ["2", "3"] and "deadline" in reasons[1]["2"]
+    # Round 1: a dead process, a scaled update; round 0's dead client reports again
+    assert sorted(reasons[1]) == ["2", "3"] and "Actor" in reasons[1]["2"]
     assert reasons[1]["3"].startswith("rejected: update norm ||θ − θ_global|| = ")
     assert "exceeds trust.max_update_norm = 10" in reasons[1]["3"]
     assert r1["completed"] == [0, 1] and r1["aggregated"]
@@ -233,10 +236,13 @@ def test_personalisation_fine_tunes_every_client_and_serves_it_its_own(fedavg_ru
 
 
 def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(ray_cluster, tmp_path):
-    """Clients land on the node advertising their tier's resource; removing a node mid-run fails only its clients."""
+    """Clients land on the node advertising their tier's resource; removing a node mid-run fails only its clients.
+
+    The lost node's actors wait for a node to restart on, so their calls end at the deadline: 20 s,
+    which an honest tiny fit (about 1 s on 2 cores) never nears, so only they fail."""
     cluster, nodes = ray_cluster
     cfg = tiny(
-        "federation.mode=deployment", "federation.deadline_s=6",
+        "federation.mode=deployment", "federation.deadline_s=20",
         "tiers.0.resources={edge-small: 1}", "tiers.1.resources={edge-large: 1}",
     )
     run = tmp_path / "run"

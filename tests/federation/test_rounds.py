@@ -47,6 +47,34 @@ class Faulty(InProcess):
         raise RuntimeError(f"injected: {method} of client {client} crashed")
 
 
+class Stalled(InProcess):
+    """A test-only transport on which chosen fits never finish (a hung actor), by event, not by
+    wall time: the other calls are done when submitted, the stalled ones never are, so the round's
+    deadline is what ends the wait whatever the machine's speed. Restarts are recorded."""
+
+    def __init__(self, stall: set[tuple[str, int]]):
+        super().__init__()
+        self.stall, self.restarted = stall, []
+
+    def submit(self, actor, method, *args, **kwargs):
+        if any(method == m and args and args[0] == c for m, c in self.stall):
+            self.calls.append((method, args))
+            return _Hung(actor)
+        return super().submit(actor, method, *args, **kwargs)
+
+    def wait(self, pending, timeout):
+        done = [p for p in pending if not isinstance(p, _Hung)]
+        return done[:1], [p for p in pending if p is not (done[0] if done else None)]
+
+    def restart(self, actor):
+        self.restarted.append(actor)
+
+
+class _Hung:
+    def __init__(self, actor):
+        self.actor = actor
+
+
 class NaNClient(ClientActor):
     """Client 1 returns a NaN tensor (a broken client; screening must reject it)."""
 
@@ -86,6 +114,22 @@ def test_failed_clients_are_recorded_and_the_quorum_decides(tmp_path):
     assert r0["aggregated"] is False and r0["completed"] == [2]
     assert r0["note"].startswith("quorum not met: 1 of 4 reported, 2 needed")
     assert all(torch.equal(fed.global_state[k], before[k]) for k in before)
+
+
+def test_a_stalled_client_misses_the_deadline_and_its_actor_is_restarted(tmp_path):
+    """Client 2's fit never finishes: at the deadline it is a failure naming it, the other three
+    are aggregated, and the actor it hung on is restarted (its queue is cleared); the next round
+    samples it again."""
+    transport = Stalled({("fit", 2)})
+    fed = in_process(tiny("federation.deadline_s=0.5"), tmp_path, transport=transport)
+    _run(fed, rounds=1)
+    r0 = fed.rounds[0]
+    assert r0["completed"] == [0, 1, 3] and r0["aggregated"]
+    assert r0["failures"] == [{"client_id": "2", "reason": "deadline of 0.5 s exceeded"}]
+    assert transport.restarted == [fed.placement.actor_for(2)]
+    transport.stall.clear()
+    fed.run_round(1)
+    assert fed.rounds[1]["completed"] == [0, 1, 2, 3] and transport.restarted == [fed.placement.actor_for(2)]
 
 
 def test_a_nan_update_is_rejected_not_aggregated(tmp_path):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,6 +27,20 @@ from fednano_ray.strategies.robust import (
     clip_by_norm,
     state_norm,
 )
+
+
+def _load_robust_benchmark():
+    """benchmarks/robust.py (not a package): the attack scenario the README's figures come from."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "robust.py"
+    spec = importlib.util.spec_from_file_location("fednano_bench_robust", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_robust_benchmark()
+attack_round, distance = bench.attack_round, bench.distance
 
 
 def t(values: object) -> torch.Tensor:
@@ -144,55 +163,53 @@ def test_median_has_no_sum_plan() -> None:
 # ---------------------------------------------------------------------------- minority attack
 
 
-def attack_round(attack: str, seed: int = 0):
-    """8 clients of a rank-4 adapter (d = 32) with the same example count: 6 honest clients move
-    the global state by a common direction plus 30% noise; clients 0 and 1 attack."""
-    gen = torch.Generator().manual_seed(seed)
-    r, d = 4, 32
-    glob = {
-        "v.lora_A": torch.randn(r, d, generator=gen),
-        "v.lora_B": torch.randn(d, r, generator=gen),
-    }
-    direction = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in glob.items()}
-    honest = [
-        {
-            k: glob[k] + v + 0.3 * torch.randn(v.shape, generator=gen) * 0.01
-            for k, v in direction.items()
-        }
-        for _ in range(6)
-    ]
-    mean_honest = {k: sum(h[k] - glob[k] for h in honest) / 6 for k in glob}
-    if attack == "scale50":
-        bad = [{k: glob[k] + 50 * (honest[i][k] - glob[k]) for k in glob} for i in range(2)]
-    else:  # sign flip, boosted 10x so it is not a small nudge
-        bad = [{k: glob[k] - 10 * (honest[i][k] - glob[k]) for k in glob} for i in range(2)]
-    updates = [ClientUpdate(str(i), s, 20) for i, s in enumerate(bad + honest)]
-    target = {k: glob[k] + mean_honest[k] for k in glob}
-    return glob, updates, target, state_norm(mean_honest)
-
-
-def distance(a, b) -> float:
-    return state_norm({k: a[k].double() - b[k].double() for k in a})
-
-
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("attack", ["scale50", "signflip10"])
-def test_robust_rules_withstand_a_minority_of_attackers(attack: str) -> None:
-    """With 2 of 8 clients attacking, FedAvg lands many honest-update norms away from the honest
-    average; median, trimmed mean (β = 0.25) and clipping (C = 1.5 x the honest norm) stay within
-    a fraction of one honest-update norm of it."""
-    glob, updates, target, honest_norm = attack_round(attack)
-    clip = 1.5 * honest_norm
-    errors = {
-        "fedavg": distance(FedAvg().aggregate(glob, updates, []), target),
-        "median": distance(Median().aggregate(glob, updates, []), target),
-        "trimmed_mean": distance(TrimmedMean(0.25).aggregate(glob, updates, []), target),
-        "clip": distance(NormClip(clip).aggregate(glob, updates, []), target),
-    }
-    relative = {k: v / honest_norm for k, v in errors.items()}
+def test_robust_rules_withstand_a_minority_of_attackers(attack: str, seed: int) -> None:
+    """With 2 of 8 clients attacking (``attack_round`` of benchmarks/robust.py, the README's
+    figures), FedAvg lands many honest-update norms away from the honest average; median, trimmed
+    mean (β = 0.25) and clipping (C = 1.5 x the honest norm) stay within a fraction of one
+    honest-update norm of it, on every one of the README's 3 seeds."""
+    relative = bench.relative_errors(attack, seed)
+    assert set(relative) == {"fedavg", "median", "trimmed_mean", "clip"}
     assert relative["fedavg"] > 2.5, relative
     for rule in ("median", "trimmed_mean", "clip"):
         assert relative[rule] < 0.7, relative
-        assert errors[rule] < errors["fedavg"] / 4, relative
+        assert relative[rule] < relative["fedavg"] / 4, relative
+
+
+def test_relative_errors_are_the_strategies_distances() -> None:
+    """relative_errors is distance(rule(round), honest mean) / honest norm, e.g. for the median."""
+    glob, updates, target, honest_norm = attack_round("signflip10", 1)
+    expected = distance(Median().aggregate(glob, updates, []), target) / honest_norm
+    assert bench.relative_errors("signflip10", 1)["median"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_robust_benchmark_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """`fednano-ray bench robust --seeds 3 --json`, in process: per attack and rule, 3 per-seed
+    errors, their mean inside a 95% interval, and every robust rule well below FedAvg."""
+    bench.main(["--seeds", "3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["seeds"] == [0, 1, 2]
+    assert "cpu_model" in out["hardware"]
+    assert set(out["results"]) == {"scale50", "signflip10"}
+    for attack, rules in out["results"].items():
+        assert set(rules) == {"fedavg", "median", "trimmed_mean", "clip"}, attack
+        for r in rules.values():
+            assert len(r["per_seed"]) == 3
+            assert r["mean"] == pytest.approx(sum(r["per_seed"]) / 3)
+            lo, hi = r["ci95"]
+            assert lo <= min(r["per_seed"]) <= r["mean"] <= max(r["per_seed"]) <= hi
+        for rule in ("median", "trimmed_mean", "clip"):
+            assert rules[rule]["ci95"][1] < rules["fedavg"]["ci95"][0], (attack, rule)
+
+
+def test_t_interval_by_hand() -> None:
+    """(1, 2, 3): mean 2, s = 1, t(0.975, 2) = 4.303: 2 ± 4.303/√3; one value has no interval."""
+    mean, (lo, hi) = bench.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert hi - mean == pytest.approx(4.303 / 3**0.5) and mean - lo == pytest.approx(hi - mean)
+    assert bench.t_interval([5.0]) == (5.0, None)
 
 
 def test_robust_rules_agree_with_fedavg_without_attackers() -> None:
