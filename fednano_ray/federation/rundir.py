@@ -229,6 +229,16 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
+def _clear_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files a killed process left in ``folder`` (:func:`atomic_write`'s,
+    named after their writer's pid; this process's own are left alone)."""
+    mine = f".{os.getpid()}."
+    for sub in (folder, folder / CLIENTS):
+        for tmp in sub.glob(".*.tmp") if sub.is_dir() else ():
+            if mine not in tmp.name:
+                tmp.unlink(missing_ok=True)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the renames in ``folder`` durable (before state.json marks the checkpoint complete)."""
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsync'd
@@ -343,6 +353,7 @@ def write_results(run_dir: str | Path, results: dict[str, Any]) -> Path:
     """Replace ``results.json`` (indented JSON), after checking it is one (:class:`RunResults`)."""
     path = results_path(run_dir)
     parse_results(results, path)
+    _clear_stale_temporaries(Path(run_dir))
     _write_text(path, json.dumps(results, indent=2))
     return path
 
@@ -412,6 +423,7 @@ def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
     """
     folder = round_dir(run_dir, ckpt.round)
     folder.mkdir(parents=True, exist_ok=True)
+    _clear_stale_temporaries(folder)
     _save_tensors(adapters_path(folder), ckpt.global_state)
     if ckpt.client_states:
         (folder / CLIENTS).mkdir(exist_ok=True)

@@ -5,6 +5,7 @@ checked here as the coordinator actor runs them (tests/actors run the same code 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,49 +194,48 @@ def test_personalisation_gives_every_client_its_own_adapters(tmp_path):
     assert sorted(ckpt.client_states) == [0, 1, 2, 3]
 
 
-class _Killed(BaseException):
-    """Stands in for the process being killed (not an Exception: nothing may catch it)."""
+@pytest.fixture(scope="module")
+def full_fedavg(tmp_path_factory):
+    """The uninterrupted 2-round fedavg run, in process."""
+    return _run(in_process(tiny("federation.strategy=fedavg"), tmp_path_factory.mktemp("full")))
 
 
-def test_a_run_killed_mid_round_or_mid_checkpoint_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypatch):
-    """Killed while round 1 trains, or while round 1's checkpoint is half written (its adapters on
-    disk, its state.json not): --resume starts again from round 0's checkpoint and ends with the
-    uninterrupted run's adapters."""
-    cfg = tiny("federation.strategy=fedavg")
-    full = _run(in_process(cfg, tmp_path / "full"))
+@pytest.mark.parametrize("where", ["fit", "checkpoint"])
+def test_a_run_killed_mid_round_or_mid_checkpoint_write_resumes_exactly(tmp_path, where, full_fedavg):
+    """A real kill (SIGKILL of the process running the federation) while round 1 trains, or while
+    round 1's checkpoint is being written (every file on disk but state.json, which is still its
+    temporary file): --resume starts again from round 0's checkpoint, clears the dead writer's
+    temporary file, and ends with the uninterrupted run's adapters and losses."""
+    import signal
+    import subprocess
+    import sys
 
-    class KillOnRound1(InProcess):
-        def submit(self, actor, method, *args, **kwargs):
-            if method == "fit" and kwargs.get("seed") == seeds[1]:
-                raise _Killed
-            return super().submit(actor, method, *args, **kwargs)
+    run = tmp_path / "run"
+    script = Path(__file__).resolve().parent / "_killable.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run), where, "--set", "federation.strategy=fedavg"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # blocks until the run reaches the point (or exits)
+        assert line.strip() == f"hanging {where}", (line, proc.stderr.read() if proc.poll() is not None else "")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
 
-    from fednano_ray.federation.rounds import round_seed
-
-    seeds = {r: round_seed(cfg.federation.seed, r, 2) for r in (0, 1)}
-    mid_round = in_process(cfg, tmp_path / "mid-round", transport=KillOnRound1())
-    with pytest.raises(_Killed):
-        _run(mid_round)
-
-    mid_write = in_process(cfg, tmp_path / "mid-write")
-    real = rundir._save_tensors
-
-    def dies_after_the_adapters(path, tensors):
-        real(path, tensors)
-        if path.parent.name == "round_0001":
-            raise _Killed
-
-    monkeypatch.setattr(rundir, "_save_tensors", dies_after_the_adapters)
-    with pytest.raises(_Killed):
-        _run(mid_write)
-    monkeypatch.setattr(rundir, "_save_tensors", real)
-    assert (tmp_path / "mid-write" / "checkpoints" / "round_0001" / rundir.ADAPTERS).exists()
-
-    for name in ("mid-round", "mid-write"):
-        assert [p.name for p in rundir.list_checkpoints(tmp_path / name)] == ["round_0000"], name
-        resumed = in_process(cfg, tmp_path / name)
-        assert resumed.restore() and resumed.next_round == 1
-        _run(resumed)
-        for k, v in full.global_state.items():
-            assert torch.equal(resumed.global_state[k], v), (name, k)
-        assert not list((tmp_path / name).rglob("*.tmp")), name
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["round_0000"]
+    half = rundir.round_dir(run, 1)
+    if where == "checkpoint":
+        assert rundir.adapters_path(half).exists() and not (half / rundir.STATE).exists()
+        assert [p.name.split(".")[1] for p in half.glob(".*.tmp")] == ["state"]  # what the kill left
+    resumed = in_process(tiny("federation.strategy=fedavg"), run)
+    assert resumed.restore() and resumed.next_round == 1
+    _run(resumed)
+    for k, v in full_fedavg.global_state.items():
+        assert torch.equal(resumed.global_state[k], v), k
+    assert [r["loss"] for r in resumed.rounds] == [r["loss"] for r in full_fedavg.rounds]
+    assert not list(run.rglob("*.tmp"))
