@@ -22,7 +22,9 @@ import tempfile
 import time
 from typing import Any
 
-CONFIG_ENV = "FNR_FLOWER_BENCH_CONFIG"  # the resolved fednano-ray config (JSON), for the Ray workers
+CONFIG_ENV = (
+    "FNR_FLOWER_BENCH_CONFIG"  # the resolved fednano-ray config (JSON), for the Ray workers
+)
 
 
 class TrivialClient:
@@ -41,7 +43,9 @@ class TrivialClient:
         from fednano_ray.task import prepare_data
         from fednano_ray.training import LocalServer
 
-        torch.set_num_threads(1)  # as a ClientActor with num_cpus=1 and a trainer with trainer_threads=1
+        torch.set_num_threads(
+            1
+        )  # as a ClientActor with num_cpus=1 and a trainer with trainer_threads=1
         self.cfg = cfg
         tier = cfg.tiers[0]
         mllm = build_mllm.__wrapped__(cfg.model)  # uncached: split() adds adapters to these parts
@@ -50,7 +54,10 @@ class TrivialClient:
         self.questions = [(e.question, list(e.choices), e.answer) for e in data.train]
         self.shards = data.client_train
         self.edge, server_llm = mllm.split(
-            cfg.adapter, r=cfg.tier_rank(tier), autocast_bf16=cfg.model.runtime_precision().autocast_bf16, seed=cfg.federation.seed
+            cfg.adapter,
+            r=cfg.tier_rank(tier),
+            autocast_bf16=cfg.model.runtime_precision().autocast_bf16,
+            seed=cfg.federation.seed,
         )
         self.server = LocalServer(server_llm)
         self.encode_row = mllm.encode_row
@@ -73,9 +80,17 @@ class TrivialClient:
         load_adapter_state(self.edge.adapters, state)
         idx = self.shards[client_id]
         new, _fisher, metrics, _ = local_fit(
-            self.edge, self.server, self.features[idx], [self._row(i) for i in idx],
-            steps=tier.local_steps, batch_size=tier.batch_size, lr=self.cfg.train.lr, pad_id=self.pad_id,
-            weight_decay=self.cfg.train.weight_decay, seed=seed, objective=self.cfg.train.objective,
+            self.edge,
+            self.server,
+            self.features[idx],
+            [self._row(i) for i in idx],
+            steps=tier.local_steps,
+            batch_size=tier.batch_size,
+            lr=self.cfg.train.lr,
+            pad_id=self.pad_id,
+            weight_decay=self.cfg.train.weight_decay,
+            seed=seed,
+            objective=self.cfg.train.objective,
             lm_weight=self.cfg.train.lm_weight,
         )
         return new, len(idx), float(metrics["loss"])
@@ -115,7 +130,12 @@ def _make_apps(rounds: int, num_clients: int, initial: dict, round_times: dict[i
         rnd = int(msg.content["config"]["server-round"])
         new, n, loss = client.fit(cid, state, seed=rnd * 100_003 + cid)
         return Message(
-            content=RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord({"num-examples": n, "loss": loss})}),
+            content=RecordDict(
+                {
+                    "arrays": ArrayRecord(new),
+                    "metrics": MetricRecord({"num-examples": n, "loss": loss}),
+                }
+            ),
             reply_to=msg,
         )
 
@@ -137,9 +157,17 @@ def _make_apps(rounds: int, num_clients: int, initial: dict, round_times: dict[i
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = TimedFedAvg(
-            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_clients, min_available_nodes=num_clients,
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=num_clients,
+            min_available_nodes=num_clients,
         )
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds, train_config=ConfigRecord())
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=rounds,
+            train_config=ConfigRecord(),
+        )
 
     return client_app, server_app
 
@@ -159,21 +187,34 @@ def run_flower(cfg_json: str, rounds: int, concurrency: int) -> dict[str, Any]:
     client_app, server_app = _make_apps(rounds, n, initial, round_times)
     t0 = time.perf_counter()
     run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=n, backend_name="ray",
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=n,
+        backend_name="ray",
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             # K logical CPUs at one per client: an actor pool of K, as our simulation mode's pool.
             # A Ray of its own in a temp dir of its own: never a cluster already running on this machine.
-            "init_args": {"address": "local", "num_cpus": concurrency, "include_dashboard": False,
-                          "_temp_dir": tempfile.mkdtemp(prefix="ray-", dir="/tmp")},
+            "init_args": {
+                "address": "local",
+                "num_cpus": concurrency,
+                "include_dashboard": False,
+                "_temp_dir": tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+            },
         },
     )
     run_wall = time.perf_counter() - t0
     walls = [round_times[r][1] - round_times[r][0] for r in sorted(round_times)]
     replies = [int(round_times[r][2]) for r in sorted(round_times)]
     return {
-        "framework": "flower", "flwr": flwr.__version__, "ray": ray.__version__, "clients": n, "rounds": rounds,
-        "concurrency": concurrency, "round_walls_s": [round(w, 4) for w in walls], "replies": replies,
+        "framework": "flower",
+        "flwr": flwr.__version__,
+        "ray": ray.__version__,
+        "clients": n,
+        "rounds": rounds,
+        "concurrency": concurrency,
+        "round_walls_s": [round(w, 4) for w in walls],
+        "replies": replies,
         "run_wall_s": round(run_wall, 2),
     }
 

@@ -45,11 +45,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0, help="adapter init and batch order (repeat over seeds for intervals)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="adapter init and batch order (repeat over seeds for intervals)",
+    )
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--train", choices=["adapters", "connector", "llm-lora"], default="adapters",
-                   help="what to train: the NanoAdapters (FedNano), PEFT LoRA inside the LLM (fedavg-lora's "
-                        "clients) or, as a diagnostic, the connector")
+    p.add_argument(
+        "--train",
+        choices=["adapters", "connector", "llm-lora"],
+        default="adapters",
+        help="what to train: the NanoAdapters (FedNano), PEFT LoRA inside the LLM (fedavg-lora's "
+        "clients) or, as a diagnostic, the connector",
+    )
     a = p.parse_args(argv)
 
     cfg = load_config(a.config, a.set)
@@ -65,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
             cfg.adapter, autocast_bf16=cfg.model.runtime_precision().autocast_bf16
         )
     else:
-        edge, server_llm = mllm.split(cfg.adapter, autocast_bf16=cfg.model.runtime_precision().autocast_bf16, seed=a.seed)
+        edge, server_llm = mllm.split(
+            cfg.adapter, autocast_bf16=cfg.model.runtime_precision().autocast_bf16, seed=a.seed
+        )
     server = LocalServer(server_llm)
     if a.train == "connector":  # diagnostic: the connector's 1M parameters take the adapters' place
         connector = edge.connector
@@ -73,15 +84,31 @@ def main(argv: list[str] | None = None) -> None:
             q.requires_grad_(True)
         edge.adapters = torch.nn.ModuleDict({"vision": _Wrapped(connector)})
         edge.connector = torch.nn.Identity()
-    train_qs = [([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category) for e in data.train]
-    questions = [([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category) for e in data.test]
+    train_qs = [
+        ([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category)
+        for e in data.train
+    ]
+    questions = [
+        ([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category)
+        for e in data.test
+    ]
     chance = sum(1 / len(e.choices) for e in data.test) / len(data.test)
 
     def report(step: int, extra: dict | None = None) -> None:
-        ev = evaluate(edge, server, test_f, questions, pad_id=mllm.pad_id, batch_size=cfg.train.eval_batch_size)
+        ev = evaluate(
+            edge,
+            server,
+            test_f,
+            questions,
+            pad_id=mllm.pad_id,
+            batch_size=cfg.train.eval_batch_size,
+        )
         # Scores rounded; per-question outcomes (``correct``, a 0/1 string) kept for paired comparisons.
         scores = {k: round(v, 3) if isinstance(v, float) else v for k, v in ev.items()}
-        print(json.dumps({"step": step, "chance": round(chance, 3), **scores, **(extra or {})}), flush=True)
+        print(
+            json.dumps({"step": step, "chance": round(chance, 3), **scores, **(extra or {})}),
+            flush=True,
+        )
 
     report(0)
     t0, done, opt_state = time.perf_counter(), 0, None
@@ -89,12 +116,25 @@ def main(argv: list[str] | None = None) -> None:
         n = min(a.eval_every, a.steps - done)
         # One optimiser for the whole run: AdamW's moments carry over between evaluation chunks.
         _, _, metrics, opt_state = local_fit(
-            edge, server, train_f, train_qs, steps=n, batch_size=a.batch_size, lr=a.lr, pad_id=mllm.pad_id,
-            seed=1000 * a.seed + done, params=params, objective=cfg.train.objective, lm_weight=cfg.train.lm_weight,
+            edge,
+            server,
+            train_f,
+            train_qs,
+            steps=n,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            pad_id=mllm.pad_id,
+            seed=1000 * a.seed + done,
+            params=params,
+            objective=cfg.train.objective,
+            lm_weight=cfg.train.lm_weight,
             optimizer_state=opt_state,
         )
         done += n
-        report(done, {"train_loss": round(metrics["loss"], 3), "wall_s": round(time.perf_counter() - t0, 1)})
+        report(
+            done,
+            {"train_loss": round(metrics["loss"], 3), "wall_s": round(time.perf_counter() - t0, 1)},
+        )
 
 
 if __name__ == "__main__":

@@ -150,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16, help="prompts decoded together")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
-    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where native, else float32), float32 (exact) or bfloat16")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 where native, else float32), float32 (exact) or bfloat16",
+    )
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny model's vLLM init time")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)

@@ -54,8 +54,16 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FLOWER_PINS = [
-    "flwr[simulation]==1.42.0", "torch==2.13.0", "transformers>=5.16.1,<5.20", "pydantic>=2.7,<3",
-    "safetensors", "pyyaml", "numpy", "pillow", "tqdm", "psutil",
+    "flwr[simulation]==1.42.0",
+    "torch==2.13.0",
+    "transformers>=5.16.1,<5.20",
+    "pydantic>=2.7,<3",
+    "safetensors",
+    "pyyaml",
+    "numpy",
+    "pillow",
+    "tqdm",
+    "psutil",
 ]
 
 
@@ -73,15 +81,29 @@ def bench_config(clients: int, rounds: int, concurrency: int, batch_wait_ms: flo
     """examples/tiny.yaml made trivial: one tier (one rank), one local step, FedAvg, no evaluation."""
     tree = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
     tree["federation"].update(
-        num_clients=clients, clients_per_round=clients, rounds=rounds + 1, evaluate_every=rounds + 1,
-        strategy="fedavg", mode="simulation", deadline_s=600,
+        num_clients=clients,
+        clients_per_round=clients,
+        rounds=rounds + 1,
+        evaluate_every=rounds + 1,
+        strategy="fedavg",
+        mode="simulation",
+        deadline_s=600,
     )
-    tree["tiers"] = [{
-        "name": "sim", "clients": clients, "num_cpus": 1, "batch_size": 4, "local_steps": 1, "adapter_rank": 4,
-        "pool_size": concurrency,
-    }]
+    tree["tiers"] = [
+        {
+            "name": "sim",
+            "clients": clients,
+            "num_cpus": 1,
+            "batch_size": 4,
+            "local_steps": 1,
+            "adapter_rank": 4,
+            "pool_size": concurrency,
+        }
+    ]
     # iid with >= 8 training questions a client: every client has a full batch of 4.
-    tree["data"].update(partition="iid", synth={**tree["data"]["synth"], "num_train": max(160, 10 * clients)})
+    tree["data"].update(
+        partition="iid", synth={**tree["data"]["synth"], "num_train": max(160, 10 * clients)}
+    )
     tree["train"].update(trainer_threads=1)
     if batch_wait_ms is not None:
         tree["train"]["batch_wait_ms"] = batch_wait_ms
@@ -119,17 +141,27 @@ def run_ours(cfg_json: str, rounds: int, concurrency: int) -> dict:
     t0 = time.perf_counter()
     # A Ray of our own, in a temp dir of its own: it neither joins nor replaces (as the default for
     # ray.init()) a cluster already running on this machine. K client actors at 1 CPU + the trainer at 0.5.
-    ray.init(address="local", num_cpus=concurrency + 1, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    ray.init(
+        address="local",
+        num_cpus=concurrency + 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         res = train(cfg, Path(tmp) / "run", progress=False, stop_after_round=rounds - 1)
     run_wall = time.perf_counter() - t0
     ray.shutdown()
     rs = res["rounds"]
     return {
-        "framework": "fednano-ray", "ray": ray.__version__, "clients": cfg.federation.num_clients, "rounds": len(rs),
-        "concurrency": concurrency, "round_walls_s": [r["wall_time_s"] for r in rs],
-        "replies": [len(r["completed"]) for r in rs], "failures": sum(len(r["failures"]) for r in rs),
+        "framework": "fednano-ray",
+        "ray": ray.__version__,
+        "clients": cfg.federation.num_clients,
+        "rounds": len(rs),
+        "concurrency": concurrency,
+        "round_walls_s": [r["wall_time_s"] for r in rs],
+        "replies": [len(r["completed"]) for r in rs],
+        "failures": sum(len(r["failures"]) for r in rs),
         "run_wall_s": round(run_wall, 2),
     }
 
@@ -145,41 +177,75 @@ def setup_venv(python: Path) -> None:
     print(f"creating the Flower venv {venv} ...", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *FLOWER_PINS], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(REPO)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(REPO)], check=True
+    )
 
 
-def run_flower(python: Path, cfg_json: str, rounds: int, concurrency: int, timeout_s: float) -> dict:
+def run_flower(
+    python: Path, cfg_json: str, rounds: int, concurrency: int, timeout_s: float
+) -> dict:
     env = {
-        **os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": "",  # nothing of our venv leaks in
     }
     proc = subprocess.run(
-        [str(python), str(HERE / "_flower_side.py"), "--config-json", cfg_json, "--rounds", str(rounds),
-         "--concurrency", str(concurrency)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False,
+        [
+            str(python),
+            str(HERE / "_flower_side.py"),
+            "--config-json",
+            cfg_json,
+            "--rounds",
+            str(rounds),
+            "--concurrency",
+            str(concurrency),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLOWER_RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"the Flower side failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise RuntimeError(
+            f"the Flower side failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
 def summarise(runs: list[dict], compute_s: float, compute_best_s: float) -> dict:
     """Pool every run's rounds but its first (warm-up): median (and best) round wall, per client-round, overhead."""
-    walls = [w for r in runs for w in (r["round_walls_s"][1:] if len(r["round_walls_s"]) > 1 else r["round_walls_s"])]
+    walls = [
+        w
+        for r in runs
+        for w in (r["round_walls_s"][1:] if len(r["round_walls_s"]) > 1 else r["round_walls_s"])
+    ]
     med = statistics.median(walls)
     first = runs[0]
     per = med * first["concurrency"] / first["clients"]
     best = min(walls) * first["concurrency"] / first["clients"]
     return {
-        "framework": first["framework"], "ray": first["ray"], "flwr": first.get("flwr"), "clients": first["clients"],
-        "rounds": first["rounds"], "concurrency": first["concurrency"], "runs": len(runs),
-        "round_walls_s": [r["round_walls_s"] for r in runs], "replies_ok": all(min(r["replies"]) == first["clients"] for r in runs),
+        "framework": first["framework"],
+        "ray": first["ray"],
+        "flwr": first.get("flwr"),
+        "clients": first["clients"],
+        "rounds": first["rounds"],
+        "concurrency": first["concurrency"],
+        "runs": len(runs),
+        "round_walls_s": [r["round_walls_s"] for r in runs],
+        "replies_ok": all(min(r["replies"]) == first["clients"] for r in runs),
         "run_wall_s": statistics.median(r["run_wall_s"] for r in runs),
-        "round_wall_median_s": round(med, 4), "s_per_client_round": round(per, 5),
+        "round_wall_median_s": round(med, 4),
+        "s_per_client_round": round(per, 5),
         "overhead_s_per_client_round": round(per - compute_s, 5),
         # The least-disturbed figures (best round less the 10th-percentile fit), for a busy machine.
-        "best_s_per_client_round": round(best, 5), "best_overhead_s_per_client_round": round(best - compute_best_s, 5),
+        "best_s_per_client_round": round(best, 5),
+        "best_overhead_s_per_client_round": round(best - compute_best_s, 5),
     }
 
 
@@ -187,13 +253,37 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fednano-ray bench flower_overhead")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--repeat", type=int, default=2, help="runs of each side, alternating (ours, Flower, ours, ...)")
-    p.add_argument("--concurrency", type=int, default=1, help="client actors on each side (our pool_size; Flower's actor pool)")
-    p.add_argument("--batch-wait-ms", type=float, default=None,
-                   help="our LLMTrainer's train.batch_wait_ms (default: the config's, 5 ms)")
-    p.add_argument("--reps", type=int, default=50, help="fits timed for the client's own compute, before and after")
-    p.add_argument("--flower-python", help="python of the Flower venv (default $FLWR_VENV/bin/python or /tmp/flwr-venv)")
-    p.add_argument("--setup-venv", action="store_true", help="create the Flower venv first if it is missing")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="runs of each side, alternating (ours, Flower, ours, ...)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="client actors on each side (our pool_size; Flower's actor pool)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="our LLMTrainer's train.batch_wait_ms (default: the config's, 5 ms)",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=50,
+        help="fits timed for the client's own compute, before and after",
+    )
+    p.add_argument(
+        "--flower-python",
+        help="python of the Flower venv (default $FLWR_VENV/bin/python or /tmp/flwr-venv)",
+    )
+    p.add_argument(
+        "--setup-venv", action="store_true", help="create the Flower venv first if it is missing"
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds one Flower run may take")
     a = p.parse_args(argv)
     if a.rounds < 2:
@@ -202,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     python = flower_python(a.flower_python)
     if not python.exists():
         if not a.setup_venv:
-            sys.exit(f"no Flower venv at {python.parent.parent}: pass --setup-venv, or see this benchmark's docstring "
-                     "(benchmarks/flower_overhead.py) for the pip commands")
+            sys.exit(
+                f"no Flower venv at {python.parent.parent}: pass --setup-venv, or see this benchmark's docstring "
+                "(benchmarks/flower_overhead.py) for the pip commands"
+            )
         setup_venv(python)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -224,36 +316,67 @@ def main(argv: list[str] | None = None) -> None:
     c10 = sorted(fits)[len(fits) // 10]
     ours, flower = summarise(ours_runs, c, c10), summarise(flower_runs, c, c10)
 
-    print(f"\n{a.clients} clients x {a.rounds} rounds x {a.repeat} runs a side, {a.concurrency} client actor(s) a side; "
-          f"client compute {1000 * c:.1f} ms a fit (median of {len(fits)}, p10 {1000 * c10:.1f} ms; one split step, batch 4, tiny model)")
-    print("| framework | round wall (median) | s per client-round | overhead per client-round | best round: s / overhead "
-          "per client-round | run wall (incl. startup) |")
+    print(
+        f"\n{a.clients} clients x {a.rounds} rounds x {a.repeat} runs a side, {a.concurrency} client actor(s) a side; "
+        f"client compute {1000 * c:.1f} ms a fit (median of {len(fits)}, p10 {1000 * c10:.1f} ms; one split step, batch 4, tiny model)"
+    )
+    print(
+        "| framework | round wall (median) | s per client-round | overhead per client-round | best round: s / overhead "
+        "per client-round | run wall (incl. startup) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for r in (ours, flower):
-        name = f"fednano-ray (ray {r['ray']})" if r["framework"] == "fednano-ray" else f"Flower {r['flwr']} (ray {r['ray']})"
-        print(f"| {name} | {r['round_wall_median_s']:.3f} s | {1000 * r['s_per_client_round']:.1f} ms | "
-              f"{1000 * r['overhead_s_per_client_round']:.1f} ms | {1000 * r['best_s_per_client_round']:.1f} / "
-              f"{1000 * r['best_overhead_s_per_client_round']:.1f} ms | {r['run_wall_s']:.1f} s |")
+        name = (
+            f"fednano-ray (ray {r['ray']})"
+            if r["framework"] == "fednano-ray"
+            else f"Flower {r['flwr']} (ray {r['ray']})"
+        )
+        print(
+            f"| {name} | {r['round_wall_median_s']:.3f} s | {1000 * r['s_per_client_round']:.1f} ms | "
+            f"{1000 * r['overhead_s_per_client_round']:.1f} ms | {1000 * r['best_s_per_client_round']:.1f} / "
+            f"{1000 * r['best_overhead_s_per_client_round']:.1f} ms | {r['run_wall_s']:.1f} s |"
+        )
     fo = flower["overhead_s_per_client_round"]
     ratio = ours["overhead_s_per_client_round"] / fo if fo > 0 else None
     total_ratio = ours["s_per_client_round"] / flower["s_per_client_round"]
-    print(f"overhead ratio ours/Flower: {ratio:.2f}x" if ratio is not None else "overhead ratio: n/a (Flower's is <= 0)",
-          f"(per client-round in all, compute included: {total_ratio:.2f}x)")
+    print(
+        f"overhead ratio ours/Flower: {ratio:.2f}x"
+        if ratio is not None
+        else "overhead ratio: n/a (Flower's is <= 0)",
+        f"(per client-round in all, compute included: {total_ratio:.2f}x)",
+    )
     if not (ours["replies_ok"] and flower["replies_ok"]):
         print("WARNING: some rounds lost clients; see the JSON lines above")
-    print(json.dumps({
-        "benchmark": "flower_overhead", "clients": a.clients, "rounds": a.rounds, "repeat": a.repeat,
-        "concurrency": a.concurrency, "batch_wait_ms": json.loads(cfg_json)["train"]["batch_wait_ms"],
-        "client_compute_s": round(c, 5), "client_compute_p10_s": round(c10, 5),
-        "ours_best_overhead_s": ours["best_overhead_s_per_client_round"],
-        "flower_best_overhead_s": flower["best_overhead_s_per_client_round"],
-        "ours_s_per_client_round": ours["s_per_client_round"], "flower_s_per_client_round": flower["s_per_client_round"],
-        "ours_overhead_s": ours["overhead_s_per_client_round"], "flower_overhead_s": fo,
-        "overhead_ratio_ours_over_flower": round(ratio, 3) if ratio is not None else None,
-        "total_ratio_ours_over_flower": round(total_ratio, 3),
-        "ours_round_walls_s": ours["round_walls_s"], "flower_round_walls_s": flower["round_walls_s"],
-        "versions": {"ours_ray": ours["ray"], "flwr": flower["flwr"], "flower_ray": flower["ray"]},
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "benchmark": "flower_overhead",
+                "clients": a.clients,
+                "rounds": a.rounds,
+                "repeat": a.repeat,
+                "concurrency": a.concurrency,
+                "batch_wait_ms": json.loads(cfg_json)["train"]["batch_wait_ms"],
+                "client_compute_s": round(c, 5),
+                "client_compute_p10_s": round(c10, 5),
+                "ours_best_overhead_s": ours["best_overhead_s_per_client_round"],
+                "flower_best_overhead_s": flower["best_overhead_s_per_client_round"],
+                "ours_s_per_client_round": ours["s_per_client_round"],
+                "flower_s_per_client_round": flower["s_per_client_round"],
+                "ours_overhead_s": ours["overhead_s_per_client_round"],
+                "flower_overhead_s": fo,
+                "overhead_ratio_ours_over_flower": round(ratio, 3) if ratio is not None else None,
+                "total_ratio_ours_over_flower": round(total_ratio, 3),
+                "ours_round_walls_s": ours["round_walls_s"],
+                "flower_round_walls_s": flower["round_walls_s"],
+                "versions": {
+                    "ours_ray": ours["ray"],
+                    "flwr": flower["flwr"],
+                    "flower_ray": flower["ray"],
+                },
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
             return x @ w
 
     out: dict = {"auto": resolve_precision("auto").as_dict(), "hardware": hardware_info()}
-    out["matmul_ms"] = {"fp32": round(_ms(lambda: x @ w, 20), 2), "bf16": round(_ms(bf16_matmul, 20), 2)}
+    out["matmul_ms"] = {
+        "fp32": round(_ms(lambda: x @ w, 20), 2),
+        "bf16": round(_ms(bf16_matmul, 20), 2),
+    }
     llm = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
     z = torch.randn(8, 48, 576)
     mask = torch.ones(8, 48, dtype=torch.long)
@@ -55,10 +58,14 @@ def main(argv: list[str] | None = None) -> None:
         step = _ms(lambda s=server: s.loss_and_grad(z, mask, labels), a.repeats) / 1000
         fwd = _ms(lambda s=server: s.score(z, mask, labels), a.repeats) / 1000
         out[name] = {
-            "split_step_s": round(step, 3), "split_step_tokens_per_s": round(8 * 48 / step),
-            "score_s": round(fwd, 3), "score_tokens_per_s": round(8 * 48 / fwd),
+            "split_step_s": round(step, 3),
+            "split_step_tokens_per_s": round(8 * 48 / step),
+            "score_s": round(fwd, 3),
+            "score_tokens_per_s": round(8 * 48 / fwd),
         }
-    out["bf16_speedup_split_step"] = round(out["fp32"]["split_step_s"] / out["bf16"]["split_step_s"], 2)
+    out["bf16_speedup_split_step"] = round(
+        out["fp32"]["split_step_s"] / out["bf16"]["split_step_s"], 2
+    )
     print(json.dumps(out, indent=2))
 
 

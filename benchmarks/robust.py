@@ -36,9 +36,36 @@ ROBUST = ("median", "trimmed_mean", "clip")
 
 # Two-sided 95% quantiles of Student's t, df = 1..30 (beyond: a Cornish-Fisher expansion).
 _T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
 )
 
 
@@ -122,7 +149,11 @@ def run(seeds: int = 3) -> dict:
             results[attack][rule] = {"per_seed": values, "mean": mean, "ci95": ci}
     return {
         "setup": {
-            "clients": 8, "attackers": 2, "rank": 4, "d": 32, "trim_fraction": 0.25,
+            "clients": 8,
+            "attackers": 2,
+            "rank": 4,
+            "d": 32,
+            "trim_fraction": 0.25,
             "clip_norm": "1.5 x honest update norm",
             "error": "distance to the honest mean / honest update norm",
         },

@@ -37,11 +37,20 @@ def run(clients: list[int], rounds: int = 3, per_round: int = 100) -> list[dict]
         cfg = load_config(
             "examples/tiny.yaml",
             [
-                f"federation.num_clients={n}", f"federation.clients_per_round={min(n, per_round)}",
-                f"federation.rounds={rounds}", f"federation.evaluate_every={rounds}", "federation.deadline_s=600",
-                f"tiers.0.clients={n // 2}", f"tiers.1.clients={n - n // 2}",
-                "tiers.0.pool_size=2", "tiers.1.pool_size=2", "tiers.0.local_steps=1", "tiers.1.local_steps=1",
-                "data.partition=iid", "data.synth.num_train=4000", "data.max_test_examples=40",
+                f"federation.num_clients={n}",
+                f"federation.clients_per_round={min(n, per_round)}",
+                f"federation.rounds={rounds}",
+                f"federation.evaluate_every={rounds}",
+                "federation.deadline_s=600",
+                f"tiers.0.clients={n // 2}",
+                f"tiers.1.clients={n - n // 2}",
+                "tiers.0.pool_size=2",
+                "tiers.1.pool_size=2",
+                "tiers.0.local_steps=1",
+                "tiers.1.local_steps=1",
+                "data.partition=iid",
+                "data.synth.num_train=4000",
+                "data.max_test_examples=40",
             ],
         )
         baseline = psutil.virtual_memory().used
@@ -56,12 +65,17 @@ def run(clients: list[int], rounds: int = 3, per_round: int = 100) -> list[dict]
         stop.set()
         sampler.join()
         walls = [r["wall_time_s"] for r in res["rounds"]]
-        rows.append({
-            "clients": n, "clients_per_round": min(n, per_round), "rounds": rounds,
-            "round_wall_s_median": sorted(walls)[len(walls) // 2], "run_wall_s": round(total, 1),
-            "peak_extra_memory_mib": round((peak[0] - baseline) / 2**20, 1),
-            "failures": res["summary"]["failures"],
-        })
+        rows.append(
+            {
+                "clients": n,
+                "clients_per_round": min(n, per_round),
+                "rounds": rounds,
+                "round_wall_s_median": sorted(walls)[len(walls) // 2],
+                "run_wall_s": round(total, 1),
+                "peak_extra_memory_mib": round((peak[0] - baseline) / 2**20, 1),
+                "failures": res["summary"]["failures"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         time.sleep(3.0)  # let the previous run's actors exit before the next baseline
     base = rows[0]["peak_extra_memory_mib"]
@@ -80,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| clients | per round | round wall (median) | peak extra memory | vs first |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['clients_per_round']} | {r['round_wall_s_median']:.1f} s | "
-              f"{r['peak_extra_memory_mib']:.0f} MiB | {r['memory_vs_first']} |")
+        print(
+            f"| {r['clients']} | {r['clients_per_round']} | {r['round_wall_s_median']:.1f} s | "
+            f"{r['peak_extra_memory_mib']:.0f} MiB | {r['memory_vs_first']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def make_config(connector_steps: int | None):
     cfg = load_config(QUICKSTART, overrides)
     if connector_steps is None:
         steps = cfg.model.connector_steps
-        key = connector_key(grid=cfg.model.grid, steps=steps, instruct_steps=cfg.model.instruct_steps)
+        key = connector_key(
+            grid=cfg.model.grid, steps=steps, instruct_steps=cfg.model.instruct_steps
+        )
         if not (connector_cache_path(key).exists() or shipped_connector_path(key).exists()):
             print(
                 f"note: no cached or shipped aligned nano connector ({steps} steps): serving an unaligned one "
@@ -375,7 +377,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--max-new-tokens", type=int, default=16, help="greedy tokens per answer, at most"
     )
-    ap.add_argument("--dtype", default="auto", help="LLM dtype of both engines (auto: bfloat16 where native, else float32; float32: exact)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="LLM dtype of both engines (auto: bfloat16 where native, else float32; float32: exact)",
+    )
     ap.add_argument("--engines", default="hf,vllm", help="comma-separated, measured in this order")
     ap.add_argument(
         "--connector-steps",

@@ -32,10 +32,15 @@ def run(model: str, clients: list[int], batch: int, steps: int, threads: int) ->
     edge, _ = mllm.split(cfg.adapter)
     rows = [mllm.encode_row(f"What colour is the square number {i}?", "red") for i in range(batch)]
     b = collate(rows, mllm.pad_id)
-    feats = torch.randn(batch, mllm.num_image_tokens, mllm.parts.connector[0].in_features if model == "nano" else 64)
+    feats = torch.randn(
+        batch, mllm.num_image_tokens, mllm.parts.connector[0].in_features if model == "nano" else 64
+    )
     with torch.no_grad():
-        z = edge(b["input_ids"], b["image_mask"], features=feats) if model == "nano" else edge(
-            b["input_ids"], b["image_mask"], pixel_values=torch.randn(batch, 3, 32, 32))
+        z = (
+            edge(b["input_ids"], b["image_mask"], features=feats)
+            if model == "nano"
+            else edge(b["input_ids"], b["image_mask"], pixel_values=torch.randn(batch, 3, 32, 32))
+        )
     tokens_per_step = int(b["attention_mask"].sum())
     out = []
     for n in clients:
@@ -46,7 +51,12 @@ def run(model: str, clients: list[int], batch: int, steps: int, threads: int) ->
                 await trainer.loss_and_grad(z, b["attention_mask"], b["labels"])  # warm-up
                 t0 = time.perf_counter()
                 if mode == "concurrent":
-                    await asyncio.gather(*[_client(trainer, z, b["attention_mask"], b["labels"], steps) for _ in range(n)])
+                    await asyncio.gather(
+                        *[
+                            _client(trainer, z, b["attention_mask"], b["labels"], steps)
+                            for _ in range(n)
+                        ]
+                    )
                 else:
                     for _ in range(n):
                         await _client(trainer, z, b["attention_mask"], b["labels"], steps)
@@ -54,8 +64,14 @@ def run(model: str, clients: list[int], batch: int, steps: int, threads: int) ->
 
             wall = asyncio.run(main())
             tps = n * steps * tokens_per_step / wall
-            out.append({"clients": n, "mode": mode, "tokens_per_s": round(tps, 1),
-                        "max_clients_in_batch": trainer.get_stats()["max_clients_in_batch"]})
+            out.append(
+                {
+                    "clients": n,
+                    "mode": mode,
+                    "tokens_per_s": round(tps, 1),
+                    "max_clients_in_batch": trainer.get_stats()["max_clients_in_batch"],
+                }
+            )
             print(out[-1], flush=True)
     return out
 
@@ -69,12 +85,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     rows = run(a.model, a.clients, a.batch, a.steps, a.threads)
-    print("\n| clients | sequential tokens/s | concurrent (merged) tokens/s | speed-up | clients per batch |")
+    print(
+        "\n| clients | sequential tokens/s | concurrent (merged) tokens/s | speed-up | clients per batch |"
+    )
     print("|---:|---:|---:|---:|---:|")
     for n in a.clients:
         s = next(r for r in rows if r["clients"] == n and r["mode"] == "sequential")
         c = next(r for r in rows if r["clients"] == n and r["mode"] == "concurrent")
-        print(f"| {n} | {s['tokens_per_s']:.0f} | {c['tokens_per_s']:.0f} | {c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['max_clients_in_batch']} |")
+        print(
+            f"| {n} | {s['tokens_per_s']:.0f} | {c['tokens_per_s']:.0f} | {c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['max_clients_in_batch']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -121,7 +121,12 @@ def count(
 
 
 def adapter_param_count(
-    parts: MLLMParts, r: int, modalities: Sequence[str], *, kind: str = "lowrank", num_image_tokens: int = 0
+    parts: MLLMParts,
+    r: int,
+    modalities: Sequence[str],
+    *,
+    kind: str = "lowrank",
+    num_image_tokens: int = 0,
 ) -> int:
     """Parameters of the NanoAdapters of form ``kind`` (``adapter.kind``), counted arithmetically:
     the paper's ``lora_A`` (r×d) + ``lora_B`` (d×r) per modality, plus each form's own tensors
@@ -231,7 +236,9 @@ def account(
     tied = bool(set(embed) & set(lm_head))
 
     whole = {**encoder, **connector, **embed, **decoder, **lm_head}
-    full = METHODS[strategy].client.holds_llm  # fedavg-lora: the client holds it all, the server nothing
+    full = METHODS[
+        strategy
+    ].client.holds_llm  # fedavg-lora: the client holds it all, the server nothing
     client_frozen = whole if full else {**encoder, **connector, **embed}
     server = {} if full else {**decoder, **lm_head}
     shared = {k: v for k, v in client_frozen.items() if k in server}
@@ -242,8 +249,13 @@ def account(
     shared_params, _ = _sum(shared, dtype_bytes)
 
     adapter_params = trained_param_count(
-        parts, r=adapter_rank, strategy=strategy, modalities=modalities, lora_target_modules=lora_target_modules,
-        kind=form, num_image_tokens=num_image_tokens,
+        parts,
+        r=adapter_rank,
+        strategy=strategy,
+        modalities=modalities,
+        lora_target_modules=lora_target_modules,
+        kind=form,
+        num_image_tokens=num_image_tokens,
     )
     adapter_bytes = adapter_params * FLOAT32_BYTES
     client_params = client_frozen_params + adapter_params
@@ -356,18 +368,37 @@ def account_run(cfg: Any, mllm: Any, *, text_tokens: int = 40) -> dict[str, Any]
     tiers = []
     for t in cfg.tiers:
         r = cfg.tier_rank(t)
-        up, down = step_activation_bytes(t.batch_size, out["sequence_length"], out["hidden_size"], strategy=strategy)
-        trained = trained_param_count(
-            parts, r=r, strategy=strategy, modalities=a.modalities, lora_target_modules=a.lora_target_modules,
-            kind=a.kind, num_image_tokens=n_img,
+        up, down = step_activation_bytes(
+            t.batch_size, out["sequence_length"], out["hidden_size"], strategy=strategy
         )
-        tiers.append({
-            "name": t.name, "clients": t.clients, "adapter_rank": r, "adapter_bytes": trained * FLOAT32_BYTES,
-            "batch_size": t.batch_size, "local_steps": t.local_steps, "step_bytes_up": up, "step_bytes_down": down,
-        })
+        trained = trained_param_count(
+            parts,
+            r=r,
+            strategy=strategy,
+            modalities=a.modalities,
+            lora_target_modules=a.lora_target_modules,
+            kind=a.kind,
+            num_image_tokens=n_img,
+        )
+        tiers.append(
+            {
+                "name": t.name,
+                "clients": t.clients,
+                "adapter_rank": r,
+                "adapter_bytes": trained * FLOAT32_BYTES,
+                "batch_size": t.batch_size,
+                "local_steps": t.local_steps,
+                "step_bytes_up": up,
+                "step_bytes_down": down,
+            }
+        )
     return {
-        "model": mllm.name, "model_kind": cfg.model.kind, "dtype": mllm.dtype, "adapter_dtype": "float32",
-        **out, "tiers": tiers,
+        "model": mllm.name,
+        "model_kind": cfg.model.kind,
+        "dtype": mllm.dtype,
+        "adapter_dtype": "float32",
+        **out,
+        "tiers": tiers,
     }
 
 

@@ -35,7 +35,9 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
                     f"start nodes with --resources='{{\"{res}\": N}}' (see cluster.yaml) or remove it"
                 )
     if trainer and cfg.train.trainer_num_gpus > available.get("GPU", 0.0):
-        raise ConfigError(f"train.trainer_num_gpus = {cfg.train.trainer_num_gpus:g} but the cluster has no GPU")
+        raise ConfigError(
+            f"train.trainer_num_gpus = {cfg.train.trainer_num_gpus:g} but the cluster has no GPU"
+        )
     if need_cpu > available.get("CPU", 0.0) + 1e-9:
         raise ConfigError(
             f"the trainer and client actors need {need_cpu:g} CPUs but the cluster has {available.get('CPU', 0.0):g}: "
@@ -107,7 +109,9 @@ def train(
 
     run_dir = Path(run_dir)
     if not resume and rundir.results_path(run_dir).exists():
-        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir")
+        raise ConfigError(
+            f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir"
+        )
     check_resources(cfg, ray.cluster_resources())
     classes = actor_classes()
     if client_class is not None:
@@ -116,12 +120,26 @@ def train(
     # The coordinator owns the run: pin it to the head node, never to a client node that may be
     # removed mid-run (tests/actors/test_federation.py removes one). It needs no CPU, so it always fits.
     on_head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
-    coord = classes["coordinator"].options(max_concurrency=4, num_cpus=0, scheduling_strategy=on_head).remote(
-        cfg, str(run_dir), resume=resume, actor_classes={k: classes[k] for k in ("client", "trainer")}
+    coord = (
+        classes["coordinator"]
+        .options(max_concurrency=4, num_cpus=0, scheduling_strategy=on_head)
+        .remote(
+            cfg,
+            str(run_dir),
+            resume=resume,
+            actor_classes={k: classes[k] for k in ("client", "trainer")},
+        )
     )
     info = ray.get(coord.begin.remote())
     fed = cfg.federation
-    bar = tqdm(total=fed.rounds, initial=info["next_round"], desc="rounds", unit="round", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=fed.rounds,
+        initial=info["next_round"],
+        desc="rounds",
+        unit="round",
+        disable=not progress,
+        file=sys.stderr,
+    )
     for rnd in range(info["next_round"], fed.rounds):
         ref = coord.run_round.remote(rnd)
         while True:
@@ -132,8 +150,13 @@ def train(
             if p["round"] == rnd:
                 bar.set_postfix_str(f"round {rnd}: {p['done']}/{p['total']} clients")
         rec = ray.get(ref)
-        post = {"loss": f"{rec['loss']:.3f}" if rec["loss"] is not None else "-", "failed": len(rec["failures"])}
-        if rec.get("avg_accuracy") is not None:  # None when no client could be scored (eval failures)
+        post = {
+            "loss": f"{rec['loss']:.3f}" if rec["loss"] is not None else "-",
+            "failed": len(rec["failures"]),
+        }
+        if (
+            rec.get("avg_accuracy") is not None
+        ):  # None when no client could be scored (eval failures)
             post["acc"] = f"{rec['avg_accuracy']:.3f}"
         bar.set_postfix(post)
         bar.update(1)
@@ -145,11 +168,16 @@ def train(
     bar.close()
     if fed.personalize_steps:
         if progress and cfg.method().dual_adapter:
-            print(f"{fed.strategy} local phase: every client trains a local adapter for "
-                  f"{fed.personalize_steps} steps beside the frozen global one", file=sys.stderr)
+            print(
+                f"{fed.strategy} local phase: every client trains a local adapter for "
+                f"{fed.personalize_steps} steps beside the frozen global one",
+                file=sys.stderr,
+            )
         elif progress:
-            print(f"personalising: every client fine-tunes the global adapters for {fed.personalize_steps} steps",
-                  file=sys.stderr)
+            print(
+                f"personalising: every client fine-tunes the global adapters for {fed.personalize_steps} steps",
+                file=sys.stderr,
+            )
         ray.get(coord.personalize.remote())
     results = ray.get(coord.finish.remote(time.perf_counter() - t0))
     results["trainer_stats"] = ray.get(coord.trainer_stats.remote())

@@ -15,7 +15,9 @@ from fednano_ray.config import Config, ConfigError, load_config
 from fednano_ray.federation import rundir
 from fednano_ray.units import format_bytes
 
-TABLE_MAX_CLIENTS = 24  # more clients than this: the table lists the first TABLE_HEAD_CLIENTS and a spread
+TABLE_MAX_CLIENTS = (
+    24  # more clients than this: the table lists the first TABLE_HEAD_CLIENTS and a spread
+)
 TABLE_HEAD_CLIENTS = 10
 
 
@@ -80,18 +82,27 @@ def summary_table(results: dict[str, Any]) -> str:
         f"{'average':>8} | {total_n if total_n is not None else '':>{nw}} | "
         f"{_acc_ci(s['accuracy_before'], s.get('accuracy_before_ci95'), total_n):<{cw}} | "
         f"{_acc_ci(s['accuracy_after'], s.get('accuracy_after_ci95'), total_n):<{cw if personal else 0}}"
-        + (f" | {_acc_ci(s['accuracy_personalized'], s.get('accuracy_personalized_ci95'), total_n)}" if personal else "")
+        + (
+            f" | {_acc_ci(s['accuracy_personalized'], s.get('accuracy_personalized_ci95'), total_n)}"
+            if personal
+            else ""
+        )
         + ((" weighted by test size" if personal else "  weighted by test size") if total_n else "")
     )
-    lines.append("n: held-out questions; [lo, hi]: 95% Wilson interval (the average's: all questions pooled)")
+    lines.append(
+        "n: held-out questions; [lo, hi]: 95% Wilson interval (the average's: all questions pooled)"
+    )
     for name, label in (("after", "after - before"), ("personalized", "personalised - before")):
         held, glob = s.get(f"accuracy_gain_{name}"), s.get(f"global_test_gain_{name}")
         if held or glob:
             lines.append(
-                f"{label + ',':<22} paired 95%: held-out {_gain(held)}" + (f"; global test {_gain(glob)}" if glob else "")
+                f"{label + ',':<22} paired 95%: held-out {_gain(held)}"
+                + (f"; global test {_gain(glob)}" if glob else "")
             )
     lines.append("")
-    lines.append(f"strategy                   {s['strategy']} ({s['rounds']} rounds, {s['failures']} client failures)")
+    lines.append(
+        f"strategy                   {s['strategy']} ({s['rounds']} rounds, {s['failures']} client failures)"
+    )
     gn = s.get("global_test_n")
     lines.append(
         f"global test accuracy       {_acc_ci(s.get('global_test_accuracy_before'), s.get('global_test_accuracy_before_ci95'), gn)}"
@@ -103,7 +114,10 @@ def summary_table(results: dict[str, Any]) -> str:
             f"  with personal adapters   {_acc_ci(s.get('global_test_accuracy_personalized'), s.get('global_test_accuracy_personalized_ci95'), gn)}"
             "  (each client's own, averaged)"
         )
-    by_before, by_after = s.get("global_test_by_category_before") or {}, s.get("global_test_by_category") or {}
+    by_before, by_after = (
+        s.get("global_test_by_category_before") or {},
+        s.get("global_test_by_category") or {},
+    )
     if by_after:  # what the adapters learned, question type by question type
         cat_n = s.get("global_test_n_by_category") or {}
         lines.append("global test by category     before -> after")
@@ -115,9 +129,15 @@ def summary_table(results: dict[str, Any]) -> str:
             )
     if s.get("chance_accuracy") is not None:
         lines.append(f"chance (uniform guess)     {s['chance_accuracy']:.3f}")
-    lines.append(f"adapters sent up / down    {format_bytes(s['bytes_up'])} / {format_bytes(s['bytes_down'])} in total")
+    lines.append(
+        f"adapters sent up / down    {format_bytes(s['bytes_up'])} / {format_bytes(s['bytes_down'])} in total"
+    )
     # fedavg-lora: every client trains its own full MLLM, so no activations cross the network.
-    no_split = " (no split step: each client holds the whole MLLM)" if s.get("adapter_kind") == "llm_lora" else ""
+    no_split = (
+        " (no split step: each client holds the whole MLLM)"
+        if s.get("adapter_kind") == "llm_lora"
+        else ""
+    )
     lines.append(
         f"split-step activations     {format_bytes(s['step_bytes_up'])} up + {format_bytes(s['step_bytes_down'])} down "
         f"per step{no_split}"
@@ -132,11 +152,17 @@ def summary_table(results: dict[str, Any]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # validated before Ray starts
-    run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.config).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = Path(
+        args.run_dir or Path("runs") / f"{Path(args.config).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    )
     if args.resume and not rundir.config_path(run_dir).exists():
-        raise ConfigError(f"--resume: {run_dir} holds no run (no {rundir.CONFIG}); pass the --run-dir of the run to continue")
+        raise ConfigError(
+            f"--resume: {run_dir} holds no run (no {rundir.CONFIG}); pass the --run-dir of the run to continue"
+        )
     # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster; otherwise start a private one.
-    address = args.address or (os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS") != "local" else None)
+    address = args.address or (
+        os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS") != "local" else None
+    )
     if address is None:
         from fednano_ray.app import check_resources
 
@@ -157,7 +183,9 @@ def _issue_tokens(run_dir: Path, num_clients: int, mode: str) -> None:
     from fednano_ray.serve.auth import issue_all, load_tokens, tokens_path
 
     if mode == "none" or (mode == "auto" and num_clients > 64):
-        print(f"no serving tokens issued; create one per client with `fednano-ray token {run_dir} CLIENT_ID`")
+        print(
+            f"no serving tokens issued; create one per client with `fednano-ray token {run_dir} CLIENT_ID`"
+        )
         return
     if load_tokens(run_dir):
         return  # a resumed run keeps the tokens it already has
@@ -191,10 +219,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from fednano_ray.data.synth import generate
 
-    root = generate(args.out_dir, num_train=args.num_train, num_test=args.num_test, image_size=args.image_size, seed=args.seed,
-                    difficulty=args.difficulty)
+    root = generate(
+        args.out_dir,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        image_size=args.image_size,
+        seed=args.seed,
+        difficulty=args.difficulty,
+    )
     info = json.loads((Path(root) / "info.json").read_text())
-    print(json.dumps({"root": str(root), **{k: info[k] for k in info if k in ("generator", "difficulty", "splits")}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "root": str(root),
+                **{k: info[k] for k in info if k in ("generator", "difficulty", "splits")},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -236,8 +278,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The run's serve section gives the defaults (a folder without config.yaml fails in serve_run, clearly).
     path = rundir.config_path(args.run_dir)
     section = rundir.read_config(args.run_dir).serve if path.is_file() else ServeConfig()
-    serve_run(args.run_dir, host=args.host or section.host, port=args.port or section.port,
-              engine=args.engine or section.engine, address=args.address)
+    serve_run(
+        args.run_dir,
+        host=args.host or section.host,
+        port=args.port or section.port,
+        engine=args.engine or section.engine,
+        address=args.address,
+    )
     return 0
 
 
@@ -250,8 +297,11 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(token)  # the only time it is shown; only its hash is stored
-    print(f"token of client {args.client_id}: only its hash is kept in {tokens_path(args.run_dir)}; "
-          "store it now, it cannot be shown again", file=sys.stderr)
+    print(
+        f"token of client {args.client_id}: only its hash is kept in {tokens_path(args.run_dir)}; "
+        "store it now, it cannot be shown again",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -270,7 +320,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     spec = load_grid(args.spec)
     return run_grid(
-        spec, only=args.only, runs_dir=args.runs_dir, dry_run=args.dry_run, report_out=args.report_out,
+        spec,
+        only=args.only,
+        runs_dir=args.runs_dir,
+        dry_run=args.dry_run,
+        report_out=args.report_out,
         runner=partial(train_subprocess, address=args.address),
     )
 
@@ -289,20 +343,38 @@ class _HelpConfig(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fednano-ray", description="Federated tuning of multimodal LLMs with FedNano on Ray.")
+    p = argparse.ArgumentParser(
+        prog="fednano-ray", description="Federated tuning of multimodal LLMs with FedNano on Ray."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a federated training job")
     t.add_argument("config", help="YAML config (see examples/quickstart.yaml)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key",
+    )
     t.add_argument("--run-dir", help="output directory (default runs/<config>-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its last checkpoint",
+    )
     t.add_argument("--address", help="join an existing Ray cluster (auto or ray://host:port)")
     t.add_argument(
-        "--tokens", choices=["auto", "all", "none"], default="auto",
+        "--tokens",
+        choices=["auto", "all", "none"],
+        default="auto",
         help="issue each client's serving token at the end (auto: when there are at most 64 clients)",
     )
-    t.add_argument("--help-config", action=_HelpConfig, help="list every config key with its default and meaning, then exit")
+    t.add_argument(
+        "--help-config",
+        action=_HelpConfig,
+        help="list every config key with its default and meaning, then exit",
+    )
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser(
@@ -310,9 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="align the nano model's connector (LLaVA stages 1 and 2) once and cache it; the default config's ships",
     )
     a.add_argument("config", nargs="?", default="examples/quickstart.yaml")
-    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
-    a.add_argument("--out", help="also write the connector and its checksummed record here (fednano_ray/assets ships)")
-    a.add_argument("--force", action="store_true", help="align again even if a cached or shipped connector matches")
+    a.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key",
+    )
+    a.add_argument(
+        "--out",
+        help="also write the connector and its checksummed record here (fednano_ray/assets ships)",
+    )
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="align again even if a cached or shipped connector matches",
+    )
     a.set_defaults(func=cmd_align)
 
     i = sub.add_parser("inspect", help="parameter/byte accounting of NanoEdge vs. the full MLLM")
@@ -329,8 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-test", type=int, default=400)
     s.add_argument("--image-size", type=int, default=224)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--difficulty", choices=["easy", "hard"], default="easy",
-                   help="easy: one object per question; hard: scenes of 2-5 objects that need attribute binding")
+    s.add_argument(
+        "--difficulty",
+        choices=["easy", "hard"],
+        default="easy",
+        help="easy: one object per question; hard: scenes of 2-5 objects that need attribute binding",
+    )
     s.set_defaults(func=cmd_data_synth)
     b = sub.add_parser("bench", help="run a benchmark under benchmarks/ (figures, not tests)")
     b.add_argument("name", help="benchmark name, e.g. scale")
@@ -339,30 +428,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="serve a run's personalised models over HTTP (Ray Serve)")
     v.add_argument("run_dir", help="a training run directory (--run-dir of `train`)")
-    v.add_argument("--engine", choices=["vllm", "hf"], help="generation engine of the frozen LLM (default: the run's serve.engine, hf)")
-    v.add_argument("--host", help="bind address (default: the run's serve.host, 127.0.0.1: loopback only)")
+    v.add_argument(
+        "--engine",
+        choices=["vllm", "hf"],
+        help="generation engine of the frozen LLM (default: the run's serve.engine, hf)",
+    )
+    v.add_argument(
+        "--host", help="bind address (default: the run's serve.host, 127.0.0.1: loopback only)"
+    )
     v.add_argument("--port", type=int, help="HTTP port (default: the run's serve.port, 8000)")
     v.add_argument("--address", help="join an existing Ray cluster (auto or ray://host:port)")
     v.set_defaults(func=cmd_serve)
 
-    k = sub.add_parser("token", help="issue a client's serving token (printed once; only its hash is kept)")
+    k = sub.add_parser(
+        "token", help="issue a client's serving token (printed once; only its hash is kept)"
+    )
     k.add_argument("run_dir", help="a training run directory")
     k.add_argument("client_id", type=int, help="client id, 0..num_clients-1")
     k.add_argument("--rotate", action="store_true", help="replace the client's existing token")
     k.set_defaults(func=cmd_token)
 
-    r = sub.add_parser("report", help="Markdown table and plots over runs: mean ± std over seeds per setting")
-    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help=f"run directories (each with a {rundir.RESULTS})")
-    r.add_argument("--out", default="report", help=f"output folder for {rundir.REPORT} and its PNGs (default ./report)")
+    r = sub.add_parser(
+        "report", help="Markdown table and plots over runs: mean ± std over seeds per setting"
+    )
+    r.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help=f"run directories (each with a {rundir.RESULTS})",
+    )
+    r.add_argument(
+        "--out",
+        default="report",
+        help=f"output folder for {rundir.REPORT} and its PNGs (default ./report)",
+    )
     r.set_defaults(func=cmd_report)
 
-    g = sub.add_parser("grid", help="run a grid of experiments (e.g. examples/paper/grid.yaml), resumably, then report")
+    g = sub.add_parser(
+        "grid",
+        help="run a grid of experiments (e.g. examples/paper/grid.yaml), resumably, then report",
+    )
     g.add_argument("spec", help="grid spec YAML: base config, seeds, groups of --set overrides")
     g.add_argument("--only", nargs="+", metavar="GROUP", help="run only these groups of the spec")
-    g.add_argument("--dry-run", action="store_true", help="validate every cell's config and list the cells; run nothing")
-    g.add_argument("--runs-dir", help="folder of the cells' run directories (default: the spec's runs_dir, or runs/paper)")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate every cell's config and list the cells; run nothing",
+    )
+    g.add_argument(
+        "--runs-dir",
+        help="folder of the cells' run directories (default: the spec's runs_dir, or runs/paper)",
+    )
     g.add_argument("--report-out", help="folder of the final report (default RUNS_DIR/report)")
-    g.add_argument("--address", help="join an existing Ray cluster for every cell (auto or ray://host:port)")
+    g.add_argument(
+        "--address", help="join an existing Ray cluster for every cell (auto or ray://host:port)"
+    )
     g.set_defaults(func=cmd_grid)
     return p
 

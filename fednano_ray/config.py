@@ -46,13 +46,19 @@ class TinyModelConfig(_Section):
 
     hidden_size: int = Field(128, ge=32, description="LLM hidden size.")
     num_layers: int = Field(2, ge=1, description="LLM decoder layers.")
-    num_heads: int = Field(4, ge=1, description="LLM attention heads (hidden_size / num_heads >= 32).")
+    num_heads: int = Field(
+        4, ge=1, description="LLM attention heads (hidden_size / num_heads >= 32)."
+    )
     intermediate_size: int = Field(256, ge=8, description="LLM MLP width.")
     vision_hidden_size: int = Field(64, ge=8, description="Vision tower hidden size.")
     vision_layers: int = Field(1, ge=1, description="Vision tower layers.")
     image_size: int = Field(32, ge=8, description="Input image side in pixels.")
-    patch_size: int = Field(8, ge=2, description="Vision patch side; image_size/patch_size squared visual tokens.")
-    seed: int = Field(0, description="Seed of the random weights (every process builds the same model).")
+    patch_size: int = Field(
+        8, ge=2, description="Vision patch side; image_size/patch_size squared visual tokens."
+    )
+    seed: int = Field(
+        0, description="Seed of the random weights (every process builds the same model)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TinyModelConfig:
@@ -72,14 +78,24 @@ class ModelConfig(_Section):
         "hf: a LLaVA-family checkpoint (name_or_path); tiny: random weights for tests.",
     )
     name_or_path: str | None = Field(
-        None, description="hf only: hub id or local folder of a LlavaForConditionalGeneration checkpoint."
+        None,
+        description="hf only: hub id or local folder of a LlavaForConditionalGeneration checkpoint.",
     )
-    grid: int = Field(4, ge=1, le=7, description="nano only: the 7x7 feature map is pooled to grid x grid visual tokens.")
+    grid: int = Field(
+        4,
+        ge=1,
+        le=7,
+        description="nano only: the 7x7 feature map is pooled to grid x grid visual tokens.",
+    )
     connector_steps: int = Field(
-        200, ge=0, description="nano only: stage-1 alignment steps of the connector (cached after the first run)."
+        200,
+        ge=0,
+        description="nano only: stage-1 alignment steps of the connector (cached after the first run).",
     )
     instruct_steps: int = Field(
-        100, ge=0, description="nano only: stage-2 short-answer VQA steps of the connector after stage 1 (0 = none; cached)."
+        100,
+        ge=0,
+        description="nano only: stage-2 short-answer VQA steps of the connector after stage 1 (0 = none; cached).",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
@@ -88,7 +104,9 @@ class ModelConfig(_Section):
         "fp32 elsewhere (on an AVX2-only CPU bf16 is emulated and ~50-70x slower); fp32 for exact checks; bf16 forces "
         "autocast. Weights, connector and adapters stay fp32.",
     )
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="tiny only: model sizes.")
+    tiny: TinyModelConfig = Field(
+        default_factory=TinyModelConfig, description="tiny only: model sizes."
+    )
 
     def runtime_precision(self):
         """``precision`` resolved on this process's hardware (:func:`fednano_ray.precision.resolve_precision`)."""
@@ -109,7 +127,9 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.kind == "hf" and not self.name_or_path:
-            raise ValueError("model.name_or_path is required when model.kind is 'hf' (e.g. llava-hf/llava-1.5-7b-hf)")
+            raise ValueError(
+                "model.name_or_path is required when model.kind is 'hf' (e.g. llava-hf/llava-1.5-7b-hf)"
+            )
         return self
 
 
@@ -126,12 +146,14 @@ class AdapterConfig(_Section):
     """
 
     r: int = Field(
-        8, ge=1,
+        8,
+        ge=1,
         description="Default adapter rank (a tier may override it) and the reference rank of the scaling "
         "lora_alpha / r, which every tier uses whatever its adapter_rank.",
     )
     lora_alpha: float = Field(
-        16.0, gt=0,
+        16.0,
+        gt=0,
         description="Scaling numerator; scaling = lora_alpha / r with r = adapter.r, the same for every tier "
         "(not lora_alpha / the tier's adapter_rank).",
     )
@@ -157,11 +179,13 @@ class AdapterConfig(_Section):
         "train.optimizer_state=reset (the factors change basis every round).",
     )
     modalities: tuple[Literal["vision", "text"], ...] = Field(
-        ("vision", "text"), min_length=1,
+        ("vision", "text"),
+        min_length=1,
         description="Which NanoAdapters to train: vision, text or both (fedavg-lora trains none).",
     )
     lora_target_modules: tuple[str, ...] = Field(
-        ("q_proj", "v_proj"), min_length=1,
+        ("q_proj", "v_proj"),
+        min_length=1,
         description="fedavg-lora only: the LLM decoder's Linear layers that get PEFT LoRA (PEFT's target_modules: "
         "a module matches when its name is, or ends with, .NAME); q_proj and v_proj are LLaVA's and PEFT's usual "
         "choice, add k_proj, o_proj, gate_proj, up_proj, down_proj for more. Rank, alpha and dropout as above.",
@@ -210,14 +234,25 @@ class DataConfig(_Section):
     """Dataset and how it is split across clients."""
 
     path: Path | None = Field(
-        None, description="Dataset root with train/ and test/ (DESIGN.md §4); unset = the synthetic benchmark."
+        None,
+        description="Dataset root with train/ and test/ (DESIGN.md §4); unset = the synthetic benchmark.",
     )
-    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic benchmark settings.")
-    partition: Literal["iid", "dirichlet", "pathological"] = Field("dirichlet", description="Partitioner.")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: small = more heterogeneous.")
-    partition_by: Literal["answer", "category"] = Field("category", description="Label the partitioner uses.")
+    synth: SynthConfig = Field(
+        default_factory=SynthConfig, description="Synthetic benchmark settings."
+    )
+    partition: Literal["iid", "dirichlet", "pathological"] = Field(
+        "dirichlet", description="Partitioner."
+    )
+    alpha: float = Field(
+        0.5, gt=0, description="Dirichlet concentration: small = more heterogeneous."
+    )
+    partition_by: Literal["answer", "category"] = Field(
+        "category", description="Label the partitioner uses."
+    )
     labels_per_client: int = Field(2, ge=1, description="pathological only: labels per client.")
-    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Part of each client's shard kept for its own test.")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Part of each client's shard kept for its own test."
+    )
     min_holdout: int = Field(
         0,
         ge=0,
@@ -226,7 +261,9 @@ class DataConfig(_Section):
         "min_holdout + 1 examples (one left to train on). 0 = no minimum beyond one question. A client accuracy "
         "measured on 2-3 questions is noise (its 95% interval spans most of [0, 1]); ~30 makes it usable.",
     )
-    client_shift: tuple[Literal["colour_cast", "channel_swap", "invert", "blur", "mirror", "noise"], ...] = Field(
+    client_shift: tuple[
+        Literal["colour_cast", "channel_swap", "invert", "blur", "mirror", "noise"], ...
+    ] = Field(
         (),
         description="Client shift (fednano_ray/data/shift.py): client c's images pass through condition "
         "client_shift[c % K] (mirror also swaps left/right in the question and choices) and global-test question i "
@@ -234,11 +271,17 @@ class DataConfig(_Section):
         "them all. Empty (default): clean images. Works for any dataset; shifted images are cached, never written "
         "into the dataset.",
     )
-    max_train_examples: int | None = Field(None, ge=1, description="Cap on training examples (quick runs).")
-    max_test_examples: int | None = Field(200, ge=1, description="Cap on global test examples evaluated.")
+    max_train_examples: int | None = Field(
+        None, ge=1, description="Cap on training examples (quick runs)."
+    )
+    max_test_examples: int | None = Field(
+        200, ge=1, description="Cap on global test examples evaluated."
+    )
 
 
-def min_holdout_error(data: DataConfig, num_clients: int, num_train: int | None = None) -> str | None:
+def min_holdout_error(
+    data: DataConfig, num_clients: int, num_train: int | None = None
+) -> str | None:
     """Why ``data.min_holdout`` cannot be met (every client needs ``min_holdout + 1`` examples), or None.
 
     ``num_train``: the size of the training pool once loaded; None = what the config alone says
@@ -262,7 +305,11 @@ def min_holdout_error(data: DataConfig, num_clients: int, num_train: int | None 
         if capped and num_train >= data.max_train_examples:
             src = "data.max_train_examples"
         else:
-            src = "data.synth.num_train" if data.path is None else f"the training split of data.path ({data.path})"
+            src = (
+                "data.synth.num_train"
+                if data.path is None
+                else f"the training split of data.path ({data.path})"
+            )
     if avail >= need:
         return None
     raise_it = f"raise {src}" if src.startswith("data.") else "use a larger dataset"
@@ -293,22 +340,35 @@ class FederationConfig(_Section):
         "federation.fedprox_mu, fisher_eps and feddpa_* are still read (and moved here).",
     )
     server_lr: float = Field(
-        1.0, gt=0, le=100,
+        1.0,
+        gt=0,
+        le=100,
         description="Server learning rate eta (FedAvg with a server optimiser, Reddi et al. 2021): the new "
         "global adapters are theta + eta * (aggregate - theta). 1 keeps the strategy's aggregate. With a few "
         "local steps a round, averaging moves the global adapters no further than one client moves its own, "
         "so the rounds' sequential progress is rounds x local_steps steps; eta > 1 scales each round's move. "
         "Needs an aggregating strategy (not local, centralized) and adapter.factors joint or frozen_a.",
     )
-    deadline_s: float = Field(600.0, gt=0, description="Seconds a round waits for clients before it moves on.")
-    quorum: float = Field(0.5, gt=0, le=1, description="Fraction of sampled clients that must report for a round to count.")
+    deadline_s: float = Field(
+        600.0, gt=0, description="Seconds a round waits for clients before it moves on."
+    )
+    quorum: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Fraction of sampled clients that must report for a round to count.",
+    )
     mode: Literal["simulation", "deployment"] = Field(
-        "simulation", description="simulation: virtual clients multiplexed over a pool per tier; deployment: one actor per client."
+        "simulation",
+        description="simulation: virtual clients multiplexed over a pool per tier; deployment: one actor per client.",
     )
     seed: int = Field(0, description="Seed of sampling, partitioning and adapter init.")
-    evaluate_every: int = Field(1, ge=1, description="Evaluate the global model every N rounds (and after the last).")
+    evaluate_every: int = Field(
+        1, ge=1, description="Evaluate the global model every N rounds (and after the last)."
+    )
     personalize_steps: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="After the last round, every client fine-tunes a private copy of the global adapters for this many "
         "local steps on its own training data (fresh AdamW, its tier's batch size); it is then evaluated with them on "
         "its held-out data and on the global test, its checkpoint holds them, and `fednano-ray serve` answers it with "
@@ -316,7 +376,6 @@ class FederationConfig(_Section):
         "Under feddpa-f these are the steps of the local adapter (required, > 0), which joins "
         "the global one instead of replacing it.",
     )
-
 
     @model_validator(mode="before")
     @classmethod
@@ -340,15 +399,27 @@ class FederationConfig(_Section):
 class TierConfig(_Section):
     """A class of clients sharing a resource budget (DESIGN.md §1, heterogeneous clients)."""
 
-    name: str = Field(description="Tier name, e.g. edge-small; also a custom Ray resource in cluster.yaml.")
+    name: str = Field(
+        description="Tier name, e.g. edge-small; also a custom Ray resource in cluster.yaml."
+    )
     clients: int = Field(ge=1, description="How many of the clients belong to this tier.")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per client actor.")
-    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per client actor (fractional allowed).")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per client actor.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="Ray GPUs per client actor (fractional allowed)."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per client actor."
+    )
     batch_size: int = Field(8, ge=1, description="Local batch size.")
     local_steps: int = Field(5, ge=1, description="Local optimizer steps per round.")
-    adapter_rank: int | None = Field(None, ge=1, description="Adapter rank for this tier (default adapter.r; fedavg-lora: of its LLM LoRA).")
-    pool_size: int = Field(1, ge=1, description="simulation only: actors serving this tier's virtual clients.")
+    adapter_rank: int | None = Field(
+        None,
+        ge=1,
+        description="Adapter rank for this tier (default adapter.r; fedavg-lora: of its LLM LoRA).",
+    )
+    pool_size: int = Field(
+        1, ge=1, description="simulation only: actors serving this tier's virtual clients."
+    )
 
 
 class TrainConfig(_Section):
@@ -365,7 +436,9 @@ class TrainConfig(_Section):
         "'Quickstart learning options').",
     )
     lm_weight: float = Field(
-        0.0, ge=0, description="choice objective only: weight of the answer's next-token NLL mixed into the loss (0: none)."
+        0.0,
+        ge=0,
+        description="choice objective only: weight of the answer's next-token NLL mixed into the loss (0: none).",
     )
     optimizer_state: Literal["keep", "reset"] = Field(
         "keep",
@@ -382,7 +455,9 @@ class TrainConfig(_Section):
         "still is from its optimum: an ablation).",
     )
     fisher_examples: int = Field(
-        16, ge=1, description="fednano, fisher=endpoint: the bounded sample of training examples the Fisher averages over."
+        16,
+        ge=1,
+        description="fednano, fisher=endpoint: the bounded sample of training examples the Fisher averages over.",
     )
     fisher_normalize: bool = Field(
         True,
@@ -390,10 +465,15 @@ class TrainConfig(_Section):
         "client's coordinates against each other and no client wins a coordinate by the scale of its gradients alone.",
     )
     eval_batch_size: int = Field(32, ge=1, description="Rows per forward when scoring choices.")
-    max_batch_size: int = Field(64, ge=1, description="LLM trainer: most rows merged into one forward/backward.")
-    batch_wait_ms: float = Field(5.0, ge=0, description="LLM trainer: how long to wait for more requests to merge.")
+    max_batch_size: int = Field(
+        64, ge=1, description="LLM trainer: most rows merged into one forward/backward."
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="LLM trainer: how long to wait for more requests to merge."
+    )
     pad_to_multiple: int = Field(
-        8, ge=1,
+        8,
+        ge=1,
         description="LLM trainer: pad each split step to a multiple of this many tokens and merge only requests of "
         "the same padded length, so a client's loss and gradient are bit-identical whatever it was batched with "
         "(runs reproduce exactly); larger values merge more requests at the cost of more padding.",
@@ -401,7 +481,9 @@ class TrainConfig(_Section):
     trainer_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of the LLM trainer actor.")
     trainer_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of the LLM trainer actor.")
     trainer_threads: int | None = Field(
-        None, ge=1, description="torch threads of the LLM trainer (default: every core of its node; Ray's num_cpus only schedules)."
+        None,
+        ge=1,
+        description="torch threads of the LLM trainer (default: every core of its node; Ray's num_cpus only schedules).",
     )
 
 
@@ -427,13 +509,22 @@ class DPConfig(_Section):
     """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018): clip each client's delta to
     clip_norm, average over the sampled clients, add Gaussian noise of std noise_multiplier * clip_norm / m."""
 
-    noise_multiplier: float = Field(1.0, gt=0, description="z: noise std over the clip norm (larger: more private, noisier).")
-    clip_norm: float = Field(
-        gt=0, description="C: bound on each client's update norm ||theta_i - theta_global|| (pick near honest updates' norms)."
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="z: noise std over the clip norm (larger: more private, noisier)."
     )
-    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee; keep it below 1/num_clients.")
+    clip_norm: float = Field(
+        gt=0,
+        description="C: bound on each client's update norm ||theta_i - theta_global|| (pick near honest updates' norms).",
+    )
+    delta: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="delta of the (epsilon, delta) guarantee; keep it below 1/num_clients.",
+    )
     accountant: Literal["pld", "rdp"] = Field(
-        "pld", description="dp-accounting accountant for epsilon: pld (tight) or rdp (Renyi DP, a looser bound)."
+        "pld",
+        description="dp-accounting accountant for epsilon: pld (tight) or rdp (Renyi DP, a looser bound).",
     )
 
 
@@ -441,24 +532,33 @@ class TrustConfig(_Section):
     """Update validation, robust aggregation, client-level DP and secure aggregation (docs: fednano_ray/trust)."""
 
     max_update_norm: float | None = Field(
-        None, gt=0, description="Reject updates with ||theta_i - theta_global|| above this (null: no bound)."
+        None,
+        gt=0,
+        description="Reject updates with ||theta_i - theta_global|| above this (null: no bound).",
     )
     aggregator: Literal["mean", "median", "trimmed_mean", "clip"] = Field(
         "mean",
         description="mean: the strategy's own rule; median / trimmed_mean: coordinate-wise robust rules; "
         "clip: clip each delta to clip_norm, then the example-weighted mean.",
     )
-    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean only: fraction trimmed from each side.")
-    clip_norm: float | None = Field(None, gt=0, description="clip only: bound on each client's delta norm.")
+    trim_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="trimmed_mean only: fraction trimmed from each side."
+    )
+    clip_norm: float | None = Field(
+        None, gt=0, description="clip only: bound on each client's delta norm."
+    )
     dp: DPConfig | None = Field(None, description="Client-level DP (DP-FedAvg); null: off.")
     secure_aggregation: bool = Field(
-        False, description="Sum updates with SecAgg masking, so the server sees only the sum (simulated in the coordinator)."
+        False,
+        description="Sum updates with SecAgg masking, so the server sees only the sum (simulated in the coordinator).",
     )
 
     @model_validator(mode="after")
     def _check(self) -> TrustConfig:
         if self.aggregator == "clip" and self.clip_norm is None:
-            raise ValueError("trust.aggregator 'clip' needs trust.clip_norm (e.g. trust.clip_norm=1.0)")
+            raise ValueError(
+                "trust.aggregator 'clip' needs trust.clip_norm (e.g. trust.clip_norm=1.0)"
+            )
         if self.clip_norm is not None and self.aggregator != "clip":
             raise ValueError(
                 f"trust.clip_norm is set but trust.aggregator is {self.aggregator!r}: set trust.aggregator=clip "
@@ -487,14 +587,17 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The multimodal LLM.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="NanoAdapters.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data and partitioning.")
-    federation: FederationConfig = Field(default_factory=FederationConfig, description="Federation.")
+    federation: FederationConfig = Field(
+        default_factory=FederationConfig, description="Federation."
+    )
     tiers: tuple[TierConfig, ...] = Field(
         (TierConfig(name="default", clients=8),), min_length=1, description="Client tiers."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     trust: TrustConfig = Field(
-        default_factory=TrustConfig, description="Update validation, robust aggregation, DP, secure aggregation."
+        default_factory=TrustConfig,
+        description="Update validation, robust aggregation, DP, secure aggregation.",
     )
 
     @model_validator(mode="after")
@@ -673,7 +776,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `fednano-ray train --help-config` lists the keys)"
+            msg = (
+                "unknown key (check the spelling; `fednano-ray train --help-config` lists the keys)"
+            )
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
@@ -702,7 +807,9 @@ def load_config(
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections (model, data, ...)"
+            )
     for key, value in parse_overrides(overrides):
         try:
             _set_dotted(tree, key, value)

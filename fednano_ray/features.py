@@ -45,7 +45,9 @@ def _fingerprint(model_key: str, examples: Sequence[VQAExample]) -> str:
     return h.hexdigest()[:24]
 
 
-def encode_images(mllm, examples: Sequence[VQAExample], *, batch_size: int = 32, desc: str = "encoding images") -> np.ndarray:
+def encode_images(
+    mllm, examples: Sequence[VQAExample], *, batch_size: int = 32, desc: str = "encoding images"
+) -> np.ndarray:
     """Encoder features (N, n_tokens, d_v) as float16 (halves memory and object-store traffic)."""
     from tqdm.auto import tqdm
 
@@ -53,7 +55,9 @@ def encode_images(mllm, examples: Sequence[VQAExample], *, batch_size: int = 32,
     uniq = list(dict.fromkeys(ex.image for ex in examples))
     index = {p: i for i, p in enumerate(uniq)}
     out: list[torch.Tensor] = []
-    for i in tqdm(range(0, len(uniq), batch_size), desc=desc, unit="batch", disable=len(uniq) <= batch_size):
+    for i in tqdm(
+        range(0, len(uniq), batch_size), desc=desc, unit="batch", disable=len(uniq) <= batch_size
+    ):
         px = mllm.preprocess([open_image(p, mllm.image_size) for p in uniq[i : i + batch_size]])
         with torch.no_grad():
             out.append(mllm.parts.encoder(px).to(torch.float16))
@@ -61,7 +65,9 @@ def encode_images(mllm, examples: Sequence[VQAExample], *, batch_size: int = 32,
     return feats[[index[ex.image] for ex in examples]]
 
 
-def cached_features(mllm, model_key: str, examples: Sequence[VQAExample], cache: Path | None) -> np.ndarray:
+def cached_features(
+    mllm, model_key: str, examples: Sequence[VQAExample], cache: Path | None
+) -> np.ndarray:
     """``encode_images`` with a disk cache under ``cache`` (None: no cache)."""
     if cache is None:
         return encode_images(mllm, examples)

@@ -158,7 +158,9 @@ def _check_keys(where: str, tree: dict[str, Any], allowed: set[str]) -> None:
     """A GridError naming the keys of ``tree`` that ``allowed`` does not list, and the allowed ones."""
     unknown = sorted(set(tree) - allowed)
     if unknown:
-        raise GridError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        raise GridError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
 
 
 def load_grid(path: str | Path) -> GridSpec:

@@ -93,7 +93,9 @@ def hardware_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpu_isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
+        "cpu_isa": [
+            f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags
+        ],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
     }
@@ -127,18 +129,30 @@ def native_bf16(
     if flags is None:
         flags = cpu_flags()
         # The flags can say yes while oneDNN is capped below AVX512_BF16 (ONEDNN_MAX_CPU_ISA): ask torch too.
-        torch_says = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)() or getattr(
-            torch.cpu, "_is_amx_tile_supported", lambda: False
-        )()
+        torch_says = (
+            getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)()
+            or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        )
         isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-        if isa_cap and isa_cap not in ("ALL", "DEFAULT") and "BF16" not in isa_cap and "AMX" not in isa_cap:
-            return False, f"ONEDNN_MAX_CPU_ISA={isa_cap} caps oneDNN below bf16: bf16 would be emulated"
+        if (
+            isa_cap
+            and isa_cap not in ("ALL", "DEFAULT")
+            and "BF16" not in isa_cap
+            and "AMX" not in isa_cap
+        ):
+            return (
+                False,
+                f"ONEDNN_MAX_CPU_ISA={isa_cap} caps oneDNN below bf16: bf16 would be emulated",
+            )
     else:
         torch_says = True
     native = sorted(NATIVE_BF16_CPU_FLAGS & flags)
     if native and torch_says:
         return True, f"the CPU has {', '.join(native)}: bf16 matmuls are native"
-    return False, "the CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated (~50-70x slower than fp32)"
+    return (
+        False,
+        "the CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated (~50-70x slower than fp32)",
+    )
 
 
 def resolve_precision(setting: str = "auto", **detect: Any) -> Precision:
@@ -153,13 +167,24 @@ def resolve_precision(setting: str = "auto", **detect: Any) -> Precision:
         ValueError: for an unknown setting.
     """
     if setting not in PRECISIONS:
-        raise ValueError(f"unknown precision {setting!r}; use one of {', '.join(PRECISIONS)} (model.precision)")
+        raise ValueError(
+            f"unknown precision {setting!r}; use one of {', '.join(PRECISIONS)} (model.precision)"
+        )
     import torch
 
-    hw = torch.cuda.get_device_name(0) if torch.cuda.is_available() and detect.get("cuda", True) else cpu_model()
+    hw = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available() and detect.get("cuda", True)
+        else cpu_model()
+    )
     if setting == "fp32":
         return Precision("fp32", setting, "fp32 requested (model.precision=fp32)", hw)
     native, why = native_bf16(**detect)
     if setting == "bf16":
-        return Precision("bf16", setting, "bf16 requested (model.precision=bf16)" + ("" if native else f"; note: {why}"), hw)
+        return Precision(
+            "bf16",
+            setting,
+            "bf16 requested (model.precision=bf16)" + ("" if native else f"; note: {why}"),
+            hw,
+        )
     return Precision("bf16" if native else "fp32", setting, f"auto: {why}", hw)

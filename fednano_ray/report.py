@@ -559,7 +559,9 @@ def _held_out(run: Run, which: str) -> dict[str, str]:
     return dict(evals[-1]["correct"]) if evals else {}
 
 
-def _pooled_pairs(pairs: Iterable[tuple[dict[str, str], dict[str, str]]]) -> tuple[list[str], list[str]]:
+def _pooled_pairs(
+    pairs: Iterable[tuple[dict[str, str], dict[str, str]]],
+) -> tuple[list[str], list[str]]:
     """The answer strings of the clients both sides scored on the same questions, pooled over runs."""
     a_all, b_all = [], []
     for a, b in pairs:
@@ -604,7 +606,9 @@ def paired_section(groups: Sequence[Group], columns: Sequence[str]) -> list[str]
         "|---|---|---|---|",
     ]
     for g in groups:
-        held = paired_difference(*_pooled_pairs((_held_out(r, "before"), _held_out(r, "after")) for r in g.runs))
+        held = paired_difference(
+            *_pooled_pairs((_held_out(r, "before"), _held_out(r, "after")) for r in g.runs)
+        )
         gb, ga = [], []
         for r in g.runs:
             before = r.summary.get("global_test_correct_before") or ""
@@ -614,16 +618,24 @@ def paired_section(groups: Sequence[Group], columns: Sequence[str]) -> list[str]
                     gb.append(before)
                     ga.append(a)
         glob = paired_difference(gb, ga)
-        md.append(f"| {_label(g, columns)} | {len(g.runs)} | {_fmt_gain(held)} | {_fmt_gain(glob)} |")
+        md.append(
+            f"| {_label(g, columns)} | {len(g.runs)} | {_fmt_gain(held)} | {_fmt_gain(glob)} |"
+        )
     if 1 < len(groups) <= PAIRED_MAX_SETTINGS:
-        md += ["", "| setting A | setting B | seeds | held-out: A − B after the last round |", "|---|---|---|---|"]
+        md += [
+            "",
+            "| setting A | setting B | seeds | held-out: A − B after the last round |",
+            "|---|---|---|---|",
+        ]
         for i, ga_ in enumerate(groups):
             for gb_ in groups[i + 1 :]:
                 by_seed = {r.seed: r for r in gb_.runs}
                 shared = [(r, by_seed[r.seed]) for r in ga_.runs if r.seed in by_seed]
                 if not shared:
                     continue
-                b_side, a_side = _pooled_pairs((_held_out(rb, "after"), _held_out(ra, "after")) for ra, rb in shared)
+                b_side, a_side = _pooled_pairs(
+                    (_held_out(rb, "after"), _held_out(ra, "after")) for ra, rb in shared
+                )
                 md.append(
                     f"| {_label(ga_, columns)} | {_label(gb_, columns)} | {len(shared)} | "
                     f"{_fmt_gain(paired_difference(b_side, a_side))} |"

@@ -87,7 +87,9 @@ def pooled_accuracy(
     return acc, round(total), wilson_interval(acc * total, total, z)
 
 
-def client_accuracy_stats(per_client: Mapping[str, Mapping[str, float]], z: float = Z95) -> dict[str, Any]:
+def client_accuracy_stats(
+    per_client: Mapping[str, Mapping[str, float]], z: float = Z95
+) -> dict[str, Any]:
     """The per-client accuracy fields of an evaluation record in results.json.
 
     Args:
@@ -159,7 +161,9 @@ def paired_difference(
     d: list[int] = []
     for b, a in zip(before, after, strict=True):
         if len(a) != len(b):
-            raise ValueError(f"paired accuracies need the same questions: {len(b)} before, {len(a)} after")
+            raise ValueError(
+                f"paired accuracies need the same questions: {len(b)} before, {len(a)} after"
+            )
         d.extend(int(x) - int(y) for x, y in zip(a, b, strict=True))
     n = len(d)
     if n == 0:

@@ -41,11 +41,20 @@ def dataset_root(data: DataConfig) -> Path:
     from fednano_ray.models.pretrained import cache_dir
 
     s = data.synth
-    key = hashlib.sha256(json.dumps([GENERATOR_VERSION, s.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([GENERATOR_VERSION, s.model_dump()], sort_keys=True).encode()
+    ).hexdigest()[:12]
     root = cache_dir() / "datasets" / f"synth-{key}"
     if not (root / "info.json").exists():
         tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-        generate(tmp, num_train=s.num_train, num_test=s.num_test, image_size=s.image_size, seed=s.seed, difficulty=s.difficulty)
+        generate(
+            tmp,
+            num_train=s.num_train,
+            num_test=s.num_test,
+            image_size=s.image_size,
+            seed=s.seed,
+            difficulty=s.difficulty,
+        )
         try:
             tmp.replace(root)
         except OSError:  # another process won the race; theirs is identical
@@ -63,7 +72,9 @@ def prepare_data(cfg: Config) -> FederatedData:
     train, test = splits["train"], splits["test"]
     rng = np.random.default_rng(fed.seed)
     if d.max_train_examples is not None and len(train) > d.max_train_examples:
-        train = [train[i] for i in sorted(rng.choice(len(train), d.max_train_examples, replace=False))]
+        train = [
+            train[i] for i in sorted(rng.choice(len(train), d.max_train_examples, replace=False))
+        ]
     if d.max_test_examples is not None and len(test) > d.max_test_examples:
         test = [test[i] for i in sorted(rng.choice(len(test), d.max_test_examples, replace=False))]
     if d.partition_by == "category":
@@ -76,8 +87,13 @@ def prepare_data(cfg: Config) -> FederatedData:
         raise ConfigError(msg)
     try:
         shards = partition(
-            labels, fed.num_clients, d.partition, alpha=d.alpha, labels_per_client=d.labels_per_client,
-            seed=fed.seed, min_examples=max(2, d.min_holdout + 1),
+            labels,
+            fed.num_clients,
+            d.partition,
+            alpha=d.alpha,
+            labels_per_client=d.labels_per_client,
+            seed=fed.seed,
+            min_examples=max(2, d.min_holdout + 1),
         )
     except ValueError as e:
         if d.min_holdout <= 0:
@@ -99,7 +115,12 @@ def prepare_data(cfg: Config) -> FederatedData:
         from fednano_ray.models.pretrained import cache_dir
 
         train, test = apply_client_shift(
-            train, test, [list(tr) + list(te) for tr, te in zip(client_train, client_test, strict=True)],
-            d.client_shift, cache_dir() / "shifted",
+            train,
+            test,
+            [list(tr) + list(te) for tr, te in zip(client_train, client_test, strict=True)],
+            d.client_shift,
+            cache_dir() / "shifted",
         )
-    return FederatedData(root=root, train=train, test=test, client_train=client_train, client_test=client_test)
+    return FederatedData(
+        root=root, train=train, test=test, client_train=client_train, client_test=client_test
+    )

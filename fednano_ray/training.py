@@ -41,14 +41,35 @@ FISHER_ESTIMATORS = ("endpoint", "trajectory")
 
 
 class Server(Protocol):
-    def loss_and_grad(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[float, Tensor]: ...
+    def loss_and_grad(
+        self, z: Tensor, attention_mask: Tensor, labels: Tensor
+    ) -> tuple[float, Tensor]: ...
 
-    def choice_loss_and_grad(self, z: Tensor, attention_mask: Tensor, position_ids: Tensor, segments: Tensor,
-                             source: Tensor, target: Tensor, owner: Tensor, counts: Tensor, answers: Tensor,
-                             lm_weight: float) -> tuple[float, Tensor]: ...
+    def choice_loss_and_grad(
+        self,
+        z: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        segments: Tensor,
+        source: Tensor,
+        target: Tensor,
+        owner: Tensor,
+        counts: Tensor,
+        answers: Tensor,
+        lm_weight: float,
+    ) -> tuple[float, Tensor]: ...
 
-    def score_packed(self, z: Tensor, attention_mask: Tensor, position_ids: Tensor, segments: Tensor, source: Tensor,
-                     target: Tensor, owner: Tensor, num_scores: int) -> Tensor: ...
+    def score_packed(
+        self,
+        z: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        segments: Tensor,
+        source: Tensor,
+        target: Tensor,
+        owner: Tensor,
+        num_scores: int,
+    ) -> Tensor: ...
 
 
 class LocalServer:
@@ -120,7 +141,9 @@ def local_fit(
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
     if fisher not in FISHER_ESTIMATORS:
-        raise ValueError(f"unknown Fisher estimator {fisher!r}: use one of {', '.join(FISHER_ESTIMATORS)}")
+        raise ValueError(
+            f"unknown Fisher estimator {fisher!r}: use one of {', '.join(FISHER_ESTIMATORS)}"
+        )
     params = dict(edge.adapters.named_parameters() if params is None else params)
     global_state = adapter_state(params) if prox_mu > 0 else None
     trained = [p for p in params.values() if p.requires_grad]
@@ -136,15 +159,22 @@ def local_fit(
     packed = [pack_choices(rows) for rows, _, _ in questions] if objective == "choice" else None
     edge.train()
     for _ in range(steps):
-        if pos + batch_size > len(order):  # reshuffle per epoch; shards smaller than a batch use all rows
+        if pos + batch_size > len(
+            order
+        ):  # reshuffle per epoch; shards smaller than a batch use all rows
             order, pos = rng.permutation(len(questions)), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
         opt.zero_grad()  # before the server call: an in-process server's backward fills grads
-        loss, z, grad, _ = _split_step(edge, server, features, questions, idx, packed, pad_id=pad_id, lm_weight=lm_weight)
+        loss, z, grad, _ = _split_step(
+            edge, server, features, questions, idx, packed, pad_id=pad_id, lm_weight=lm_weight
+        )
         if z.requires_grad:  # an edge with adapters: finish the backward into them
             z.backward(grad)
-        for k, p in params.items():  # Fisher from the task-loss gradient only (before the prox term)
+        for (
+            k,
+            p,
+        ) in params.items():  # Fisher from the task-loss gradient only (before the prox term)
             if p.grad is not None:
                 fisher_sums[k] += p.grad.detach() ** 2
         if global_state is not None:
@@ -156,14 +186,25 @@ def local_fit(
     if fisher == "endpoint":
         sample = rng.choice(len(questions), min(fisher_examples, len(questions)), replace=False)
         fisher_est = endpoint_fisher(
-            edge, server, features, questions, sample, params=params, batch_size=batch_size, pad_id=pad_id,
-            objective=objective, lm_weight=lm_weight,
+            edge,
+            server,
+            features,
+            questions,
+            sample,
+            params=params,
+            batch_size=batch_size,
+            pad_id=pad_id,
+            objective=objective,
+            lm_weight=lm_weight,
         )
     else:
         fisher_est = {k: v / max(1, steps) for k, v in fisher_sums.items()}
     if fisher_normalize:
         fisher_est = normalize_fisher(fisher_est)
-    metrics = {"loss": float(np.mean(losses)) if losses else float("nan"), "loss_last": losses[-1] if losses else float("nan")}
+    metrics = {
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "loss_last": losses[-1] if losses else float("nan"),
+    }
     return adapter_state(params), fisher_est, metrics, opt.state_dict()
 
 
@@ -180,7 +221,9 @@ def _split_step(edge, server, features, questions, idx, packed, *, pad_id, lm_we
         prompt = batch["attention_mask"].bool() & (batch["labels"] == IGNORE_INDEX)  # no answer
         z = edge(batch["input_ids"], batch["image_mask"], features=feats, prompt_mask=prompt)
         loss, grad = server.loss_and_grad(z.detach(), batch["attention_mask"], batch["labels"])
-        per_row = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).float()  # labelled tokens of each row
+        per_row = (
+            (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).float()
+        )  # labelled tokens of each row
         factor = per_row.sum() / per_row.clamp_min(1)
     else:
         chunk = [questions[i] for i in idx]
@@ -189,7 +232,9 @@ def _split_step(edge, server, features, questions, idx, packed, *, pad_id, lm_we
         z = edge(inputs["input_ids"], inputs["image_mask"], features=feats, prompt_mask=prompt)
         counts = torch.tensor([len(rows) for rows, _, _ in chunk])
         answers = torch.tensor([answer for _, answer, _ in chunk])
-        loss, grad = server.choice_loss_and_grad(z.detach(), *args, counts, answers, float(lm_weight))
+        loss, grad = server.choice_loss_and_grad(
+            z.detach(), *args, counts, answers, float(lm_weight)
+        )
         factor = torch.full((len(idx),), float(len(idx)))
     return loss, z, grad, factor
 
@@ -232,8 +277,13 @@ def endpoint_fisher(
         for row in range(len(idx)):
             out = torch.zeros_like(grad)
             out[row] = grad[row] * factor[row]
-            grads = torch.autograd.grad(z, [trained[k] for k in keys], grad_outputs=out.to(z.dtype), retain_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                z,
+                [trained[k] for k in keys],
+                grad_outputs=out.to(z.dtype),
+                retain_graph=True,
+                allow_unused=True,
+            )
             for k, g in zip(keys, grads, strict=True):
                 if g is not None:
                     fisher[k] += g.detach() ** 2
@@ -251,7 +301,9 @@ def normalize_fisher(fisher: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def choice_rows(encode_row: Callable[[str, str], Row], question: str, choices: Sequence[str]) -> list[Row]:
+def choice_rows(
+    encode_row: Callable[[str, str], Row], question: str, choices: Sequence[str]
+) -> list[Row]:
     return [encode_row(question, c) for c in choices]
 
 
@@ -303,7 +355,9 @@ def pack_choices(rows: Sequence[Row]) -> PackedChoices:
 
 
 def _packed_batch(
-    chunk: Sequence[PackedChoices], questions: Sequence[tuple[list[Row], int, str | None]], pad_id: int
+    chunk: Sequence[PackedChoices],
+    questions: Sequence[tuple[list[Row], int, str | None]],
+    pad_id: int,
 ) -> tuple[dict[str, Tensor], tuple[Tensor, ...], int]:
     """Right-pad packed rows into the edge's inputs and :meth:`ServerLLM.score_packed`'s arguments
     (attention mask, positions, segments, source, target, owner), plus the number of scores."""
@@ -327,7 +381,14 @@ def _packed_batch(
             target.append(tok)
             owner.append(offset + j)
         offset += len(questions[b][0])
-    args = (attention, positions, segments, torch.tensor(source), torch.tensor(target), torch.tensor(owner))
+    args = (
+        attention,
+        positions,
+        segments,
+        torch.tensor(source),
+        torch.tensor(target),
+        torch.tensor(owner),
+    )
     return {"input_ids": ids, "image_mask": image_mask}, args, offset
 
 
@@ -373,7 +434,8 @@ def evaluate(
         pos += len(rows)
         correct.append(int(s.argmax()) == answer)
     out: dict[str, float | str] = {
-        "accuracy": float(np.mean(correct)) if correct else float("nan"), "n": float(len(correct)),
+        "accuracy": float(np.mean(correct)) if correct else float("nan"),
+        "n": float(len(correct)),
         # per question, in order ("1" right, "0" wrong): paired comparisons of two models on the same questions
         "correct": "".join("1" if ok else "0" for ok in correct),
     }

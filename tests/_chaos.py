@@ -28,7 +28,9 @@ def chaos_client(cfg, faults: dict[tuple[int, int], str]) -> type:
 
     unknown = set(faults.values()) - set(FAULTS)
     assert not unknown, f"unknown faults {unknown}; known: {FAULTS}"
-    by_seed = {round_seed(cfg.federation.seed, r, c): (c, fault) for (r, c), fault in faults.items()}
+    by_seed = {
+        round_seed(cfg.federation.seed, r, c): (c, fault) for (r, c), fault in faults.items()
+    }
 
     class KillingServer(RemoteServer):
         """Kills the trainer actor while the split step ``kill_in`` calls from now is in flight."""
@@ -42,7 +44,9 @@ def chaos_client(cfg, faults: dict[tuple[int, int], str]) -> type:
 
             ref = method.remote(*args)
             if self.kill_in == 0:
-                ray.kill(self.handle, no_restart=False)  # SIGKILL; Ray restarts it (max_restarts=-1)
+                ray.kill(
+                    self.handle, no_restart=False
+                )  # SIGKILL; Ray restarts it (max_restarts=-1)
             self.kill_in -= 1
             return ray.get(ref)
 

@@ -88,7 +88,10 @@ def write_run(
 
     def per_client(acc: float) -> dict[str, Any]:
         out = client_accuracy_stats({str(c): {"accuracy": acc, "n": test_n[c]} for c in clients})
-        return {**out, "avg_accuracy": acc}  # the weighted mean of equal accuracies, without rounding error
+        return {
+            **out,
+            "avg_accuracy": acc,
+        }  # the weighted mean of equal accuracies, without rounding error
 
     def global_test(acc: float | None) -> dict[str, Any]:
         return global_test_stats([] if acc is None else [{"accuracy": acc, "n": global_n}])

@@ -55,9 +55,12 @@ def ray_cluster():
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
-            "num_cpus": 4, "temp_dir": tmp,
+            "num_cpus": 4,
+            "temp_dir": tmp,
             # Free ports, not 8265/52365: another test run on this machine may hold those.
-            "include_dashboard": True, "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port(),
+            "include_dashboard": True,
+            "dashboard_port": _free_port(),
+            "dashboard_agent_listen_port": _free_port(),
         },
     )
     # A job's driver gets RAY_ADDRESS from its supervisor, which reads ray_current_cluster in the head's

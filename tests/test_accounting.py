@@ -147,12 +147,20 @@ def test_fedavg_lora_clients_store_the_whole_mllm_and_send_no_activations(tiny_p
     out = account(tiny_parts, **_kw(strategy="fedavg-lora", local_steps=10))
     lora = 2 * 2 * 4 * (128 + 128)  # 2 layers x (q_proj, v_proj) x r (in + out)
     assert out["adapter_kind"] == "llm_lora" and out["lora_target_modules"] == ["q_proj", "v_proj"]
-    assert out["adapter_params"] == out["parts"]["adapters"] == lora and out["adapter_bytes"] == 4 * lora
-    assert out["total_bytes"] == split["total_bytes"] and out["total_params"] == split["total_params"]
+    assert (
+        out["adapter_params"] == out["parts"]["adapters"] == lora
+        and out["adapter_bytes"] == 4 * lora
+    )
+    assert (
+        out["total_bytes"] == split["total_bytes"] and out["total_params"] == split["total_params"]
+    )
     assert out["client_bytes"] == out["total_bytes"] + out["adapter_bytes"]
     assert out["client_storage_fraction"] == pytest.approx(1 + 4 * lora / out["total_bytes"])
     assert out["server_params"] == out["server_bytes"] == out["shared_params"] == 0
-    assert out["client_params"] - out["adapter_params"] + out["server_params"] - out["shared_params"] == out["total_params"]
+    assert (
+        out["client_params"] - out["adapter_params"] + out["server_params"] - out["shared_params"]
+        == out["total_params"]
+    )
     assert out["round_bytes_up"] == out["round_bytes_down"] == 4 * lora * 3
     assert out["step_bytes_up"] == out["step_bytes_down"] == 0
     assert out["round_activation_bytes_up"] == out["round_activation_bytes_down"] == 0
@@ -170,8 +178,16 @@ def test_feddpa_f_clients_also_store_a_local_adapter_and_the_bank(tiny_parts):
     assert fedavg["client_dual_bytes"] == 0
     for key in ("client_params", "adapter_params", "round_bytes_up", "step_bytes_up"):
         assert out[key] == fedavg[key], key
-    cfg = load_config({"model": {"kind": "tiny"}, "federation": {
-        "strategy": "feddpa-f", "personalize_steps": 2, "strategy_options": {"bank_size": 10}}})
+    cfg = load_config(
+        {
+            "model": {"kind": "tiny"},
+            "federation": {
+                "strategy": "feddpa-f",
+                "personalize_steps": 2,
+                "strategy_options": {"bank_size": 10},
+            },
+        }
+    )
     inspected = inspect_config(cfg)
     assert inspected["client_dual_bytes"] == inspected["adapter_bytes"] + 10 * 256 * 4
 
@@ -204,7 +220,12 @@ def test_adapter_scaling_is_the_reference_ranks_whatever_the_accounted_rank(tiny
     """The run accounts adapters at the largest tier rank; the scaling it reports is the one every tier
     uses (adapter.lora_alpha / adapter.r), not lora_alpha / that rank."""
     assert account(tiny_parts, **_kw(adapter_rank=4, lora_alpha=8.0))["adapter_scaling"] == 2.0
-    assert account(tiny_parts, **_kw(adapter_rank=4, lora_alpha=16.0, scaling=16.0 / 8))["adapter_scaling"] == 2.0
+    assert (
+        account(tiny_parts, **_kw(adapter_rank=4, lora_alpha=16.0, scaling=16.0 / 8))[
+            "adapter_scaling"
+        ]
+        == 2.0
+    )
 
 
 def test_inspect_hf_local_folder_on_meta(tmp_path):
@@ -291,7 +312,11 @@ def test_results_json_and_inspect_give_the_same_accounting(tmp_path):
     shown = inspect_config(cfg)
     assert {k: v for k, v in shown.items() if k not in ("precision", "hardware")} == run
     assert run["adapter_rank"] == 4 and [t["adapter_rank"] for t in run["tiers"]] == [2, 4]
-    assert run["tiers"][1]["adapter_bytes"] == run["adapter_bytes"] == 2 * run["tiers"][0]["adapter_bytes"]
+    assert (
+        run["tiers"][1]["adapter_bytes"]
+        == run["adapter_bytes"]
+        == 2 * run["tiers"][0]["adapter_bytes"]
+    )
 
 
 def test_build_mllm_on_meta_reads_no_weights_and_has_the_real_shapes():
@@ -300,7 +325,9 @@ def test_build_mllm_on_meta_reads_no_weights_and_has_the_real_shapes():
     cfg = load_config({"model": {"kind": "tiny"}}).model
     meta, real = build_mllm(cfg, device="meta"), build_mllm(cfg)
     assert {p.device.type for p in meta.parts.decoder.parameters()} == {"meta"}
-    assert [p.shape for p in meta.parts.decoder.parameters()] == [p.shape for p in real.parts.decoder.parameters()]
+    assert [p.shape for p in meta.parts.decoder.parameters()] == [
+        p.shape for p in real.parts.decoder.parameters()
+    ]
     assert meta.num_image_tokens == real.num_image_tokens and meta.dtype == real.dtype == "float32"
     with pytest.raises(ValueError, match="'meta'"):
         build_mllm(cfg, device="cuda")
@@ -313,8 +340,13 @@ def test_an_hf_checkpoint_is_accounted_at_its_published_dtype(tmp_path):
     model, _ = build_tiny_llava()
     model.config.dtype = "float16"
     model.config.save_pretrained(tmp_path)
-    mllm = build_mllm(load_config({"model": {"kind": "hf", "name_or_path": str(tmp_path)}}).model, device="meta")
+    mllm = build_mllm(
+        load_config({"model": {"kind": "hf", "name_or_path": str(tmp_path)}}).model, device="meta"
+    )
     out = inspect_config(load_config({"model": {"kind": "hf", "name_or_path": str(tmp_path)}}))
     real = inspect_config(load_config({"model": {"kind": "tiny"}}))
     assert mllm.dtype == out["dtype"] == "float16"
-    assert out["total_bytes"] * 2 == real["total_bytes"] and out["adapter_bytes"] == real["adapter_bytes"]
+    assert (
+        out["total_bytes"] * 2 == real["total_bytes"]
+        and out["adapter_bytes"] == real["adapter_bytes"]
+    )

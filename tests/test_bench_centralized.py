@@ -8,9 +8,27 @@ import sys
 
 def test_bench_centralized_prints_scores_and_per_question_outcomes():
     proc = subprocess.run(
-        [sys.executable, "-m", "fednano_ray", "bench", "centralized", "--config", "examples/tiny.yaml",
-         "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--set", "adapter.kind=slots"],
-        check=False, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fednano_ray",
+            "bench",
+            "centralized",
+            "--config",
+            "examples/tiny.yaml",
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--batch-size",
+            "4",
+            "--set",
+            "adapter.kind=slots",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -207,6 +207,11 @@ def test_help_config_lists_every_key_the_config_error_points_to(capsys):
         cli_main(["train", "--help-config"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for line in ("federation.strategy = 'fednano'", "federation.strategy_options = {}", "tiers = ", "trust.dp = None"):
+    for line in (
+        "federation.strategy = 'fednano'",
+        "federation.strategy_options = {}",
+        "tiers = ",
+        "trust.dp = None",
+    ):
         assert line in out, line
     assert "fedavgm: FedAvg with server momentum" in out

@@ -22,15 +22,23 @@ def test_cluster_yaml_passes_rays_schema_validation():
 
 def test_every_example_tier_has_a_node_type():
     """Each tier named in examples/ is a custom resource advertised by some node type."""
-    advertised = {r for node in _cluster()["available_node_types"].values() for r in node.get("resources", {})}
+    advertised = {
+        r for node in _cluster()["available_node_types"].values() for r in node.get("resources", {})
+    }
     import yaml
 
     # Grid specs (examples/paper/grid.yaml) are not configs: their cells use the base config beside them.
-    configs = [p for p in sorted(ROOT.glob("examples/**/*.yaml")) if "groups" not in yaml.safe_load(p.read_text())]
+    configs = [
+        p
+        for p in sorted(ROOT.glob("examples/**/*.yaml"))
+        if "groups" not in yaml.safe_load(p.read_text())
+    ]
     assert len(configs) >= 3
     for path in configs:
         for tier in load_config(path).tiers:
-            assert tier.name in advertised, f"{path.name}: tier {tier.name!r} has no node type in cluster.yaml"
+            assert tier.name in advertised, (
+                f"{path.name}: tier {tier.name!r} has no node type in cluster.yaml"
+            )
 
 
 def test_schema_validation_is_not_a_no_op():

@@ -230,7 +230,10 @@ def test_dump_round_trips(path, tmp_path):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("adapter.lora_target_modules=[q_proj, embed_tokens]", "names ['embed_tokens']: fedavg-lora trains LoRA"),
+        (
+            "adapter.lora_target_modules=[q_proj, embed_tokens]",
+            "names ['embed_tokens']: fedavg-lora trains LoRA",
+        ),
         ("adapter.lora_target_modules=[lm_head]", "names ['lm_head']"),
         ("adapter.lora_target_modules=[q_proj, q_proj]", "lists a module twice"),
         ("adapter.lora_target_modules=[]", "at least 1 item"),
@@ -249,7 +252,9 @@ def test_fedavg_lora_defaults_and_no_llm_trainer():
     cfg = load_config(TINY, ["federation.strategy=fedavg-lora"])
     assert cfg.adapter.lora_target_modules == ("q_proj", "v_proj") and cfg.clients_hold_llm()
     assert not load_config(TINY).clients_hold_llm()
-    check_resources(cfg, {"CPU": 0.5})  # one actor per tier at 0.25 CPUs, no trainer_num_cpus = 0.5 on top
+    check_resources(
+        cfg, {"CPU": 0.5}
+    )  # one actor per tier at 0.25 CPUs, no trainer_num_cpus = 0.5 on top
     with pytest.raises(ConfigError, match="trainer_num_cpus"):
         check_resources(load_config(TINY), {"CPU": 0.5})
 
@@ -308,23 +313,57 @@ DPA = ("federation.strategy=feddpa-f", "federation.personalize_steps=2")
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["federation.strategy=local", "federation.personalize_steps=2"], r"strategy local has no global model"),
-        (["federation.strategy=fedavg-lora", "adapter.factors=frozen_a"], r"leave adapter.factors at joint"),
+        (
+            ["federation.strategy=local", "federation.personalize_steps=2"],
+            r"strategy local has no global model",
+        ),
+        (
+            ["federation.strategy=fedavg-lora", "adapter.factors=frozen_a"],
+            r"leave adapter.factors at joint",
+        ),
         (["train.fisher=diagonal"], r"train\.fisher"),
         (["train.fisher_examples=0"], r"train\.fisher_examples"),
         (["federation.strategy=feddpa-f"], r"federation\.personalize_steps=20"),
-        ([*DPA, "federation.strategy_options.top_k=9", "federation.strategy_options.bank_size=8"],
-         r"lower top_k or raise bank_size"),
-        ([*DPA, "federation.strategy_options.train_weight=2"], r"strategy_options\.train_weight: .*less than or equal to 1"),
-        (["federation.strategy=fedavg", "federation.strategy_options.mu=0.1"],
-         r"strategy_options\.mu: unknown option \(valid for fedavg: none\)"),
-        (["federation.strategy=fedprox", "federation.strategy_options.eps=0.1"],
-         r"strategy_options\.eps: unknown option \(valid for fedprox: mu\)"),
-        (["federation.strategy=fedavgm", "federation.strategy_options.momentum=1"], r"strategy_options\.momentum"),
-        (["federation.strategy=fedavgm", "trust.aggregator=median"], r"trust.aggregator 'median'.*not 'fedavgm'"),
-        (["federation.strategy=fedavgm", "adapter.factors=product", "train.optimizer_state=reset"],
-         r"factors=product .* use fedavg, fedprox or feddpa-f"),
-        (["federation.strategy=fedavg-loraa"], r"federation.strategy: Input should be 'local', 'centralized'"),
+        (
+            [
+                *DPA,
+                "federation.strategy_options.top_k=9",
+                "federation.strategy_options.bank_size=8",
+            ],
+            r"lower top_k or raise bank_size",
+        ),
+        (
+            [*DPA, "federation.strategy_options.train_weight=2"],
+            r"strategy_options\.train_weight: .*less than or equal to 1",
+        ),
+        (
+            ["federation.strategy=fedavg", "federation.strategy_options.mu=0.1"],
+            r"strategy_options\.mu: unknown option \(valid for fedavg: none\)",
+        ),
+        (
+            ["federation.strategy=fedprox", "federation.strategy_options.eps=0.1"],
+            r"strategy_options\.eps: unknown option \(valid for fedprox: mu\)",
+        ),
+        (
+            ["federation.strategy=fedavgm", "federation.strategy_options.momentum=1"],
+            r"strategy_options\.momentum",
+        ),
+        (
+            ["federation.strategy=fedavgm", "trust.aggregator=median"],
+            r"trust.aggregator 'median'.*not 'fedavgm'",
+        ),
+        (
+            [
+                "federation.strategy=fedavgm",
+                "adapter.factors=product",
+                "train.optimizer_state=reset",
+            ],
+            r"factors=product .* use fedavg, fedprox or feddpa-f",
+        ),
+        (
+            ["federation.strategy=fedavg-loraa"],
+            r"federation.strategy: Input should be 'local', 'centralized'",
+        ),
         ([*DPA, "trust.aggregator=median"], r"trust.aggregator 'median'.*not 'feddpa-f'"),
         ([*DPA, "trust.dp.clip_norm=1"], r"trust.dp needs federation.strategy fedavg"),
     ],
@@ -351,7 +390,9 @@ def test_strategy_options_are_filled_per_method_and_the_older_flat_keys_still_lo
     form."""
     assert load_config(TINY).federation.strategy_options == {"eps": 1e-8}
     assert load_config(TINY, ["federation.strategy=fedavg"]).federation.strategy_options == {}
-    assert load_config(TINY, ["federation.strategy=fedavgm"]).federation.strategy_options == {"momentum": 0.9}
+    assert load_config(TINY, ["federation.strategy=fedavgm"]).federation.strategy_options == {
+        "momentum": 0.9
+    }
     old = yaml.safe_load(dump_config(load_config(TINY)))
     old["federation"].pop("strategy_options")
     old["federation"].update(strategy="fedprox", fedprox_mu=0.3, fisher_eps=1e-6, feddpa_top_k=7)
@@ -369,8 +410,12 @@ def test_learning_defaults():
     """The defaults: choice objective, kept AdamW moments, end-point Fisher normalised, joint factors,
     no personalisation."""
     cfg = load_config(TINY)
-    assert (cfg.train.objective, cfg.train.optimizer_state, cfg.train.fisher, cfg.train.fisher_normalize) == (
-        "choice", "keep", "endpoint", True)
+    assert (
+        cfg.train.objective,
+        cfg.train.optimizer_state,
+        cfg.train.fisher,
+        cfg.train.fisher_normalize,
+    ) == ("choice", "keep", "endpoint", True)
     assert cfg.adapter.factors == "joint" and cfg.federation.personalize_steps == 0
 
 
@@ -379,8 +424,14 @@ def test_learning_defaults():
     [
         (["federation.strategy=local"], r"local aggregates nothing: set federation.server_lr=1"),
         (["federation.strategy=centralized"], r"centralized aggregates nothing"),
-        (["federation.strategy=fedavg", "adapter.factors=product", "train.optimizer_state=reset"],
-         r"re-factorises the global adapters every round"),
+        (
+            [
+                "federation.strategy=fedavg",
+                "adapter.factors=product",
+                "train.optimizer_state=reset",
+            ],
+            r"re-factorises the global adapters every round",
+        ),
         ([], None),
         (["adapter.factors=frozen_a"], None),
     ],
@@ -394,7 +445,9 @@ def test_server_lr_needs_an_aggregating_strategy_and_stable_factors(overrides, m
     else:
         with pytest.raises(ConfigError, match=match):
             load_config(*args)
-    assert load_config(str(TINY), overrides).federation.server_lr == 1.0  # the default is the aggregate
+    assert (
+        load_config(str(TINY), overrides).federation.server_lr == 1.0
+    )  # the default is the aggregate
 
 
 def test_server_lr_must_be_positive():

@@ -187,9 +187,7 @@ def test_run_skips_finished_resumes_partial_and_survives_unknown_strategy(tmp_pa
         [(cells["fedavg-1"], False), (cells["fednano-0"], True), (cells["fednano-1"], False)]
     )
     assert f"{cells['fedavg-0']}: finished before, skipped" in text
-    assert (
-        f"{cells['scaffold-0']}: FAILED, config error" in text and "federation.strategy" in text
-    )
+    assert f"{cells['scaffold-0']}: FAILED, config error" in text and "federation.strategy" in text
     assert "4 of 6 cells finished, 2 failed" in text
     md = (runs / "report" / rundir.REPORT).read_text()
     assert "| fedavg | 0.5 | 4 | 2 |" in md and "| fednano | 0.5 | 4 | 2 |" in md
@@ -208,12 +206,7 @@ def test_failed_cell_does_not_stop_the_grid(tmp_path):
     assert run_grid(spec, runs_dir=tmp_path / "runs", runner=runner, out=lines.append) == 1
     assert [n for n, _ in runner.calls] == names
     assert any(f"{names[0]}: FAILED" in ln and "boom" in ln for ln in lines)
-    assert (
-        rundir.read_results(tmp_path / "runs" / names[1])["summary"][
-            "accuracy_after"
-        ]
-        == 0.4
-    )
+    assert rundir.read_results(tmp_path / "runs" / names[1])["summary"]["accuracy_after"] == 0.4
 
 
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path):
@@ -227,7 +220,8 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", sorted(p.name for p in (ROOT / "examples" / "paper").glob("*.yaml") if p.name != "base.yaml")
+    "name",
+    sorted(p.name for p in (ROOT / "examples" / "paper").glob("*.yaml") if p.name != "base.yaml"),
 )
 def test_every_shipped_grid_spec_expands_and_validates(tmp_path, name):
     """Each grid spec under examples/paper (RESULTS cites their commands) expands into valid cells."""

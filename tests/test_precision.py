@@ -13,7 +13,9 @@ from fednano_ray.precision import hardware_info, native_bf16, resolve_precision
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
 
-AVX2_EPYC = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"})  # the 2026-12-01 machine: no avx512
+AVX2_EPYC = frozenset(
+    {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}
+)  # the 2026-12-01 machine: no avx512
 AVX512_NO_BF16 = AVX2_EPYC | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 SAPPHIRE_RAPIDS = AVX512_NO_BF16 | {"avx512_bf16", "amx_bf16", "amx_tile"}
 ZEN4 = AVX512_NO_BF16 | {"avx512_bf16"}
@@ -116,7 +118,9 @@ def test_server_llm_runs_in_the_resolved_precision(monkeypatch):
 
     # Execute
     trainer = LLMTrainer(cfg.model, max_batch_size=4, batch_wait_ms=0)
-    forced = LLMTrainer(load_config(TINY, ["model.precision=bf16"]).model, max_batch_size=4, batch_wait_ms=0)
+    forced = LLMTrainer(
+        load_config(TINY, ["model.precision=bf16"]).model, max_batch_size=4, batch_wait_ms=0
+    )
 
     # Assert
     assert trainer.server.autocast_bf16 is False

@@ -199,7 +199,12 @@ def test_report_on_a_real_run(tiny_run, tmp_path):
     assert set(ns) == set(after) and all(n >= 1 for n in ns.values())
     weighted = sum(after[c] * ns[c] for c in after) / sum(ns[c] for c in after)
     assert real["accuracy_after"] == pytest.approx(weighted)
-    for key in ("accuracy_before", "accuracy_after", "global_test_accuracy_before", "global_test_accuracy"):
+    for key in (
+        "accuracy_before",
+        "accuracy_after",
+        "global_test_accuracy_before",
+        "global_test_accuracy",
+    ):
         lo, hi = real[f"{key}_ci95"]
         assert 0 <= lo <= real[key] <= hi <= 1, key
     assert set(real["accuracy_after_per_client_ci95"]) == set(after) and real["global_test_n"] == 40
@@ -220,13 +225,26 @@ def test_paired_section_pools_seeds_and_pairs_settings_by_seed():
     # Prepare: two settings x two seeds; setting B is one question better than A on each seed
     def run(strategy, seed, after):
         results = {
-            "summary": {"correct_before": {"0": "0000", "1": "00"}, "global_test_correct_before": "010"},
+            "summary": {
+                "correct_before": {"0": "0000", "1": "00"},
+                "global_test_correct_before": "010",
+            },
             "rounds": [{"correct": after, "global_test_correct": ["011"]}],
         }
-        return Run(Path(f"/r/{strategy}{seed}"), results, {"federation.strategy": strategy, "federation.seed": seed})
+        return Run(
+            Path(f"/r/{strategy}{seed}"),
+            results,
+            {"federation.strategy": strategy, "federation.seed": seed},
+        )
 
-    a = Group({"strategy": "fedavg", "alpha": 0.5, "clients": 8}, [run("fedavg", s, {"0": "1000", "1": "00"}) for s in (0, 1)])
-    b = Group({"strategy": "fednano", "alpha": 0.5, "clients": 8}, [run("fednano", s, {"0": "1100", "1": "00"}) for s in (0, 1, 2)])
+    a = Group(
+        {"strategy": "fedavg", "alpha": 0.5, "clients": 8},
+        [run("fedavg", s, {"0": "1000", "1": "00"}) for s in (0, 1)],
+    )
+    b = Group(
+        {"strategy": "fednano", "alpha": 0.5, "clients": 8},
+        [run("fednano", s, {"0": "1100", "1": "00"}) for s in (0, 1, 2)],
+    )
 
     # Execute
     md = paired_section([a, b], ["strategy", "alpha", "clients"])
@@ -236,7 +254,9 @@ def test_paired_section_pools_seeds_and_pairs_settings_by_seed():
     row_a = next(ln for ln in md if ln.startswith("| fedavg"))
     assert f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (n={n})" in row_a and n == 12
     assert "+33.3" in row_a  # the global test: 1 of 3 questions gained, on each run
-    versus = next(ln for ln in md if ln.startswith("| fedavg") and ln.count("|") == 5 and "fednano" in ln)
+    versus = next(
+        ln for ln in md if ln.startswith("| fedavg") and ln.count("|") == 5 and "fednano" in ln
+    )
     mean, (lo, hi), n = paired_difference(["110000"] * 2, ["100000"] * 2)  # A - B: fedavg one worse
     assert versus.split("|")[3].strip() == "2"  # seeds 0 and 1 only: seed 2 has no fedavg run
     assert f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (n={n})" in versus

@@ -39,8 +39,12 @@ def test_wilson_known_values(correct, n, lo, hi):
 
 def test_wilson_edges_and_properties():
     assert wilson_interval(0, 0) == (0.0, 1.0)  # no questions: no information
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0  # exact at the ends
-    assert wilson_interval(3.0000000000000004, 10) == pytest.approx(wilson_interval(3, 10))  # acc * n floats
+    assert (
+        wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    )  # exact at the ends
+    assert wilson_interval(3.0000000000000004, 10) == pytest.approx(
+        wilson_interval(3, 10)
+    )  # acc * n floats
     for n in (1, 2, 3, 7, 30, 1000):
         for c in range(0, n + 1, max(1, n // 7)):
             lo, hi = wilson_interval(c, n)
@@ -67,7 +71,10 @@ def test_average_is_weighted_by_test_size():
 
 
 def test_client_accuracy_stats_is_the_evaluation_record():
-    per_client = {"0": {"accuracy": 1.0, "n": 2.0}, "1": {"accuracy": 0.5, "n": 98.0, "accuracy/colour": 0.5}}
+    per_client = {
+        "0": {"accuracy": 1.0, "n": 2.0},
+        "1": {"accuracy": 0.5, "n": 98.0, "accuracy/colour": 0.5},
+    }
     out = client_accuracy_stats(per_client)
     assert out["accuracy"] == {"0": 1.0, "1": 0.5}
     assert out["accuracy_n"] == {"0": 2, "1": 98}
@@ -86,7 +93,11 @@ def test_global_test_stats():
     # Personalised strategies: the mean over the clients' models on the same questions.
     many = global_test_stats([{"accuracy": 0.2, "n": 100.0}, {"accuracy": 0.4, "n": 100.0}])
     assert many["global_test_accuracy"] == pytest.approx(0.3) and many["global_test_n"] == 100
-    assert global_test_stats([]) == {"global_test_accuracy": None, "global_test_n": 0, "global_test_accuracy_ci95": None}
+    assert global_test_stats([]) == {
+        "global_test_accuracy": None,
+        "global_test_n": 0,
+        "global_test_accuracy_ci95": None,
+    }
 
 
 # -- data.min_holdout ---------------------------------------------------------------------------------
@@ -95,7 +106,10 @@ def test_global_test_stats():
 def _cfg(*overrides: str):
     tree = {
         "model": {"kind": "tiny"},
-        "data": {"synth": {"num_train": 160, "num_test": 10, "image_size": 16}, "holdout_fraction": 0.2},
+        "data": {
+            "synth": {"num_train": 160, "num_test": 10, "image_size": 16},
+            "holdout_fraction": 0.2,
+        },
         "federation": {"num_clients": 6, "clients_per_round": 6, "seed": 0},
         "tiers": [{"name": "all", "clients": 6}],
     }
@@ -134,7 +148,10 @@ def test_min_holdout_unreachable_partition_names_the_keys():
 
     # 7 * 21 = 147 <= 160 examples, but with alpha 0.01 each of the 6 categories goes (almost) whole to one client.
     cfg = _cfg(
-        "data.min_holdout=20", "data.alpha=0.01", "federation.num_clients=7", "federation.clients_per_round=7",
+        "data.min_holdout=20",
+        "data.alpha=0.01",
+        "federation.num_clients=7",
+        "federation.clients_per_round=7",
         "tiers.0.clients=7",
     )
     with pytest.raises(ConfigError) as e:
@@ -153,10 +170,19 @@ def _first(line: str) -> str:
 def _results(tmp_path, num_clients: int, test_n: list[int]) -> dict:
     half = num_clients // 2
     cfg = tiny_config(
-        f"federation.num_clients={num_clients}", f"federation.clients_per_round={min(num_clients, 8)}",
-        f"tiers.0.clients={half}", f"tiers.1.clients={num_clients - half}",
+        f"federation.num_clients={num_clients}",
+        f"federation.clients_per_round={min(num_clients, 8)}",
+        f"tiers.0.clients={half}",
+        f"tiers.1.clients={num_clients - half}",
     )
-    run = write_run(tmp_path / f"run{num_clients}", cfg, accs=[0.3, 0.386], global_acc=0.3, test_n=test_n, global_n=200)
+    run = write_run(
+        tmp_path / f"run{num_clients}",
+        cfg,
+        accs=[0.3, 0.386],
+        global_acc=0.3,
+        test_n=test_n,
+        global_n=200,
+    )
     return rundir.read_results(run)
 
 
@@ -165,10 +191,17 @@ def test_table_shows_n_and_intervals(tmp_path):
     s = res["summary"]
     # Client 0 (56 questions) scores 1.0, the others 0.386: the average row is the weighted one.
     ev = client_accuracy_stats(
-        {c: {"accuracy": 1.0 if c == "0" else 0.386, "n": n} for c, n in s["accuracy_n_per_client"].items()}
+        {
+            c: {"accuracy": 1.0 if c == "0" else 0.386, "n": n}
+            for c, n in s["accuracy_n_per_client"].items()
+        }
     )
-    s.update(accuracy_after_per_client=ev["accuracy"], accuracy_after_per_client_ci95=ev["accuracy_ci95"],
-             accuracy_after=ev["avg_accuracy"], accuracy_after_ci95=ev["avg_accuracy_ci95"])
+    s.update(
+        accuracy_after_per_client=ev["accuracy"],
+        accuracy_after_per_client_ci95=ev["accuracy_ci95"],
+        accuracy_after=ev["avg_accuracy"],
+        accuracy_after_ci95=ev["avg_accuracy_ci95"],
+    )
     weighted = (56 * 1.0 + 225 * 0.386) / 281
     assert ev["avg_accuracy"] == pytest.approx(weighted)
     table = summary_table(res)
@@ -187,8 +220,12 @@ def test_table_shows_n_and_intervals(tmp_path):
     assert f"{weighted:.3f} [{lo:.2f}, {hi:.2f}]" in avg and "weighted by test size" in avg
     assert "95% Wilson interval" in table
     glo, ghi = s["global_test_accuracy_ci95"]
-    assert f"-> 0.300 [{glo:.2f}, {ghi:.2f}]  (n=200)" in next(ln for ln in lines if "global test accuracy" in ln)
-    assert len({tuple(i for i, ch in enumerate(ln) if ch == "|") for ln in lines if "|" in ln}) == 1  # columns line up
+    assert f"-> 0.300 [{glo:.2f}, {ghi:.2f}]  (n=200)" in next(
+        ln for ln in lines if "global test accuracy" in ln
+    )
+    assert (
+        len({tuple(i for i, ch in enumerate(ln) if ch == "|") for ln in lines if "|" in ln}) == 1
+    )  # columns line up
     assert max(len(ln) for ln in lines) <= 100
 
 
@@ -222,15 +259,30 @@ def test_table_shows_personalised_accuracy_and_categories(tmp_path):
     res = _results(tmp_path, 4, [30, 30, 30, 30])
     s = res["summary"]
     ev = client_accuracy_stats({c: {"accuracy": 0.5, "n": 30} for c in s["accuracy_n_per_client"]})
-    s.update(accuracy_personalized_per_client=ev["accuracy"], accuracy_personalized_per_client_ci95=ev["accuracy_ci95"],
-             accuracy_personalized=ev["avg_accuracy"], accuracy_personalized_ci95=ev["avg_accuracy_ci95"],
-             global_test_accuracy_personalized=0.25, global_test_accuracy_personalized_ci95=[0.2, 0.3],
-             global_test_by_category_before={"colour": 0.25, "count": 0.5},
-             global_test_by_category={"colour": 0.75, "count": 0.5}, global_test_n_by_category={"colour": 20, "count": 40})
+    s.update(
+        accuracy_personalized_per_client=ev["accuracy"],
+        accuracy_personalized_per_client_ci95=ev["accuracy_ci95"],
+        accuracy_personalized=ev["avg_accuracy"],
+        accuracy_personalized_ci95=ev["avg_accuracy_ci95"],
+        global_test_accuracy_personalized=0.25,
+        global_test_accuracy_personalized_ci95=[0.2, 0.3],
+        global_test_by_category_before={"colour": 0.25, "count": 0.5},
+        global_test_by_category={"colour": 0.75, "count": 0.5},
+        global_test_n_by_category={"colour": 20, "count": 40},
+    )
     lines = summary_table(res).splitlines()
-    assert [c.strip() for c in lines[0].split("|")] == ["client", "n", "before", "after (global)", "personalised"]
+    assert [c.strip() for c in lines[0].split("|")] == [
+        "client",
+        "n",
+        "before",
+        "after (global)",
+        "personalised",
+    ]
     lo, hi = wilson_interval(15, 30)
-    assert next(ln for ln in lines if _first(ln) == "0").split("|")[4].strip() == f"0.500 [{lo:.2f}, {hi:.2f}]"
+    assert (
+        next(ln for ln in lines if _first(ln) == "0").split("|")[4].strip()
+        == f"0.500 [{lo:.2f}, {hi:.2f}]"
+    )
     assert "0.500" in next(ln for ln in lines if _first(ln) == "average").split("|")[4]
     assert "0.250 [0.20, 0.30]" in next(ln for ln in lines if "with personal adapters" in ln)
     colour = next(ln for ln in lines if _first(ln) == "colour")
@@ -253,7 +305,10 @@ def test_paired_difference_counts_each_question_once():
     d = [1, 1, 0, 0, 0, -1, 0, 0, 0, 0]
     sd = float(np.std(d, ddof=1))
     assert (mean, n) == (pytest.approx(0.1), 10)
-    assert (lo, hi) == (pytest.approx(0.1 - 1.96 * sd / np.sqrt(10)), pytest.approx(0.1 + 1.96 * sd / np.sqrt(10)))
+    assert (lo, hi) == (
+        pytest.approx(0.1 - 1.96 * sd / np.sqrt(10)),
+        pytest.approx(0.1 + 1.96 * sd / np.sqrt(10)),
+    )
     assert same == (0.0, [0.0, 0.0], 6)
     assert paired_difference([], []) is None
     with pytest.raises(ValueError, match="same questions"):

@@ -167,7 +167,9 @@ def test_evaluate_reports_accuracy_n_and_categories(setup):
     assert 0.0 <= out["accuracy"] <= 1.0
     assert out["n"] == len(questions)
     assert set(out) == {"accuracy", "n", "correct", "accuracy/colour", "accuracy/shape"}
-    assert len(out["correct"]) == len(questions) and out["correct"].count("1") == round(out["accuracy"] * len(questions))
+    assert len(out["correct"]) == len(questions) and out["correct"].count("1") == round(
+        out["accuracy"] * len(questions)
+    )
     for k in ("accuracy/colour", "accuracy/shape"):
         assert 0.0 <= out[k] <= 1.0
 
@@ -253,44 +255,68 @@ def test_packed_choices_score_as_each_choice_alone(setup, kind):
 
         parts, _ = nano_parts(pretrained=False, num_layers=2, grid=2)
         edge, server_llm = split_mllm(parts, r=4, scaling=2.0, seed=0)
-        words = {"red": [700], "blue": [701], "triangle": [702, 703], "circle": [704], "star": [705, 706, 707]}
+        words = {
+            "red": [700],
+            "blue": [701],
+            "triangle": [702, 703],
+            "circle": [704],
+            "star": [705, 706, 707],
+        }
 
         class Tok:
             def encode(self, text, add_special_tokens=False):
                 out = []
                 for piece in text.replace("<|im_end|>", " <|im_end|> ").split():
-                    out += [2] if piece == "<|im_end|>" else words.get(piece, [hash(piece) % 500 + 10])
+                    out += (
+                        [2] if piece == "<|im_end|>" else words.get(piece, [hash(piece) % 500 + 10])
+                    )
                 return out
 
         encode = lambda q, a: CHATML.encode(Tok(), q, a, 4, 2)
         pad_id = 2
-        features = edge.encode_images(torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(1))).numpy()
+        features = edge.encode_images(
+            torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        ).numpy()
     with torch.no_grad():
         for p in edge.adapters.parameters():  # B = 0 at init: give the adapters an effect
             p.normal_(0, 0.05)
     choices = [["red", "blue"], ["triangle", "circle", "star"], ["star", "red", "blue", "triangle"]]
-    questions = [([encode(f"Which one {i}?", c) for c in cs], i % len(cs), None) for i, cs in enumerate(choices)]
+    questions = [
+        ([encode(f"Which one {i}?", c) for c in cs], i % len(cs), None)
+        for i, cs in enumerate(choices)
+    ]
 
     # Execute
     alone = []
     for q, (rows, _, _) in enumerate(questions):
         batch = collate(rows, pad_id)
         with torch.no_grad():
-            z = edge(batch["input_ids"], batch["image_mask"], features=torch.from_numpy(features[[q] * len(rows)]).float())
+            z = edge(
+                batch["input_ids"],
+                batch["image_mask"],
+                features=torch.from_numpy(features[[q] * len(rows)]).float(),
+            )
             alone.append(server_llm.score(z, batch["attention_mask"], batch["labels"]))
     packed = [pack_choices(rows) for rows, _, _ in questions]
     out = evaluate(edge, LocalServer(server_llm), features, questions, pad_id=pad_id, batch_size=3)
 
     # Assert
-    assert all(len(p.ids) < sum(len(r[0]) for r in rows) for p, (rows, _, _) in zip(packed, questions, strict=True))
-    expected = np.mean([int(s.argmax()) == a for s, (_, a, _) in zip(alone, questions, strict=True)])
+    assert all(
+        len(p.ids) < sum(len(r[0]) for r in rows)
+        for p, (rows, _, _) in zip(packed, questions, strict=True)
+    )
+    expected = np.mean(
+        [int(s.argmax()) == a for s, (_, a, _) in zip(alone, questions, strict=True)]
+    )
     assert out["accuracy"] == pytest.approx(expected)
     # the same scores, from the server directly, with the batch padded as evaluate pads it
     from fednano_ray.training import _packed_batch
 
     z_in, args, n_scores = _packed_batch(packed, questions, pad_id)
     with torch.no_grad():
-        z = edge(z_in["input_ids"], z_in["image_mask"], features=torch.from_numpy(features[:3]).float())
+        z = edge(
+            z_in["input_ids"], z_in["image_mask"], features=torch.from_numpy(features[:3]).float()
+        )
         got = server_llm.score_packed(z, *args, n_scores)
     torch.testing.assert_close(got, torch.cat(alone), rtol=1e-4, atol=1e-4)
 
@@ -304,7 +330,9 @@ def test_pack_choices_refuses_rows_that_do_not_share_a_prompt(setup):
 
     # Execute / Assert
     with pytest.raises(ValueError, match="prompt"):
-        pack_choices([mllm.encode_row("What colour?", "red"), mllm.encode_row("What shape?", "red")])
+        pack_choices(
+            [mllm.encode_row("What colour?", "red"), mllm.encode_row("What shape?", "red")]
+        )
 
 
 def _choice_questions(mllm):
@@ -313,7 +341,13 @@ def _choice_questions(mllm):
     out = []
     for i in range(6):
         k = 2 + i % 3
-        out.append((choice_rows(mllm.encode_row, f"What colour is object {i}?", colours[:k]), i % k, "colour"))
+        out.append(
+            (
+                choice_rows(mllm.encode_row, f"What colour is object {i}?", colours[:k]),
+                i % k,
+                "colour",
+            )
+        )
     return out
 
 
@@ -350,11 +384,15 @@ def test_choice_loss_is_cross_entropy_over_each_choice_scored_alone(setup, lm_we
 
     # Execute: the packed split step.
     edge.zero_grad()
-    inputs, args, _ = _packed_batch([pack_choices(rows) for rows, _, _ in questions], questions, mllm.pad_id)
+    inputs, args, _ = _packed_batch(
+        [pack_choices(rows) for rows, _, _ in questions], questions, mllm.pad_id
+    )
     z = edge(inputs["input_ids"], inputs["image_mask"], features=feats)
     counts = torch.tensor([len(rows) for rows, _, _ in questions])
     answers = torch.tensor([a for _, a, _ in questions])
-    loss, grad = LocalServer(server_llm).choice_loss_and_grad(z.detach(), *args, counts, answers, lm_weight)
+    loss, grad = LocalServer(server_llm).choice_loss_and_grad(
+        z.detach(), *args, counts, answers, lm_weight
+    )
     z.backward(grad)
 
     # Assert
@@ -371,9 +409,15 @@ def test_choice_loss_rejects_answers_outside_their_choices(setup):
     cfg, mllm, _, features = setup
     edge, server_llm = mllm.split(cfg.adapter, seed=0)
     questions = _choice_questions(mllm)[:2]
-    inputs, args, _ = _packed_batch([pack_choices(rows) for rows, _, _ in questions], questions, mllm.pad_id)
+    inputs, args, _ = _packed_batch(
+        [pack_choices(rows) for rows, _, _ in questions], questions, mllm.pad_id
+    )
     with torch.no_grad():
-        z = edge(inputs["input_ids"], inputs["image_mask"], features=torch.from_numpy(features[:2]).float())
+        z = edge(
+            inputs["input_ids"],
+            inputs["image_mask"],
+            features=torch.from_numpy(features[:2]).float(),
+        )
     with pytest.raises(ValueError, match="answer must index"):
         server_llm.choice_loss_and_grad(z, *args, torch.tensor([2, 3]), torch.tensor([0, 3]))
 
@@ -388,14 +432,27 @@ def test_choice_objective_learns_what_evaluation_ranks(setup):
     questions = _questions(mllm, n=12)
     # Every answer is the choice the pretrained model ranks lower: accuracy starts at 0.
     first = evaluate(edge, server, features, questions, pad_id=mllm.pad_id)
-    per_q = [evaluate(edge, server, features[i : i + 1], [q], pad_id=mllm.pad_id)["accuracy"] for i, q in enumerate(questions)]
-    questions = [(rows, a if not ok else 1 - a, cat) for (rows, a, cat), ok in zip(questions, per_q, strict=True)]
+    per_q = [
+        evaluate(edge, server, features[i : i + 1], [q], pad_id=mllm.pad_id)["accuracy"]
+        for i, q in enumerate(questions)
+    ]
+    questions = [
+        (rows, a if not ok else 1 - a, cat)
+        for (rows, a, cat), ok in zip(questions, per_q, strict=True)
+    ]
     before = evaluate(edge, server, features, questions, pad_id=mllm.pad_id)["accuracy"]
     assert first["n"] == 12
 
     # Execute
     _, _, metrics, _ = local_fit(
-        edge, server, features, questions, steps=30, batch_size=4, lr=0.05, pad_id=mllm.pad_id,
+        edge,
+        server,
+        features,
+        questions,
+        steps=30,
+        batch_size=4,
+        lr=0.05,
+        pad_id=mllm.pad_id,
         objective="choice",
     )
 
@@ -411,14 +468,26 @@ def test_optimizer_state_carries_adam_moments_over_calls(setup):
     # Prepare
     cfg, mllm, rows, features = setup
     questions = [([r], 0, None) for r in rows[:8]]
-    kw = {"batch_size": 8, "lr": 0.05, "pad_id": mllm.pad_id}  # full batch: every step sees every row
+    kw = {
+        "batch_size": 8,
+        "lr": 0.05,
+        "pad_id": mllm.pad_id,
+    }  # full batch: every step sees every row
 
     def fit(steps_list, carry):
         edge, server_llm = mllm.split(cfg.adapter, seed=0)
         state = None
         for i, steps in enumerate(steps_list):
-            out, _, _, opt = local_fit(edge, LocalServer(server_llm), features[:8], questions, steps=steps, seed=i,
-                                       optimizer_state=state if carry else None, **kw)
+            out, _, _, opt = local_fit(
+                edge,
+                LocalServer(server_llm),
+                features[:8],
+                questions,
+                steps=steps,
+                seed=i,
+                optimizer_state=state if carry else None,
+                **kw,
+            )
             state = opt
         return out, state
 
@@ -438,8 +507,17 @@ def test_unknown_objective_is_an_error(setup):
     cfg, mllm, rows, features = setup
     edge, server_llm = mllm.split(cfg.adapter, seed=0)
     with pytest.raises(ValueError, match="unknown objective 'nll'"):
-        local_fit(edge, LocalServer(server_llm), features, [([rows[0]], 0, None)], steps=1, batch_size=1, lr=0.1,
-                  pad_id=mllm.pad_id, objective="nll")
+        local_fit(
+            edge,
+            LocalServer(server_llm),
+            features,
+            [([rows[0]], 0, None)],
+            steps=1,
+            batch_size=1,
+            lr=0.1,
+            pad_id=mllm.pad_id,
+            objective="nll",
+        )
 
 
 def _per_example_fisher(edge, server, features, questions, objective, pad_id):
@@ -450,7 +528,9 @@ def _per_example_fisher(edge, server, features, questions, objective, pad_id):
     for i in range(len(questions)):
         for p in params.values():
             p.grad = None
-        _, z, grad, _ = _split_step(edge, server, features, questions, [i], packed, pad_id=pad_id, lm_weight=0.0)
+        _, z, grad, _ = _split_step(
+            edge, server, features, questions, [i], packed, pad_id=pad_id, lm_weight=0.0
+        )
         z.backward(grad)
         for k, p in params.items():
             out[k] += p.grad.detach() ** 2
@@ -472,12 +552,25 @@ def test_endpoint_fisher_is_the_mean_of_per_example_squared_gradients(setup, obj
         questions = _questions(mllm, n=6)
     else:
         questions = [([r], 0, None) for r in rows[:6]]
-        questions[1] = ([mllm.encode_row("Which of the many colours does object one have here?", "red")], 0, None)
+        questions[1] = (
+            [mllm.encode_row("Which of the many colours does object one have here?", "red")],
+            0,
+            None,
+        )
     params = dict(edge.adapters.named_parameters())
 
     # Execute
-    got = endpoint_fisher(edge, server, features, questions, list(range(6)), params=params, batch_size=4,
-                          pad_id=mllm.pad_id, objective=objective)
+    got = endpoint_fisher(
+        edge,
+        server,
+        features,
+        questions,
+        list(range(6)),
+        params=params,
+        batch_size=4,
+        pad_id=mllm.pad_id,
+        objective=objective,
+    )
     want = _per_example_fisher(edge, server, features, questions, objective, mllm.pad_id)
 
     # Assert
@@ -495,8 +588,18 @@ def test_local_fit_endpoint_fisher_is_bounded_and_normalised(setup):
 
     def fit(**kw):
         edge, server_llm = mllm.split(cfg.adapter, seed=0)
-        return local_fit(edge, LocalServer(server_llm), features, questions, steps=4, batch_size=4, lr=0.05,
-                         pad_id=mllm.pad_id, seed=0, **kw)
+        return local_fit(
+            edge,
+            LocalServer(server_llm),
+            features,
+            questions,
+            steps=4,
+            batch_size=4,
+            lr=0.05,
+            pad_id=mllm.pad_id,
+            seed=0,
+            **kw,
+        )
 
     # Execute
     state_e, fisher_e, _, _ = fit(fisher="endpoint", fisher_examples=8, fisher_normalize=True)
@@ -538,8 +641,17 @@ def test_frozen_a_trains_only_b_and_fedavg_merges_products_exactly(setup):
     for shard in (slice(0, 8), slice(8, 16)):
         edge, server_llm = mllm.split(frozen, seed=0)
         start = adapter_state(edge.adapters)
-        state, fisher, _, _ = local_fit(edge, LocalServer(server_llm), features[shard], questions[shard], steps=5,
-                                        batch_size=4, lr=0.05, pad_id=mllm.pad_id, seed=0)
+        state, fisher, _, _ = local_fit(
+            edge,
+            LocalServer(server_llm),
+            features[shard],
+            questions[shard],
+            steps=5,
+            batch_size=4,
+            lr=0.05,
+            pad_id=mllm.pad_id,
+            seed=0,
+        )
         states.append(state)
         # Assert (per client)
         for m in ("vision", "text"):
@@ -559,5 +671,14 @@ def test_unknown_fisher_estimator_is_an_error(setup):
     cfg, mllm, rows, features = setup
     edge, server_llm = mllm.split(cfg.adapter, seed=0)
     with pytest.raises(ValueError, match="unknown Fisher estimator 'diag'"):
-        local_fit(edge, LocalServer(server_llm), features, [([rows[0]], 0, None)], steps=1, batch_size=1, lr=0.1,
-                  pad_id=mllm.pad_id, fisher="diag")
+        local_fit(
+            edge,
+            LocalServer(server_llm),
+            features,
+            [([rows[0]], 0, None)],
+            steps=1,
+            batch_size=1,
+            lr=0.1,
+            pad_id=mllm.pad_id,
+            fisher="diag",
+        )

@@ -69,24 +69,39 @@ class ClientActor:
     """
 
     def __init__(
-        self, model_cfg, adapter_cfg, *, rank: int, server, data: dict[str, Any], num_threads: int = 1, seed: int = 0,
+        self,
+        model_cfg,
+        adapter_cfg,
+        *,
+        rank: int,
+        server,
+        data: dict[str, Any],
+        num_threads: int = 1,
+        seed: int = 0,
         llm_lora: bool = False,
     ) -> None:
         from fednano_ray.models.build import build_mllm
 
         torch.set_num_threads(max(1, num_threads))
-        mllm = build_mllm.__wrapped__(model_cfg)  # uncached: this process's own copy, LoRA goes in in place
+        mllm = build_mllm.__wrapped__(
+            model_cfg
+        )  # uncached: this process's own copy, LoRA goes in in place
         self._llm = None
         if llm_lora:
             self.edge, self._llm, self.params = mllm.with_llm_lora(
-                adapter_cfg, r=rank, autocast_bf16=model_cfg.runtime_precision().autocast_bf16, seed=seed
+                adapter_cfg,
+                r=rank,
+                autocast_bf16=model_cfg.runtime_precision().autocast_bf16,
+                seed=seed,
             )
             self.server = LocalServer(self._llm)
         else:
             self.edge, _ = mllm.split(adapter_cfg, r=rank, seed=seed)
             self.params = dict(self.edge.adapters.named_parameters())
             mllm.parts.decoder = None  # the client keeps no LLM layers (NanoEdge only)
-            self.server = RemoteServer(server) if hasattr(server.loss_and_grad, "remote") else server
+            self.server = (
+                RemoteServer(server) if hasattr(server.loss_and_grad, "remote") else server
+            )
         self._initial = adapter_state(self.params)
         self.encode_row = mllm.encode_row
         self.pad_id = mllm.pad_id
@@ -152,9 +167,23 @@ class ClientActor:
             self._llm.train()  # for PEFT's LoRA dropout (the decoders here have no active dropout of their own)
         try:
             state, fisher, metrics, opt_state = local_fit(
-                self.edge, self.server, feats, questions, steps=steps, batch_size=batch_size, lr=lr, pad_id=self.pad_id,
-                weight_decay=weight_decay, prox_mu=prox_mu, seed=seed, params=self.params, objective=objective,
-                lm_weight=lm_weight, optimizer_state=optimizer_state, fisher=fisher, fisher_examples=fisher_examples,
+                self.edge,
+                self.server,
+                feats,
+                questions,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                pad_id=self.pad_id,
+                weight_decay=weight_decay,
+                prox_mu=prox_mu,
+                seed=seed,
+                params=self.params,
+                objective=objective,
+                lm_weight=lm_weight,
+                optimizer_state=optimizer_state,
+                fisher=fisher,
+                fisher_examples=fisher_examples,
                 fisher_normalize=fisher_normalize,
             )
         finally:
@@ -167,17 +196,33 @@ class ClientActor:
 
             update = ClientUpdate(str(client_id), state, len(indices), fisher, metrics)
             masked = client_masked_input(
-                session, secagg["strategy"], start_state, update, shares=secagg["shares"],
-                rank=secagg["rank"], keys=secagg["keys"], num_clients=secagg["num_clients"],
+                session,
+                secagg["strategy"],
+                start_state,
+                update,
+                shares=secagg["shares"],
+                rank=secagg["rank"],
+                keys=secagg["keys"],
+                num_clients=secagg["num_clients"],
                 frac_bits=secagg["frac_bits"],
             )
             return {
-                "client_id": client_id, "masked": masked, "metrics": metrics, "rank": self.rank,
-                "node_id": self.node_id(), "optimizer_state": opt_state,
+                "client_id": client_id,
+                "masked": masked,
+                "metrics": metrics,
+                "rank": self.rank,
+                "node_id": self.node_id(),
+                "optimizer_state": opt_state,
             }
         return {
-            "client_id": client_id, "state": state, "fisher": fisher, "num_examples": len(indices),
-            "metrics": metrics, "rank": self.rank, "node_id": self.node_id(), "optimizer_state": opt_state,
+            "client_id": client_id,
+            "state": state,
+            "fisher": fisher,
+            "num_examples": len(indices),
+            "metrics": metrics,
+            "rank": self.rank,
+            "node_id": self.node_id(),
+            "optimizer_state": opt_state,
         }
 
     # -- secure aggregation (SecAgg, Bonawitz et al. 2017): this client's side ----------------------
@@ -191,7 +236,9 @@ class ClientActor:
                 "it advertised its keys)"
             ) from None
 
-    def secagg_advertise(self, rnd: int, client_id: int, index: int, session: bytes) -> tuple[bytes, bytes]:
+    def secagg_advertise(
+        self, rnd: int, client_id: int, index: int, session: bytes
+    ) -> tuple[bytes, bytes]:
         """Round 0: make this client's key pairs for round ``rnd``; returns the public keys.
 
         Args:
@@ -214,7 +261,9 @@ class ClientActor:
         """Round 1: encrypted Shamir shares of this client's secrets, one per peer of ``U1``."""
         return self._secagg_session(rnd, client_id).share_keys(public_keys, threshold)
 
-    def secagg_unmask(self, rnd: int, client_id: int, survivors: list[int], dropped: list[int]) -> dict[str, dict[int, int]]:
+    def secagg_unmask(
+        self, rnd: int, client_id: int, survivors: list[int], dropped: list[int]
+    ) -> dict[str, dict[int, int]]:
         """Round 3: this client's shares of the survivors' self-mask seeds and the dropped
         clients' mask keys; the round's protocol state is then discarded."""
         response = self._secagg_session(rnd, client_id).unmask(survivors, dropped)
@@ -222,7 +271,11 @@ class ClientActor:
         return response
 
     def evaluate(
-        self, state: dict[str, torch.Tensor], split: str, indices: list[int], batch_size: int = 32,
+        self,
+        state: dict[str, torch.Tensor],
+        split: str,
+        indices: list[int],
+        batch_size: int = 32,
         dual: dict[str, Any] | None = None,
     ) -> dict[str, float]:
         """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or "test").
@@ -240,10 +293,15 @@ class ClientActor:
             edge.weight_log = []
         feats, qs = self.data[split]
         questions = [
-            ([self.encode_row(q, c) for c in choices], answer, cat) for q, choices, answer, cat in (qs[i] for i in indices)
+            ([self.encode_row(q, c) for c in choices], answer, cat)
+            for q, choices, answer, cat in (qs[i] for i in indices)
         ]
         out = evaluate(
-            edge, self.server, np.asarray(feats[indices]), questions, pad_id=self.pad_id,
+            edge,
+            self.server,
+            np.asarray(feats[indices]),
+            questions,
+            pad_id=self.pad_id,
             batch_size=batch_size,
         )
         if dual is not None:
@@ -296,16 +354,29 @@ class ClientActor:
         feats = self.data["train"][0][indices]
         questions = [self._question(i) for i in indices]
         state, _, metrics, _ = local_fit(
-            dual, self.server, feats, questions, steps=steps, batch_size=batch_size, lr=lr,
-            pad_id=self.pad_id, weight_decay=weight_decay, seed=seed,
+            dual,
+            self.server,
+            feats,
+            questions,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            pad_id=self.pad_id,
+            weight_decay=weight_decay,
+            seed=seed,
             params=dict(dual.local_edge.adapters.named_parameters()),
-            objective=objective, lm_weight=lm_weight,
+            objective=objective,
+            lm_weight=lm_weight,
         )
         keep = [indices[i] for i in subsample(len(indices), bank_size, seed)]
         metrics["fit_s"] = time.perf_counter() - t0
         return {
-            "client_id": client_id, "state": state, "bank": self.prompt_summaries("train", keep),
-            "num_examples": len(indices), "metrics": metrics, "rank": self.rank,
+            "client_id": client_id,
+            "state": state,
+            "bank": self.prompt_summaries("train", keep),
+            "num_examples": len(indices),
+            "metrics": metrics,
+            "rank": self.rank,
             "node_id": self.node_id(),
         }
 

@@ -63,14 +63,18 @@ class RayTransport:
         try:
             return ray.get(call, timeout=timeout)
         except GetTimeoutError as e:
-            raise CallFailed(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", timeout=True) from e
+            raise CallFailed(
+                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", timeout=True
+            ) from e
         except (RayActorError, RayTaskError) as e:
             raise CallFailed(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 
     def restart(self, actor: Any) -> None:
         import ray
 
-        ray.kill(actor, no_restart=False)  # SIGKILL; Ray restarts it (max_restarts=-1), its queue cleared
+        ray.kill(
+            actor, no_restart=False
+        )  # SIGKILL; Ray restarts it (max_restarts=-1), its queue cleared
 
 
 class Coordinator:
@@ -111,12 +115,28 @@ class Coordinator:
         # fedavg-lora clients train their own LLM copies: no shared trainer.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        head = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-        self.trainer = None if not method.needs_trainer else actor_classes["trainer"].options(
-            num_cpus=t.trainer_num_cpus, num_gpus=t.trainer_num_gpus, max_restarts=-1, max_task_retries=-1,
-            scheduling_strategy=head,
-        ).remote(cfg.model, max_batch_size=t.max_batch_size, batch_wait_ms=t.batch_wait_ms,
-                 pad_to_multiple=t.pad_to_multiple, num_threads=t.trainer_threads or os.cpu_count() or 1)
+        head = NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=True
+        )
+        self.trainer = (
+            None
+            if not method.needs_trainer
+            else actor_classes["trainer"]
+            .options(
+                num_cpus=t.trainer_num_cpus,
+                num_gpus=t.trainer_num_gpus,
+                max_restarts=-1,
+                max_task_retries=-1,
+                scheduling_strategy=head,
+            )
+            .remote(
+                cfg.model,
+                max_batch_size=t.max_batch_size,
+                batch_wait_ms=t.batch_wait_ms,
+                pad_to_multiple=t.pad_to_multiple,
+                num_threads=t.trainer_threads or os.cpu_count() or 1,
+            )
+        )
 
         # Client actors: one per client (deployment) or a pool per tier (simulation).
         self.client_tier = cfg.client_tiers()
@@ -124,20 +144,41 @@ class Coordinator:
         for tier in cfg.tiers:
             n = tier.clients if fed.mode == "deployment" else tier.pool_size
             self.pools[tier.name] = [
-                actor_classes["client"].options(
-                    num_cpus=tier.num_cpus, num_gpus=tier.num_gpus, resources=dict(tier.resources),
-                    max_restarts=-1, max_task_retries=0,
-                ).remote(cfg.model, cfg.adapter, rank=cfg.tier_rank(tier), server=self.trainer, data=data_ref,
-                         num_threads=max(1, int(tier.num_cpus)), seed=fed.seed, llm_lora=method.client.holds_llm)
+                actor_classes["client"]
+                .options(
+                    num_cpus=tier.num_cpus,
+                    num_gpus=tier.num_gpus,
+                    resources=dict(tier.resources),
+                    max_restarts=-1,
+                    max_task_retries=0,
+                )
+                .remote(
+                    cfg.model,
+                    cfg.adapter,
+                    rank=cfg.tier_rank(tier),
+                    server=self.trainer,
+                    data=data_ref,
+                    num_threads=max(1, int(tier.num_cpus)),
+                    seed=fed.seed,
+                    llm_lora=method.client.holds_llm,
+                )
                 for _ in range(min(n, tier.clients))
             ]
-        top = max(cfg.tiers, key=cfg.tier_rank)  # the largest rank: the global state's, and the pooled client's
+        top = max(
+            cfg.tiers, key=cfg.tier_rank
+        )  # the largest rank: the global state's, and the pooled client's
         top_actor = self.pools[top.name][0]
         rundir.write_config(run_dir, cfg)
         self.federation = Federation(
-            cfg, method=method, strategy=method.build_strategy(), data=data,
-            placement=Placement(self._actor_for, self.client_tier, top, top_actor), transport=RayTransport(),
-            run_dir=run_dir, initial_state=ray.get(top_actor.initial_state.remote()), accounting=prepared.accounting,
+            cfg,
+            method=method,
+            strategy=method.build_strategy(),
+            data=data,
+            placement=Placement(self._actor_for, self.client_tier, top, top_actor),
+            transport=RayTransport(),
+            run_dir=run_dir,
+            initial_state=ray.get(top_actor.initial_state.remote()),
+            accounting=prepared.accounting,
             runtime={
                 "precision": cfg.model.runtime_precision().as_dict(),  # as resolved on the coordinator's node
                 "hardware": hardware_info(),
@@ -153,7 +194,11 @@ class Coordinator:
     def _actor_for(self, client_id: int):
         """Client ``client_id``'s actor: its own (deployment) or one of its tier's pool, round robin."""
         pool = self.pools[self.client_tier[client_id].name]
-        tier_index = sum(1 for c in range(client_id) if self.client_tier[c].name == self.client_tier[client_id].name)
+        tier_index = sum(
+            1
+            for c in range(client_id)
+            if self.client_tier[c].name == self.client_tier[client_id].name
+        )
         return pool[tier_index % len(pool)]
 
     def _trainer_incarnation(self) -> str | None:
@@ -165,7 +210,9 @@ class Coordinator:
         if self.trainer is None:
             return None
         try:
-            return ray.get(self.trainer.incarnation.remote(), timeout=self.cfg.federation.deadline_s)
+            return ray.get(
+                self.trainer.incarnation.remote(), timeout=self.cfg.federation.deadline_s
+            )
         except (RayActorError, RayTaskError, GetTimeoutError):
             return None
 
@@ -176,8 +223,12 @@ class Coordinator:
         import ray
 
         runtime = self.federation.runtime
-        if self.trainer is not None and "llm_trainer" not in runtime:  # it may sit on another node (a GPU)
-            runtime["llm_trainer"] = ray.get(self.trainer.runtime.remote(), timeout=self.cfg.federation.deadline_s)
+        if (
+            self.trainer is not None and "llm_trainer" not in runtime
+        ):  # it may sit on another node (a GPU)
+            runtime["llm_trainer"] = ray.get(
+                self.trainer.runtime.remote(), timeout=self.cfg.federation.deadline_s
+            )
         self.federation.begin()
         return {"next_round": self.federation.next_round, "setup_s": self.setup_s}
 

@@ -60,53 +60,93 @@ class LLMTrainer:
     """
 
     def __init__(
-        self, model_cfg, *, max_batch_size: int = 64, batch_wait_ms: float = 5.0, num_threads: int | None = None,
+        self,
+        model_cfg,
+        *,
+        max_batch_size: int = 64,
+        batch_wait_ms: float = 5.0,
+        num_threads: int | None = None,
         pad_to_multiple: int = 8,
     ) -> None:
         from fednano_ray.models.build import build_mllm
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        parts = build_mllm.__wrapped__(model_cfg).parts  # uncached: this process keeps only the server half
-        self.precision = model_cfg.runtime_precision()  # resolved on this actor's own node (its CPU or GPU)
-        self.server = ServerLLM(parts.decoder, parts.lm_head, autocast_bf16=self.precision.autocast_bf16)
+        parts = build_mllm.__wrapped__(
+            model_cfg
+        ).parts  # uncached: this process keeps only the server half
+        self.precision = (
+            model_cfg.runtime_precision()
+        )  # resolved on this actor's own node (its CPU or GPU)
+        self.server = ServerLLM(
+            parts.decoder, parts.lm_head, autocast_bf16=self.precision.autocast_bf16
+        )
         self.max_batch_size = max_batch_size
         self.pad_to_multiple = max(1, int(pad_to_multiple))
         self.batch_wait_s = batch_wait_ms / 1000.0
         self._queue: asyncio.Queue[_Request] | None = None
         self._worker: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1)  # torch runs off the event loop
-        self.stats = {"batches": 0, "rows": 0, "requests": 0, "max_clients_in_batch": 0, "compute_s": 0.0}
+        self.stats = {
+            "batches": 0,
+            "rows": 0,
+            "requests": 0,
+            "max_clients_in_batch": 0,
+            "compute_s": 0.0,
+        }
         # New each time Ray (re)starts the actor and reruns __init__, which reloads the frozen LLM.
         self._incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
-    async def loss_and_grad(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[float, Tensor]:
+    async def loss_and_grad(
+        self, z: Tensor, attention_mask: Tensor, labels: Tensor
+    ) -> tuple[float, Tensor]:
         """One client's split step: (mean loss over its label tokens, dL/dz' with its own shape)."""
         if labels.shape != attention_mask.shape:
-            raise ValueError(f"bad split-step shapes: mask {tuple(attention_mask.shape)}, labels {tuple(labels.shape)}")
+            raise ValueError(
+                f"bad split-step shapes: mask {tuple(attention_mask.shape)}, labels {tuple(labels.shape)}"
+            )
         return await self._submit(_Request(z, attention_mask, labels, None))
 
     async def choice_loss_and_grad(
-        self, z: Tensor, attention_mask: Tensor, position_ids: Tensor, segments: Tensor, source: Tensor, target: Tensor,
-        owner: Tensor, counts: Tensor, answers: Tensor, lm_weight: float = 0.0,
+        self,
+        z: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        segments: Tensor,
+        source: Tensor,
+        target: Tensor,
+        owner: Tensor,
+        counts: Tensor,
+        answers: Tensor,
+        lm_weight: float = 0.0,
     ) -> tuple[float, Tensor]:
         """One client's split step of the choice objective over packed questions
         (:meth:`ServerLLM.choice_loss_and_grad`): (mean loss over its questions, dL/dz')."""
         if position_ids.shape != attention_mask.shape or segments.shape != attention_mask.shape:
             raise ValueError("position_ids and segments must have the attention mask's shape")
         if counts.shape[0] != z.shape[0] or answers.shape != counts.shape:
-            raise ValueError(f"one question per packed row: {z.shape[0]} rows, {counts.shape[0]} counts, {answers.shape[0]} answers")
-        if not (source.shape == target.shape == owner.shape) or (owner.numel() and int(owner.max()) >= int(counts.sum())):
-            raise ValueError("source, target and owner must align, and owners must index the questions' scores")
+            raise ValueError(
+                f"one question per packed row: {z.shape[0]} rows, {counts.shape[0]} counts, {answers.shape[0]} answers"
+            )
+        if not (source.shape == target.shape == owner.shape) or (
+            owner.numel() and int(owner.max()) >= int(counts.sum())
+        ):
+            raise ValueError(
+                "source, target and owner must align, and owners must index the questions' scores"
+            )
         extra = (position_ids, segments, source, target, owner, counts, answers, float(lm_weight))
         return await self._submit(_Request(z, attention_mask, None, None, extra))
 
     async def _submit(self, req: _Request) -> tuple[float, Tensor]:
         z, attention_mask = req.z, req.attention_mask
         if z.dim() != 3 or z.shape[:2] != attention_mask.shape:
-            raise ValueError(f"bad split-step shapes: z {tuple(z.shape)}, mask {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"bad split-step shapes: z {tuple(z.shape)}, mask {tuple(attention_mask.shape)}"
+            )
         if z.shape[-1] != self.server.hidden_size:
-            raise ValueError(f"z' has width {z.shape[-1]} but the LLM expects {self.server.hidden_size}: client and server models differ")
+            raise ValueError(
+                f"z' has width {z.shape[-1]} but the LLM expects {self.server.hidden_size}: client and server models differ"
+            )
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._batch_loop())
@@ -142,13 +182,19 @@ class LLMTrainer:
             while rows < self.max_batch_size:
                 timeout = deadline - time.monotonic()
                 try:
-                    req = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                    req = (
+                        self._queue.get_nowait()
+                        if timeout <= 0
+                        else await asyncio.wait_for(self._queue.get(), timeout)
+                    )
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
                 batch.append(req)
                 rows += req.z.shape[0]
             by_length: dict[tuple, list[_Request]] = {}
-            for r in batch:  # merge only equal padded lengths: results then do not depend on the batching
+            for r in (
+                batch
+            ):  # merge only equal padded lengths: results then do not depend on the batching
                 by_length.setdefault((r.kind, self.padded_length(r.z.shape[1])), []).append(r)
             for (kind, t), group in sorted(by_length.items()):
                 run = self._run if kind == ("lm",) else self._run_choice
@@ -170,14 +216,20 @@ class LLMTrainer:
 
     @staticmethod
     def _pad(x: Tensor, t: int, value) -> Tensor:
-        return F.pad(x, (0, 0, 0, t - x.shape[1]), value=value) if x.dim() == 3 else F.pad(x, (0, t - x.shape[1]), value=value)
+        return (
+            F.pad(x, (0, 0, 0, t - x.shape[1]), value=value)
+            if x.dim() == 3
+            else F.pad(x, (0, t - x.shape[1]), value=value)
+        )
 
     def _run(self, batch: list[_Request], t: int) -> list[tuple[float, Tensor]]:
         t0 = time.perf_counter()
         z = torch.cat([self._pad(r.z.float(), t, 0.0) for r in batch])
         mask = torch.cat([self._pad(r.attention_mask, t, 0) for r in batch])
         labels = torch.cat([self._pad(r.labels, t, IGNORE_INDEX) for r in batch])
-        groups = torch.cat([torch.full((r.z.shape[0],), i, dtype=torch.long) for i, r in enumerate(batch)])
+        groups = torch.cat(
+            [torch.full((r.z.shape[0],), i, dtype=torch.long) for i, r in enumerate(batch)]
+        )
         losses, grad = self.server.loss_and_grad(z, mask, labels, groups, num_groups=len(batch))
         return self._split(batch, losses, grad, t0)
 
@@ -200,14 +252,28 @@ class LLMTrainer:
         target = torch.cat([r.extra[3] for r in batch])
         counts = torch.cat([r.extra[5] for r in batch])
         answers = torch.cat([r.extra[6] for r in batch])
-        groups = torch.cat([torch.full((r.z.shape[0],), i, dtype=torch.long) for i, r in enumerate(batch)])
+        groups = torch.cat(
+            [torch.full((r.z.shape[0],), i, dtype=torch.long) for i, r in enumerate(batch)]
+        )
         losses, grad = self.server.choice_loss_and_grad(
-            z, mask, positions, segments, torch.cat(source), target, torch.cat(owner), counts, answers,
-            batch[0].extra[7], groups, num_groups=len(batch),
+            z,
+            mask,
+            positions,
+            segments,
+            torch.cat(source),
+            target,
+            torch.cat(owner),
+            counts,
+            answers,
+            batch[0].extra[7],
+            groups,
+            num_groups=len(batch),
         )
         return self._split(batch, losses, grad, t0)
 
-    def _split(self, batch: list[_Request], losses: Tensor, grad: Tensor, t0: float) -> list[tuple[float, Tensor]]:
+    def _split(
+        self, batch: list[_Request], losses: Tensor, grad: Tensor, t0: float
+    ) -> list[tuple[float, Tensor]]:
         out, start = [], 0
         for i, r in enumerate(batch):
             b, tr = r.z.shape[0], r.z.shape[1]

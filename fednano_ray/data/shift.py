@@ -34,7 +34,9 @@ SHIFT_VERSION = "client-shift/1"  # bump when a condition's pixels change
 
 def _colour_cast(img: Image.Image, seed: int) -> Image.Image:
     del seed
-    a = np.asarray(img, dtype=np.float32) * np.array([1.0, 0.75, 0.45], dtype=np.float32) + np.array([40, 20, 0])
+    a = np.asarray(img, dtype=np.float32) * np.array(
+        [1.0, 0.75, 0.45], dtype=np.float32
+    ) + np.array([40, 20, 0])
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
@@ -76,7 +78,14 @@ CONDITIONS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
 }
 
 _LR = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
-_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+_SWAP = {
+    "left": "right",
+    "right": "left",
+    "Left": "Right",
+    "Right": "Left",
+    "LEFT": "RIGHT",
+    "RIGHT": "LEFT",
+}
 
 
 def mirror_text(text: str) -> str:
@@ -92,7 +101,9 @@ def shift_example(example: VQAExample, condition: str, out_dir: Path) -> VQAExam
         ValueError: for an unknown condition, naming the known ones.
     """
     if condition not in CONDITIONS:
-        raise ValueError(f"unknown client-shift condition {condition!r}; use some of {sorted(CONDITIONS)}")
+        raise ValueError(
+            f"unknown client-shift condition {condition!r}; use some of {sorted(CONDITIONS)}"
+        )
     src = example.image.read_bytes()
     digest = hashlib.sha256(src + f"\0{condition}\0{SHIFT_VERSION}".encode()).hexdigest()
     path = out_dir / condition / f"{digest[:24]}.png"
@@ -106,7 +117,9 @@ def shift_example(example: VQAExample, condition: str, out_dir: Path) -> VQAExam
     if condition != "mirror":
         return replace(example, image=path)
     choices = tuple(mirror_text(c) for c in example.choices)
-    if len(set(choices)) != len(choices):  # cannot happen for distinct choices; guard the invariant anyway
+    if len(set(choices)) != len(
+        choices
+    ):  # cannot happen for distinct choices; guard the invariant anyway
         raise ValueError(f"example {example.id}: mirroring made its choices {choices} collide")
     return replace(example, image=path, question=mirror_text(example.question), choices=choices)
 
@@ -140,5 +153,7 @@ def apply_client_shift(
     for c, shard in enumerate(client_shards):
         for i in shard:
             out_train[i] = shift_example(train[i], per_client[c], out_dir)
-    out_test = [shift_example(ex, conditions[i % len(conditions)], out_dir) for i, ex in enumerate(test)]
+    out_test = [
+        shift_example(ex, conditions[i % len(conditions)], out_dir) for i, ex in enumerate(test)
+    ]
     return out_train, out_test

@@ -257,7 +257,11 @@ def _q_attribute(
     """A question about one object's ``attribute`` (colour, shape or size), the object named by a
     unique combination of its other attributes (``refs_by``)."""
     while True:
-        scene = _random_scene(rng, size, 2, MAX_BINDING_OBJECTS) if hard else _random_scene(rng, size, 1, 1)
+        scene = (
+            _random_scene(rng, size, 2, MAX_BINDING_OBJECTS)
+            if hard
+            else _random_scene(rng, size, 1, 1)
+        )
         objs = scene.objects
         for target in rng.permutation(len(objs)):
             target = int(target)
@@ -268,10 +272,14 @@ def _q_attribute(
             ref = _ref_text(objs[target], keys)
             answer = objs[target][attribute]
             if attribute == "size":  # a yes/no-like pair: both sizes are always the choices
-                question = (f"Is {ref} big or small?", f"Is {ref} small or big?")[int(rng.integers(2))]
+                question = (f"Is {ref} big or small?", f"Is {ref} small or big?")[
+                    int(rng.integers(2))
+                ]
                 choices, idx = _choices(rng, answer, SIZES, k=1)
             else:
-                question = (f"What {attribute} is {ref}?", f"Which {attribute} is {ref}?")[int(rng.integers(2))]
+                question = (f"What {attribute} is {ref}?", f"Which {attribute} is {ref}?")[
+                    int(rng.integers(2))
+                ]
                 others = {o[attribute] for i, o in enumerate(objs) if i != target}
                 names = _COLOUR_NAMES if attribute == "colour" else SHAPES
                 choices, idx = _choices(rng, answer, names, others)

@@ -75,16 +75,22 @@ class _Options(BaseModel):
 
 
 class FedNanoOptions(_Options):
-    eps: float = Field(1e-8, gt=0, description="Epsilon of Fisher merging (keeps the weights' sum positive).")
+    eps: float = Field(
+        1e-8, gt=0, description="Epsilon of Fisher merging (keeps the weights' sum positive)."
+    )
 
 
 class FedProxOptions(_Options):
-    mu: float = Field(0.01, ge=0, description="Proximal coefficient mu of mu/2 ||theta - theta_global||^2.")
+    mu: float = Field(
+        0.01, ge=0, description="Proximal coefficient mu of mu/2 ||theta - theta_global||^2."
+    )
 
 
 class FedAvgMOptions(_Options):
     momentum: float = Field(
-        0.9, ge=0, lt=1,
+        0.9,
+        ge=0,
+        lt=1,
         description="Server momentum beta (Hsu et al. 2019): v <- beta v + (mean - theta), theta <- theta + "
         "server_lr * v. 0 is FedAvg.",
     )
@@ -92,17 +98,21 @@ class FedAvgMOptions(_Options):
 
 class FedDPAFOptions(_Options):
     train_weight: float = Field(
-        0.5, ge=0, le=1,
+        0.5,
+        ge=0,
+        le=1,
         description="The local adapter's constant weight w in (1 - w) E_global + w E_local while the local "
         "adapter trains (the paper's fixed mixing weight during training).",
     )
     top_k: int = Field(
-        5, ge=1,
+        5,
+        ge=1,
         description="The dynamic weight at inference is the mean of the top-k cosine similarities between the "
         "instance's frozen summary and the client's bank, clipped to [0, 1].",
     )
     bank_size: int = Field(
-        256, ge=1,
+        256,
+        ge=1,
         description="Most training-prompt summaries a client keeps for the dynamic weight (a seeded subsample "
         "when its shard is larger); checkpointed beside its local adapter, counted in client storage.",
     )
@@ -164,34 +174,54 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec(
-            "local", "every client trains only its own adapters, no federation (lower bound)",
-            aggregates=False, personal_only=True,
+            "local",
+            "every client trains only its own adapters, no federation (lower bound)",
+            aggregates=False,
+            personal_only=True,
         ),
         MethodSpec(
-            "centralized", "every client's training data pooled into one run (upper bound)",
-            pooled=True, aggregates=False,
-        ),
-        MethodSpec("fedavg", "example-weighted mean of the NanoAdapters", robust=True, product_factors=True),
-        MethodSpec(
-            "fedprox", "FedAvg with a proximal term on the clients (Li et al. 2020)",
-            options=FedProxOptions, robust=True, product_factors=True,
+            "centralized",
+            "every client's training data pooled into one run (upper bound)",
+            pooled=True,
+            aggregates=False,
         ),
         MethodSpec(
-            "fedavgm", "FedAvg with server momentum (Hsu et al. 2019, arXiv 1909.06335)",
-            strategy="fednano_ray.strategies.fedavgm:FedAvgM", options=FedAvgMOptions,
+            "fedavg", "example-weighted mean of the NanoAdapters", robust=True, product_factors=True
         ),
         MethodSpec(
-            "fednano", "Fisher merging of the NanoAdapters (FedNano, arXiv 2506.14824)",
-            options=FedNanoOptions, fisher_upload=True,
+            "fedprox",
+            "FedAvg with a proximal term on the clients (Li et al. 2020)",
+            options=FedProxOptions,
+            robust=True,
+            product_factors=True,
         ),
         MethodSpec(
-            "feddpa-f", "FedDPA-F (Yang et al. 2024): a FedAvg global adapter, then a local adapter per "
-            "client beside it, mixed per instance", options=FedDPAFOptions, dual_adapter=True,
-            product_factors=True, check=_check_feddpa,
+            "fedavgm",
+            "FedAvg with server momentum (Hsu et al. 2019, arXiv 1909.06335)",
+            strategy="fednano_ray.strategies.fedavgm:FedAvgM",
+            options=FedAvgMOptions,
         ),
         MethodSpec(
-            "fedavg-lora", "the conventional baseline: every client holds the whole MLLM and trains PEFT "
-            "LoRA inside its LLM, FedAvg", client=FULL_MLLM, robust=True,
+            "fednano",
+            "Fisher merging of the NanoAdapters (FedNano, arXiv 2506.14824)",
+            options=FedNanoOptions,
+            fisher_upload=True,
+        ),
+        MethodSpec(
+            "feddpa-f",
+            "FedDPA-F (Yang et al. 2024): a FedAvg global adapter, then a local adapter per "
+            "client beside it, mixed per instance",
+            options=FedDPAFOptions,
+            dual_adapter=True,
+            product_factors=True,
+            check=_check_feddpa,
+        ),
+        MethodSpec(
+            "fedavg-lora",
+            "the conventional baseline: every client holds the whole MLLM and trains PEFT "
+            "LoRA inside its LLM, FedAvg",
+            client=FULL_MLLM,
+            robust=True,
         ),
     )
 }
@@ -211,7 +241,9 @@ def resolve_options(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
         spec = METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown federation.strategy {name!r}; valid: {', '.join(METHODS)}") from None
+        raise ValueError(
+            f"unknown federation.strategy {name!r}; valid: {', '.join(METHODS)}"
+        ) from None
     raw = dict(raw or {})
     valid = list(spec.options.model_fields)
     try:
@@ -220,7 +252,11 @@ def resolve_options(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
         problems = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"])
-            why = f"unknown option (valid for {name}: {', '.join(valid) or 'none'})" if e["type"] == "extra_forbidden" else e["msg"]
+            why = (
+                f"unknown option (valid for {name}: {', '.join(valid) or 'none'})"
+                if e["type"] == "extra_forbidden"
+                else e["msg"]
+            )
             problems.append(f"federation.strategy_options.{key}: {why}")
         raise ValueError("; ".join(problems)) from None
     if spec.check is not None and (msg := spec.check(options)):
@@ -259,21 +295,31 @@ class Method:
         if trust.dp is not None:
             aggregation = "dp_fedavg"
             agg_options = {
-                "clip_norm": trust.dp.clip_norm, "noise_multiplier": trust.dp.noise_multiplier,
-                "seed": fed.seed, "mu": mu,
+                "clip_norm": trust.dp.clip_norm,
+                "noise_multiplier": trust.dp.noise_multiplier,
+                "seed": fed.seed,
+                "mu": mu,
             }
         elif trust.aggregator == "median":
             aggregation, agg_options = "median", {"mu": mu}
         elif trust.aggregator == "trimmed_mean":
-            aggregation, agg_options = "trimmed_mean", {"trim_fraction": trust.trim_fraction, "mu": mu}
+            aggregation, agg_options = (
+                "trimmed_mean",
+                {"trim_fraction": trust.trim_fraction, "mu": mu},
+            )
         elif trust.aggregator == "clip":
             aggregation, agg_options = "clip", {"clip_norm": trust.clip_norm, "mu": mu}
         secagg = trust.secure_aggregation and spec.aggregates and not spec.personal_only
         return cls(
-            spec=spec, options=options, adapter_factors=cfg.adapter.factors, aggregation=aggregation,
-            aggregation_options=agg_options, uplink="secagg" if secagg else "plain",
+            spec=spec,
+            options=options,
+            adapter_factors=cfg.adapter.factors,
+            aggregation=aggregation,
+            aggregation_options=agg_options,
+            uplink="secagg" if secagg else "plain",
             bank_size=int(options["bank_size"]) if spec.dual_adapter else 0,
-            trust=trust, max_rank=max(cfg.tier_rank(t) for t in cfg.tiers),
+            trust=trust,
+            max_rank=max(cfg.tier_rank(t) for t in cfg.tiers),
             sampling_rate=fed.clients_per_round / fed.num_clients,
         )
 
@@ -320,12 +366,16 @@ class Method:
         try:
             return getattr(importlib.import_module(module), cls)(**self.aggregation_options)
         except TypeError as err:
-            raise ValueError(f"strategy {self.name!r}: bad options {sorted(self.aggregation_options)}: {err}") from err
+            raise ValueError(
+                f"strategy {self.name!r}: bad options {sorted(self.aggregation_options)}: {err}"
+            ) from err
 
     # -- cfg.trust applied to a round -------------------------------------------------------------
 
     def screen(
-        self, updates: Sequence[ClientUpdate], reference: Callable[[ClientUpdate], Mapping[str, Tensor]]
+        self,
+        updates: Sequence[ClientUpdate],
+        reference: Callable[[ClientUpdate], Mapping[str, Tensor]],
     ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
         """Valid updates, and ``ClientFailure(id, "rejected: <reason>")`` for the others.
 
@@ -335,7 +385,10 @@ class Method:
         from fednano_ray.trust.validate import screen_updates
 
         return screen_updates(
-            updates, reference, max_rank=self.max_rank, max_update_norm=self.trust.max_update_norm,
+            updates,
+            reference,
+            max_rank=self.max_rank,
+            max_update_norm=self.trust.max_update_norm,
             check_fisher=self.fisher_upload,
         )
 

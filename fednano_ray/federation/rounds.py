@@ -145,7 +145,9 @@ class Federation:
         # FedDPA-F: each client's bank of training-prompt summaries; with a bank, client_states[c]
         # is its local adapter, used beside the global one (fednano_ray/models/dual.py).
         self.client_banks: dict[int, torch.Tensor] = {}
-        self.optimizer_states: dict[int, dict[str, Any]] = {}  # per client, train.optimizer_state=keep
+        self.optimizer_states: dict[
+            int, dict[str, Any]
+        ] = {}  # per client, train.optimizer_state=keep
         self.rounds: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
         self.next_round = 0
@@ -156,10 +158,16 @@ class Federation:
     def _fit_kwargs(self, rnd: int, c: int, *, steps: int, batch_size: int) -> dict[str, Any]:
         t, fed = self.cfg.train, self.cfg.federation
         return {
-            "steps": steps, "batch_size": batch_size, "lr": t.lr, "weight_decay": t.weight_decay,
-            "prox_mu": self.strategy.proximal_mu, "seed": round_seed(fed.seed, rnd, c),
-            "objective": t.objective, "lm_weight": t.lm_weight,
-            "optimizer_state": self.optimizer_states.get(c), **self._fisher_kwargs(),
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": t.lr,
+            "weight_decay": t.weight_decay,
+            "prox_mu": self.strategy.proximal_mu,
+            "seed": round_seed(fed.seed, rnd, c),
+            "objective": t.objective,
+            "lm_weight": t.lm_weight,
+            "optimizer_state": self.optimizer_states.get(c),
+            **self._fisher_kwargs(),
         }
 
     def _fisher_kwargs(self) -> dict[str, Any]:
@@ -167,8 +175,16 @@ class Federation:
         trajectory one, which no rule reads."""
         t = self.cfg.train
         if self.method.fisher_upload:
-            return {"fisher": t.fisher, "fisher_examples": t.fisher_examples, "fisher_normalize": t.fisher_normalize}
-        return {"fisher": "trajectory", "fisher_examples": t.fisher_examples, "fisher_normalize": False}
+            return {
+                "fisher": t.fisher,
+                "fisher_examples": t.fisher_examples,
+                "fisher_normalize": t.fisher_normalize,
+            }
+        return {
+            "fisher": "trajectory",
+            "fisher_examples": t.fisher_examples,
+            "fisher_normalize": False,
+        }
 
     def fisher_record(self) -> dict[str, Any]:
         """The Fisher estimator, for results.json (Fisher-merging methods only)."""
@@ -209,8 +225,15 @@ class Federation:
 
     # -- gathering ---------------------------------------------------------------------------------
 
-    def _gather(self, calls: dict[Any, int], what: str, failures: dict[int, str], *, restart_stalled: bool = False,
-                count: bool = False) -> dict[int, Any]:
+    def _gather(
+        self,
+        calls: dict[Any, int],
+        what: str,
+        failures: dict[int, str],
+        *,
+        restart_stalled: bool = False,
+        count: bool = False,
+    ) -> dict[int, Any]:
         """Results of ``calls`` (pending call -> client) that finish within the deadline; the others
         become ``failures[client] = reason``. ``restart_stalled`` restarts the actors still busy at the
         deadline, so their queues clear."""
@@ -230,7 +253,9 @@ class Federation:
                 if count:
                     self.progress["done"] += 1
         for call in pending:
-            failures[calls[call]] = f"{what}deadline of {self.cfg.federation.deadline_s:g} s exceeded"
+            failures[calls[call]] = (
+                f"{what}deadline of {self.cfg.federation.deadline_s:g} s exceeded"
+            )
         if restart_stalled:
             stuck = {id(a): a for a in (self._fit_target(calls[p])[1] for p in pending)}
             for actor in stuck.values():
@@ -269,7 +294,9 @@ class Federation:
             "round": rnd,
             "clients": sampled,
             "completed": sorted(up.outs),
-            "failures": [{"client_id": str(c), "reason": r} for c, r in sorted(up.failures.items())],
+            "failures": [
+                {"client_id": str(c), "reason": r} for c, r in sorted(up.failures.items())
+            ],
             "loss": float(np.mean(list(losses.values()))) if losses else None,
             "client_loss": losses,
             "placement": {str(c): out.get("node_id") for c, out in up.outs.items()},
@@ -283,7 +310,9 @@ class Federation:
         elif up.merged is not None:
             from fednano_ray.strategies.aggregate import server_step
 
-            self.global_state = server_step(self.global_state, up.merged, self.cfg.federation.server_lr)
+            self.global_state = server_step(
+                self.global_state, up.merged, self.cfg.federation.server_lr
+            )
         if self.strategy.warnings:
             record["warnings"] = list(self.strategy.warnings)
         last = rnd == self.cfg.federation.rounds - 1
@@ -292,7 +321,9 @@ class Federation:
         # Ray restarted the LLM trainer during the round (clients' in-flight split steps were re-sent).
         record["trainer_restarted"] = self.trainer_incarnation() != trainer_start
         record["wall_time_s"] = round(time.perf_counter() - t0, 2)
-        rundir.RoundRecord.model_validate(record)  # a malformed record fails here, not in a later report
+        rundir.RoundRecord.model_validate(
+            record
+        )  # a malformed record fails here, not in a later report
         self.rounds.append(record)
         self.next_round = rnd + 1
         self.checkpoint(rnd)
@@ -309,26 +340,40 @@ class Federation:
         calls: dict[Any, int] = {}
         for c in sampled:
             tier, actor = self._fit_target(c)
-            start = global_ref if not self.method.personal_only else self.transport.put(self._start_state(c))
+            start = (
+                global_ref
+                if not self.method.personal_only
+                else self.transport.put(self._start_state(c))
+            )
             idx, steps = self.data.client_train[c], tier.local_steps
-            if self.method.pooled:  # one "client" holding every client's training data (upper bound)
+            if (
+                self.method.pooled
+            ):  # one "client" holding every client's training data (upper bound)
                 idx = sorted(i for shard in self.data.client_train for i in shard)
                 steps = tier.local_steps * fed.clients_per_round
-            up.bytes_down += _nbytes(truncate_to_rank(self._start_state(c), self.cfg.tier_rank(tier)))
+            up.bytes_down += _nbytes(
+                truncate_to_rank(self._start_state(c), self.cfg.tier_rank(tier))
+            )
             kw = self._fit_kwargs(rnd, c, steps=steps, batch_size=tier.batch_size)
             calls[self.transport.submit(actor, "fit", c, idx, start, **kw)] = c
         outs = self._gather(calls, "", up.failures, restart_stalled=True, count=True)
         # In client order, not arrival order: float sums then add up the same way in every run.
         updates = [
-            ClientUpdate(str(c), o["state"], o["num_examples"], o["fisher"], o["metrics"]) for c, o in sorted(outs.items())
+            ClientUpdate(str(c), o["state"], o["num_examples"], o["fisher"], o["metrics"])
+            for c, o in sorted(outs.items())
         ]
         # Invalid updates (bad keys/shapes/dtypes, NaN/Inf, norm above trust.max_update_norm) become
         # failures "rejected: <reason>": never aggregated, not counted towards the quorum.
-        updates, rejected = self.method.screen(updates, lambda u: self._start_state(int(u.client_id)))
+        updates, rejected = self.method.screen(
+            updates, lambda u: self._start_state(int(u.client_id))
+        )
         up.failures.update({int(f.client_id): f.reason for f in rejected})
         kept = {int(u.client_id) for u in updates}
         up.outs = {c: o for c, o in outs.items() if c in kept}
-        up.bytes_up = sum(_nbytes(u.state) + (_nbytes(u.fisher) if self.method.fisher_upload else 0) for u in updates)
+        up.bytes_up = sum(
+            _nbytes(u.state) + (_nbytes(u.fisher) if self.method.fisher_upload else 0)
+            for u in updates
+        )
         up.note = self.quorum_note(len(updates), len(sampled))
         if up.note is not None:
             return up
@@ -338,7 +383,9 @@ class Federation:
             return up
         failures = [ClientFailure(str(c), r) for c, r in up.failures.items()]
         # Updates arrive at each client's own rank: the strategy pads (HetLoRA).
-        up.merged, up.extras = self.method.aggregate(self.strategy, rnd, self.global_state, updates, failures, self.rounds)
+        up.merged, up.extras = self.method.aggregate(
+            self.strategy, rnd, self.global_state, updates, failures, self.rounds
+        )
         return up
 
     def _secure_uplink(self, rnd: int, sampled: list[int]) -> UplinkResult:
@@ -374,47 +421,88 @@ class Federation:
         global_ref = self.transport.put(self.global_state)
         try:
             advertised = self._gather(
-                {self.transport.submit(actor(c), "secagg_advertise", rnd, c, index[c], session): c for c in sampled},
-                "secagg advertise keys: ", up.failures,
+                {
+                    self.transport.submit(
+                        actor(c), "secagg_advertise", rnd, c, index[c], session
+                    ): c
+                    for c in sampled
+                },
+                "secagg advertise keys: ",
+                up.failures,
             )
             public = server.collect_keys({index[c]: keys for c, keys in advertised.items()})
             sent = self._gather(
-                {self.transport.submit(actor(c), "secagg_share_keys", rnd, c, public, threshold): c for c in advertised},
-                "secagg share keys: ", up.failures,
+                {
+                    self.transport.submit(
+                        actor(c), "secagg_share_keys", rnd, c, public, threshold
+                    ): c
+                    for c in advertised
+                },
+                "secagg share keys: ",
+                up.failures,
             )
             inbox = server.route_shares({index[c]: shares for c, shares in sent.items()})
             calls: dict[Any, int] = {}
             for c in sorted(sent):
                 tier = self.placement.client_tier[c]
-                up.bytes_down += _nbytes(truncate_to_rank(self.global_state, self.cfg.tier_rank(tier)))
+                up.bytes_down += _nbytes(
+                    truncate_to_rank(self.global_state, self.cfg.tier_rank(tier))
+                )
                 secagg = {
-                    "round": rnd, "shares": inbox[index[c]], "strategy": self.strategy, "rank": template.rank,
-                    "keys": template.keys, "num_clients": len(public), "frac_bits": frac_bits,
+                    "round": rnd,
+                    "shares": inbox[index[c]],
+                    "strategy": self.strategy,
+                    "rank": template.rank,
+                    "keys": template.keys,
+                    "num_clients": len(public),
+                    "frac_bits": frac_bits,
                 }
                 kw = self._fit_kwargs(rnd, c, steps=tier.local_steps, batch_size=tier.batch_size)
-                calls[self.transport.submit(actor(c), "fit", c, self.data.client_train[c], global_ref,
-                                            secagg=secagg, **kw)] = c
+                calls[
+                    self.transport.submit(
+                        actor(c),
+                        "fit",
+                        c,
+                        self.data.client_train[c],
+                        global_ref,
+                        secagg=secagg,
+                        **kw,
+                    )
+                ] = c
             up.outs = self._gather(calls, "", up.failures, restart_stalled=True, count=True)
             up.bytes_up = sum(int(out["masked"].nbytes) for out in up.outs.values())
             note = self.quorum_note(len(up.outs), len(sampled))
             if note is not None:
                 raise SecAggError(note)
-            survivors, dropped_idx = server.collect_masked({index[c]: out["masked"] for c, out in up.outs.items()})
+            survivors, dropped_idx = server.collect_masked(
+                {index[c]: out["masked"] for c, out in up.outs.items()}
+            )
             dropped = {client_of[u] for u in dropped_idx}
             unmask_failures: dict[int, str] = {}
             responses = self._gather(
                 {
-                    self.transport.submit(actor(client_of[u]), "secagg_unmask", rnd, client_of[u],
-                                          sorted(survivors), sorted(dropped_idx)): client_of[u]
+                    self.transport.submit(
+                        actor(client_of[u]),
+                        "secagg_unmask",
+                        rnd,
+                        client_of[u],
+                        sorted(survivors),
+                        sorted(dropped_idx),
+                    ): client_of[u]
                     for u in sorted(survivors)
                 },
-                "secagg unmask: ", unmask_failures,
+                "secagg unmask: ",
+                unmask_failures,
             )
             silent = sorted(unmask_failures)
             total = server.unmask({index[c]: r for c, r in responses.items()})
             up.merged = template.finish_ring(total, frac_bits)
         except SecAggError as e:
-            up.note = str(e) if str(e).startswith("quorum") else f"secure aggregation failed: {e}; global adapters unchanged"
+            up.note = (
+                str(e)
+                if str(e).startswith("quorum")
+                else f"secure aggregation failed: {e}; global adapters unchanged"
+            )
             up.merged = None
         up.extras["secure_aggregation"] = {
             "masked_by": "clients",
@@ -439,7 +527,11 @@ class Federation:
         """What client ``c`` is evaluated with: ``(adapters, None)``, or under FedDPA-F, once it has
         its local adapter and bank, ``(global adapters, dual)`` for ``ClientActor.evaluate``."""
         if c in self.client_banks:
-            dual = {"local": self.client_states[c], "bank": self.client_banks[c], "top_k": self.method.options["top_k"]}
+            dual = {
+                "local": self.client_states[c],
+                "bank": self.client_banks[c],
+                "top_k": self.method.options["top_k"],
+            }
             return self.global_state, dual
         return self.client_model(c), None
 
@@ -450,7 +542,9 @@ class Federation:
             return self.client_states[c]
         return self.initial_state if self.method.personal_only else self.global_state
 
-    def _get_eval(self, submit, what: str, failures: list[dict[str, str]], deadline: float, call=None):
+    def _get_eval(
+        self, submit, what: str, failures: list[dict[str, str]], deadline: float, call=None
+    ):
         """Result of an evaluation call (``call``, already submitted, or ``submit()``), retried through an
         actor restart until ``deadline`` (time.monotonic); None (and a recorded failure) if it cannot run."""
         reason = f"evaluation deadline of {self.cfg.federation.deadline_s:g} s exceeded"
@@ -483,15 +577,25 @@ class Federation:
         failures: list[dict[str, str]] = []
         # One deadline for the whole phase, as for the fit: k unreachable clients cost one deadline.
         deadline = time.monotonic() + cfg.federation.deadline_s
-        def scorer(actor: Any, state: State, split: str, idx: list[int], dual: dict[str, Any] | None):
+
+        def scorer(
+            actor: Any, state: State, split: str, idx: list[int], dual: dict[str, Any] | None
+        ):
             """Submits (and, through an actor restart, re-submits) one evaluation call."""
-            return lambda: self.transport.submit(actor, "evaluate", state, split, idx, bs, dual=dual)
+            return lambda: self.transport.submit(
+                actor, "evaluate", state, split, idx, bs, dual=dual
+            )
 
         submits = {}
         for c in range(n):  # submit everything first: the actors evaluate in parallel
             state, dual = (self.initial_state, None) if initial else self._eval_model(c)
-            fn = scorer(self.placement.actor_for(c), truncate_to_rank(state, self._rank(c)), "train",
-                        self.data.client_test[c], dual)
+            fn = scorer(
+                self.placement.actor_for(c),
+                truncate_to_rank(state, self._rank(c)),
+                "train",
+                self.data.client_test[c],
+                dual,
+            )
             submits[c] = (fn, fn())
         # The global test split is scored with the pretrained adapters (initial), the global adapters,
         # or, for methods without a global model, every client's own adapters (then averaged), each
@@ -515,26 +619,40 @@ class Federation:
             res = self._get_eval(fn, f"client {c}", failures, deadline, call=call)
             if res is not None and res["n"] > 0:
                 per_client[str(c)] = res
-        scored = [(c, self._get_eval(fn, what, failures, deadline, call=call)) for fn, call, what, c in test_subs]
+        scored = [
+            (c, self._get_eval(fn, what, failures, deadline, call=call))
+            for fn, call, what, c in test_subs
+        ]
         tests = [t for _, t in scored if t is not None]
         # Per-client accuracy with its test size n and 95% Wilson interval; avg_accuracy is weighted by
         # test size (pooled correct / pooled n), with the pooled interval (fednano_ray/stats.py).
         out: dict[str, Any] = {
             **client_accuracy_stats(per_client),
             **global_test_stats(tests),
-            "global_test_by_category": {k.split("/", 1)[1]: v for k, v in tests[0].items() if k.startswith("accuracy/")}
-            if len(tests) == 1 else {},
+            "global_test_by_category": {
+                k.split("/", 1)[1]: v for k, v in tests[0].items() if k.startswith("accuracy/")
+            }
+            if len(tests) == 1
+            else {},
             # Per question "1"/"0", for paired before/after comparisons (stats.paired_difference).
             "correct": {c: r.get("correct", "") for c, r in per_client.items()},
             "global_test_correct": [t.get("correct", "") for t in tests],
             # Which adapters the global test scored (an audit trail: compare with a checkpoint's).
-            "global_test_adapters": adapters_fingerprint(states[0][1]) if len(states) == 1 else None,
+            "global_test_adapters": adapters_fingerprint(states[0][1])
+            if len(states) == 1
+            else None,
         }
-        out["global_test_states_scored"] = len(tests)  # of len(states): 1, or num_clients under `local`
+        out["global_test_states_scored"] = len(
+            tests
+        )  # of len(states): 1, or num_clients under `local`
         if any("dual_weight_mean" in r for r in per_client.values()):  # FedDPA-F's dual adapters
-            out["dual_weight_mean"] = {c: r["dual_weight_mean"] for c, r in per_client.items() if "dual_weight_mean" in r}
+            out["dual_weight_mean"] = {
+                c: r["dual_weight_mean"] for c, r in per_client.items() if "dual_weight_mean" in r
+            }
             out["global_test_dual_weight_mean"] = {
-                str(c): t["dual_weight_mean"] for c, t in scored if t is not None and "dual_weight_mean" in t
+                str(c): t["dual_weight_mean"]
+                for c, t in scored
+                if t is not None and "dual_weight_mean" in t
             }
         if failures:
             out["eval_failures"] = failures
@@ -544,11 +662,19 @@ class Federation:
 
     def checkpoint(self, rnd: int) -> None:
         """Write round ``rnd``'s checkpoint (what --resume needs to continue exactly) and results.json."""
-        rundir.write_checkpoint(self.run_dir, rundir.Checkpoint(
-            round=rnd, global_state=self.global_state, client_states=self.client_states,
-            client_banks=self.client_banks, optimizer_states=self.optimizer_states,
-            strategy_state=self.strategy.state_dict(), rounds=self.rounds, summary=self.summary,
-        ))
+        rundir.write_checkpoint(
+            self.run_dir,
+            rundir.Checkpoint(
+                round=rnd,
+                global_state=self.global_state,
+                client_states=self.client_states,
+                client_banks=self.client_banks,
+                optimizer_states=self.optimizer_states,
+                strategy_state=self.strategy.state_dict(),
+                rounds=self.rounds,
+                summary=self.summary,
+            ),
+        )
         self.write_results()
 
     def restore(self) -> bool:
@@ -567,7 +693,11 @@ class Federation:
     def results(self) -> dict[str, Any]:
         return {
             "config": self.cfg.model_dump(mode="json"),
-            "strategy": {**self.strategy.describe(), "adapter_factors": self.cfg.adapter.factors, **self.fisher_record()},
+            "strategy": {
+                **self.strategy.describe(),
+                "adapter_factors": self.cfg.adapter.factors,
+                **self.fisher_record(),
+            },
             "rounds": self.rounds,
             "summary": self.summary,
             "accounting": self.accounting,
@@ -588,7 +718,8 @@ class Federation:
             return
         ev = self.evaluate(initial=True)
         self.summary.update(
-            accuracy_before=ev["avg_accuracy"], global_test_accuracy_before=ev["global_test_accuracy"],
+            accuracy_before=ev["avg_accuracy"],
+            global_test_accuracy_before=ev["global_test_accuracy"],
             accuracy_before_per_client=ev["accuracy"],
             # 95% Wilson intervals; per-client test sizes (held-out questions) weight the average.
             accuracy_before_ci95=ev["avg_accuracy_ci95"],
@@ -598,9 +729,14 @@ class Federation:
             global_test_n=ev["global_test_n"],
             global_test_by_category_before=ev["global_test_by_category"],
             correct_before=ev["correct"],
-            global_test_correct_before=ev["global_test_correct"][0] if ev["global_test_correct"] else "",
-            global_test_n_by_category=dict(sorted(Counter(
-                e.category for e in self.data.test if e.category is not None).items())),
+            global_test_correct_before=ev["global_test_correct"][0]
+            if ev["global_test_correct"]
+            else "",
+            global_test_n_by_category=dict(
+                sorted(
+                    Counter(e.category for e in self.data.test if e.category is not None).items()
+                )
+            ),
             # Expected accuracy of guessing uniformly among each question's choices.
             chance_accuracy=float(np.mean([1 / len(e.choices) for e in self.data.test])),
         )
@@ -615,10 +751,16 @@ class Federation:
         before, after = self.summary.get("correct_before") or {}, ev.get("correct") or {}
         common = sorted(c for c in after if c in before and len(before[c]) == len(after[c]))
         held = paired_difference([before[c] for c in common], [after[c] for c in common])
-        g_before, g_after = self.summary.get("global_test_correct_before") or "", ev.get("global_test_correct") or []
+        g_before, g_after = (
+            self.summary.get("global_test_correct_before") or "",
+            ev.get("global_test_correct") or [],
+        )
         g_after = [a for a in g_after if a and len(a) == len(g_before)]
         glob = paired_difference([g_before] * len(g_after), g_after)
-        return {f"accuracy_gain_{name}": list(held) if held else None, f"global_test_gain_{name}": list(glob) if glob else None}
+        return {
+            f"accuracy_gain_{name}": list(held) if held else None,
+            f"global_test_gain_{name}": list(glob) if glob else None,
+        }
 
     def personalize(self) -> dict[str, Any]:
         """``federation.personalize_steps``: each client fine-tunes a private copy of the global adapters.
@@ -641,7 +783,11 @@ class Federation:
         from fednano_ray.models.dual import REPRESENTATION
 
         fed = self.cfg.federation
-        if not fed.personalize_steps or self.method.personal_only or "accuracy_personalized" in self.summary:
+        if (
+            not fed.personalize_steps
+            or self.method.personal_only
+            or "accuracy_personalized" in self.summary
+        ):
             return {}
         t0 = time.perf_counter()
         dual = self.method.dual_adapter
@@ -649,22 +795,40 @@ class Federation:
         calls: dict[Any, int] = {}
         for c in range(fed.num_clients):
             tier = self.placement.client_tier[c]
-            kw = self._fit_kwargs(fed.rounds, c, steps=fed.personalize_steps, batch_size=tier.batch_size)
+            kw = self._fit_kwargs(
+                fed.rounds, c, steps=fed.personalize_steps, batch_size=tier.batch_size
+            )
             actor = self.placement.actor_for(c)
             if dual:  # a local adapter beside the frozen global one, and the bank
                 call = self.transport.submit(
-                    actor, "fit_dual", c, self.data.client_train[c], global_ref, steps=kw["steps"],
-                    batch_size=kw["batch_size"], lr=kw["lr"], weight_decay=kw["weight_decay"],
-                    seed=kw["seed"], objective=kw["objective"], lm_weight=kw["lm_weight"],
-                    train_weight=self.method.options["train_weight"], bank_size=self.method.bank_size,
+                    actor,
+                    "fit_dual",
+                    c,
+                    self.data.client_train[c],
+                    global_ref,
+                    steps=kw["steps"],
+                    batch_size=kw["batch_size"],
+                    lr=kw["lr"],
+                    weight_decay=kw["weight_decay"],
+                    seed=kw["seed"],
+                    objective=kw["objective"],
+                    lm_weight=kw["lm_weight"],
+                    train_weight=self.method.options["train_weight"],
+                    bank_size=self.method.bank_size,
                 )
             else:
-                kw.update(optimizer_state=None, prox_mu=0.0, fisher="trajectory", fisher_normalize=False)
-                call = self.transport.submit(actor, "fit", c, self.data.client_train[c], global_ref, **kw)
+                kw.update(
+                    optimizer_state=None, prox_mu=0.0, fisher="trajectory", fisher_normalize=False
+                )
+                call = self.transport.submit(
+                    actor, "fit", c, self.data.client_train[c], global_ref, **kw
+                )
             calls[call] = c
         reasons: dict[int, str] = {}
         # (the pooled client's fit actor is the top tier's, not the client's own: nothing to restart by client)
-        outs = self._gather(calls, "personalisation: ", reasons, restart_stalled=not self.method.pooled)
+        outs = self._gather(
+            calls, "personalisation: ", reasons, restart_stalled=not self.method.pooled
+        )
         for c, out in sorted(outs.items()):
             self.client_states[c] = out["state"]
             if dual:
@@ -694,14 +858,18 @@ class Federation:
                 "training",
                 "representation": REPRESENTATION,
                 **{k: self.method.options[k] for k in ("train_weight", "top_k", "bank_size")},
-                "bank_rows_per_client": {str(c): int(b.shape[0]) for c, b in sorted(self.client_banks.items())},
+                "bank_rows_per_client": {
+                    str(c): int(b.shape[0]) for c, b in sorted(self.client_banks.items())
+                },
                 # the local adapter's mean weight on the client's held-out data, on the global test
                 "mean_weight_per_client": ev.get("dual_weight_mean", {}),
                 "global_test_mean_weight_per_client": ev.get("global_test_dual_weight_mean", {}),
             }
         if ev.get("eval_failures"):
             record["eval_failures"] = ev["eval_failures"]
-        self.checkpoint(self.next_round - 1)  # the last round's checkpoint now holds clients/ (and results.json)
+        self.checkpoint(
+            self.next_round - 1
+        )  # the last round's checkpoint now holds clients/ (and results.json)
         return record
 
     def finish(self, wall_time_s: float) -> dict[str, Any]:
@@ -719,7 +887,10 @@ class Federation:
             accuracy_after_ci95=last.get("avg_accuracy_ci95"),
             global_test_accuracy_ci95=last.get("global_test_accuracy_ci95"),
             accuracy_after_per_client_ci95=last.get("accuracy_ci95", {}),
-            accuracy_n_per_client={**self.summary.get("accuracy_n_per_client", {}), **last.get("accuracy_n", {})},
+            accuracy_n_per_client={
+                **self.summary.get("accuracy_n_per_client", {}),
+                **last.get("accuracy_n", {}),
+            },
             global_test_n=last.get("global_test_n") or self.summary.get("global_test_n"),
             global_test_by_category=last.get("global_test_by_category", {}),
             **self._gains(last, "after"),
@@ -731,9 +902,13 @@ class Federation:
             total_bytes=acct["total_bytes"],
             step_bytes_up=acct["step_bytes_up"],
             step_bytes_down=acct["step_bytes_down"],
-            adapter_kind=acct["adapter_kind"],  # nano_adapter, or llm_lora (fedavg-lora: full-model clients)
+            adapter_kind=acct[
+                "adapter_kind"
+            ],  # nano_adapter, or llm_lora (fedavg-lora: full-model clients)
             rank_rule=getattr(self.strategy, "rank_rule", None),
             wall_time_s=round(wall_time_s, 1),
         )
-        self.summary.update(self.method.trust_summary(self.rounds))  # dp_epsilon (final), rejected_updates
+        self.summary.update(
+            self.method.trust_summary(self.rounds)
+        )  # dp_epsilon (final), rejected_updates
         return self.write_results()

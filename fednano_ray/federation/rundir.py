@@ -344,7 +344,8 @@ def parse_results(data: Any, source: str | Path = "results.json") -> RunResults:
         return RunResults.model_validate(data)
     except ValidationError as err:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()[:5]
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in err.errors()[:5]
         )
         raise ValueError(f"{source}: not a fednano-ray results file ({problems})") from None
 
@@ -373,7 +374,9 @@ def load_results(run_dir: str | Path) -> RunResults:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: not found; pass a run directory `fednano-ray train --run-dir DIR` wrote") from None
+        raise ValueError(
+            f"{path}: not found; pass a run directory `fednano-ray train --run-dir DIR` wrote"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return parse_results(data, path)

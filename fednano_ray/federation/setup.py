@@ -62,16 +62,22 @@ def prepare_run(cfg: Config) -> PreparedRun:
         cache = None if cfg.model.kind == "tiny" else cache_dir() / "features"
         train_f = cached_features(mllm, key, data.train, cache)
         test_f = cached_features(mllm, key, data.test, cache)
-        accounting = account_run(cfg, mllm)  # fedavg-lora: fails here if lora_target_modules fit no layer
+        accounting = account_run(
+            cfg, mllm
+        )  # fedavg-lora: fails here if lora_target_modules fit no layer
         del mllm
         gc.collect()
     finally:
         torch.set_num_threads(threads)
     qs = lambda exs: [(e.question, list(e.choices), e.answer, e.category) for e in exs]
-    return PreparedRun(data, {"train": (train_f, qs(data.train)), "test": (test_f, qs(data.test))}, accounting)
+    return PreparedRun(
+        data, {"train": (train_f, qs(data.train)), "test": (test_f, qs(data.test))}, accounting
+    )
 
 
-def in_process(cfg: Config, run_dir: str | Path, *, client_class: type | None = None, transport=None) -> Federation:
+def in_process(
+    cfg: Config, run_dir: str | Path, *, client_class: type | None = None, transport=None
+) -> Federation:
     """The run of ``cfg`` in this process: one plain client object per tier (a simulation pool of
     one), all calling one in-process frozen LLM, reached through ``transport`` (default
     :class:`~.transport.InProcess`). ``client_class`` replaces ``ClientActor`` (e.g. a faulty one)."""
@@ -80,26 +86,40 @@ def in_process(cfg: Config, run_dir: str | Path, *, client_class: type | None = 
     from fednano_ray.federation.transport import InProcess
     from fednano_ray.models.build import build_mllm
     from fednano_ray.training import LocalServer
-    
+
     prepared = prepare_run(cfg)
     method = cfg.method()
     if method.client.holds_llm:
         server = None
     else:
-        _, server_llm = build_mllm.__wrapped__(cfg.model).split(cfg.adapter, seed=cfg.federation.seed)
+        _, server_llm = build_mllm.__wrapped__(cfg.model).split(
+            cfg.adapter, seed=cfg.federation.seed
+        )
         server = LocalServer(server_llm)
     cls = client_class or ClientActor
     actors = {
-        t.name: cls(cfg.model, cfg.adapter, rank=cfg.tier_rank(t), server=server, data=prepared.client_data,
-                    seed=cfg.federation.seed, llm_lora=method.client.holds_llm)
+        t.name: cls(
+            cfg.model,
+            cfg.adapter,
+            rank=cfg.tier_rank(t),
+            server=server,
+            data=prepared.client_data,
+            seed=cfg.federation.seed,
+            llm_lora=method.client.holds_llm,
+        )
         for t in cfg.tiers
     }
     tiers = cfg.client_tiers()
     top = max(cfg.tiers, key=cfg.tier_rank)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return Federation(
-        cfg, method=method, strategy=method.build_strategy(), data=prepared.data,
+        cfg,
+        method=method,
+        strategy=method.build_strategy(),
+        data=prepared.data,
         placement=Placement(lambda c: actors[tiers[c].name], tiers, top, actors[top.name]),
-        transport=transport or InProcess(), run_dir=run_dir, initial_state=actors[top.name].initial_state(),
+        transport=transport or InProcess(),
+        run_dir=run_dir,
+        initial_state=actors[top.name].initial_state(),
         accounting=prepared.accounting,
     )

@@ -83,7 +83,9 @@ class InProcess:
     def get(self, call: _Done, timeout: float) -> Any:
         del timeout
         if call.error is not None:
-            raise CallFailed(f"{type(call.error).__name__}: {str(call.error).splitlines()[0][:300] if str(call.error) else ''}")
+            raise CallFailed(
+                f"{type(call.error).__name__}: {str(call.error).splitlines()[0][:300] if str(call.error) else ''}"
+            )
         return call.value
 
     def restart(self, actor: Any) -> None:

@@ -54,7 +54,9 @@ class NanoAdapter(nn.Module):
         if r < 1:
             raise ValueError(f"adapter rank r must be >= 1, got {r}")
         self.dim, self.r, self.scaling = dim, r, float(scaling)
-        self.lora_alpha = self.scaling * r  # PEFT's equivalent numerator at this rank (scaling = lora_alpha / r)
+        self.lora_alpha = (
+            self.scaling * r
+        )  # PEFT's equivalent numerator at this rank (scaling = lora_alpha / r)
         self.lora_A = nn.Parameter(torch.empty(r, dim))  # (r, d)
         self.lora_B = nn.Parameter(torch.zeros(dim, r))  # (d, r), zero: starts as identity map
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of lora_A
@@ -89,7 +91,9 @@ class SlotAdapter(NanoAdapter):
     connector; it has no rank (HetLoRA leaves it whole) and is merged like any other tensor.
     """
 
-    def __init__(self, dim: int, *, r: int, scaling: float, dropout: float = 0.0, slots: int) -> None:
+    def __init__(
+        self, dim: int, *, r: int, scaling: float, dropout: float = 0.0, slots: int
+    ) -> None:
         super().__init__(dim, r=r, scaling=scaling, dropout=dropout)
         if slots < 1:
             raise ValueError(f"a slot adapter needs at least one visual slot, got {slots}")
@@ -98,7 +102,9 @@ class SlotAdapter(NanoAdapter):
 
     def forward(self, v: Tensor) -> Tensor:  # (B, N, d)
         if v.shape[-2] != self.slots:
-            raise ValueError(f"slot adapter built for {self.slots} visual tokens, got {v.shape[-2]}")
+            raise ValueError(
+                f"slot adapter built for {self.slots} visual tokens, got {v.shape[-2]}"
+            )
         return super().forward(v) + self.offset.to(v.dtype)
 
     def extra_repr(self) -> str:
@@ -118,7 +124,9 @@ class ConnectorAdapter(nn.Module):
 
     acts_on_connector = True
 
-    def __init__(self, in_dim: int, out_dim: int, *, r: int, scaling: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, *, r: int, scaling: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if r < 1:
             raise ValueError(f"adapter rank r must be >= 1, got {r}")
@@ -149,10 +157,16 @@ def connector_layers(connector: nn.Module) -> tuple[nn.Linear, Callable[[Tensor]
     Raises:
         ValueError: for any other connector, naming what ``adapter.kind: connector`` needs.
     """
-    if isinstance(connector, nn.Sequential) and len(connector) and isinstance(connector[0], nn.Linear):
+    if (
+        isinstance(connector, nn.Sequential)
+        and len(connector)
+        and isinstance(connector[0], nn.Linear)
+    ):
         rest = connector[1:]
         return connector[0], rest
-    if isinstance(getattr(connector, "linear_1", None), nn.Linear) and hasattr(connector, "linear_2"):
+    if isinstance(getattr(connector, "linear_1", None), nn.Linear) and hasattr(
+        connector, "linear_2"
+    ):
         return connector.linear_1, lambda h: connector.linear_2(connector.act(h))
     raise ValueError(
         f"adapter.kind=connector needs a connector whose first layer is a Linear (an nn.Sequential or LLaVA's "
@@ -183,9 +197,13 @@ class AdapterForm:
     """
 
     name: ClassVar[str] = "lowrank"
-    description: ClassVar[str] = "the paper's linear low-rank residual z + s*B(A z) on each modality's embeddings"
+    description: ClassVar[str] = (
+        "the paper's linear low-rank residual z + s*B(A z) on each modality's embeddings"
+    )
 
-    def build(self, modality: str, dims: AdapterDims, *, r: int, scaling: float, dropout: float = 0.0) -> nn.Module:
+    def build(
+        self, modality: str, dims: AdapterDims, *, r: int, scaling: float, dropout: float = 0.0
+    ) -> nn.Module:
         return NanoAdapter(dims.hidden, r=r, scaling=scaling, dropout=dropout)
 
     def num_parameters(self, modality: str, dims: AdapterDims, r: int) -> int:
@@ -209,9 +227,15 @@ class _VisionForm(AdapterForm):
         return self.build_vision(dims, r=r, scaling=scaling, dropout=dropout)
 
     def num_parameters(self, modality, dims, r):
-        return self.vision_parameters(dims, r) if modality == "vision" else super().num_parameters(modality, dims, r)
+        return (
+            self.vision_parameters(dims, r)
+            if modality == "vision"
+            else super().num_parameters(modality, dims, r)
+        )
 
-    def build_vision(self, dims: AdapterDims, *, r: int, scaling: float, dropout: float) -> nn.Module:
+    def build_vision(
+        self, dims: AdapterDims, *, r: int, scaling: float, dropout: float
+    ) -> nn.Module:
         raise NotImplementedError
 
     def vision_parameters(self, dims: AdapterDims, r: int) -> int:
@@ -226,7 +250,9 @@ class SlotForm(_VisionForm):
         return SlotAdapter(dims.hidden, r=r, scaling=scaling, dropout=dropout, slots=dims.slots)
 
     def vision_parameters(self, dims, r):
-        return AdapterForm.num_parameters(self, "vision", dims, r) + dims.slots * dims.hidden  # lowrank + offsets
+        return (
+            AdapterForm.num_parameters(self, "vision", dims, r) + dims.slots * dims.hidden
+        )  # lowrank + offsets
 
 
 class ConnectorForm(_VisionForm):
@@ -234,14 +260,18 @@ class ConnectorForm(_VisionForm):
     description = "LoRA on the connector's first layer (encoder features, before the GELU) instead of on the visual tokens"
 
     def build_vision(self, dims, *, r, scaling, dropout):
-        return ConnectorAdapter(dims.feature, dims.connector_hidden, r=r, scaling=scaling, dropout=dropout)
+        return ConnectorAdapter(
+            dims.feature, dims.connector_hidden, r=r, scaling=scaling, dropout=dropout
+        )
 
     def vision_parameters(self, dims, r):
         return r * (dims.feature + dims.connector_hidden)
 
 
 #: ``adapter.kind`` -> its form.
-ADAPTER_FORMS: dict[str, AdapterForm] = {f.name: f for f in (AdapterForm(), BottleneckForm(), SlotForm(), ConnectorForm())}
+ADAPTER_FORMS: dict[str, AdapterForm] = {
+    f.name: f for f in (AdapterForm(), BottleneckForm(), SlotForm(), ConnectorForm())
+}
 
 
 def adapter_form(kind: str) -> AdapterForm:
@@ -249,7 +279,9 @@ def adapter_form(kind: str) -> AdapterForm:
     try:
         return ADAPTER_FORMS[kind]
     except KeyError:
-        raise ValueError(f"unknown adapter.kind {kind!r}; use one of {sorted(ADAPTER_FORMS)}") from None
+        raise ValueError(
+            f"unknown adapter.kind {kind!r}; use one of {sorted(ADAPTER_FORMS)}"
+        ) from None
 
 
 Adapters = nn.ModuleDict | Mapping[str, Tensor]
@@ -290,5 +322,7 @@ def load_adapter_state(adapters: Adapters, state: dict[str, Tensor]) -> None:
             elif key.endswith("lora_B"):
                 src = src[:, : param.shape[1]]
             if src.shape != param.shape:
-                raise ValueError(f"adapter {key}: shape {tuple(state[key].shape)} cannot fit {tuple(param.shape)}")
+                raise ValueError(
+                    f"adapter {key}: shape {tuple(state[key].shape)} cannot fit {tuple(param.shape)}"
+                )
             param.copy_(src.to(param.dtype))

@@ -44,22 +44,37 @@ class MLLM:
         """PIL images -> normalised pixels (B, 3, S, S)."""
         s = self.image_size
         arr = torch.stack(
-            [torch.frombuffer(bytearray(im.convert("RGB").resize((s, s), Image.BICUBIC).tobytes()), dtype=torch.uint8) for im in images]
+            [
+                torch.frombuffer(
+                    bytearray(im.convert("RGB").resize((s, s), Image.BICUBIC).tobytes()),
+                    dtype=torch.uint8,
+                )
+                for im in images
+            ]
         )
         px = arr.view(len(images), s, s, 3).permute(0, 3, 1, 2).float() / 255.0
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (px - mean) / std
 
-    def encode_row(self, question: str, answer: str | None) -> tuple[list[int], list[int], list[bool]]:
-        return self.prompt.encode(self.tokenizer, question, answer, self.num_image_tokens, self.image_token_id)
+    def encode_row(
+        self, question: str, answer: str | None
+    ) -> tuple[list[int], list[int], list[bool]]:
+        return self.prompt.encode(
+            self.tokenizer, question, answer, self.num_image_tokens, self.image_token_id
+        )
 
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
     def split(
-        self, adapter: AdapterConfig, *, r: int | None = None, autocast_bf16: bool = False, seed: int | None = 0
+        self,
+        adapter: AdapterConfig,
+        *,
+        r: int | None = None,
+        autocast_bf16: bool = False,
+        seed: int | None = 0,
     ) -> tuple[NanoEdge, ServerLLM]:
         return split_mllm(
             self.parts,
@@ -75,7 +90,12 @@ class MLLM:
         )
 
     def with_llm_lora(
-        self, adapter: AdapterConfig, *, r: int | None = None, autocast_bf16: bool = False, seed: int | None = 0
+        self,
+        adapter: AdapterConfig,
+        *,
+        r: int | None = None,
+        autocast_bf16: bool = False,
+        seed: int | None = 0,
     ) -> tuple[NanoEdge, ServerLLM, dict[str, nn.Parameter]]:
         """``fedavg-lora``'s whole MLLM: (edge without NanoAdapters, this model's own LLM with PEFT LoRA on
         ``adapter.lora_target_modules``, the LoRA parameters by state key).
@@ -86,11 +106,19 @@ class MLLM:
         """
         from fednano_ray.models.lora import inject_llm_lora
 
-        edge, llm = split_mllm(self.parts, r=1, scaling=1.0, modalities=(), autocast_bf16=autocast_bf16)  # r: unused
+        edge, llm = split_mllm(
+            self.parts, r=1, scaling=1.0, modalities=(), autocast_bf16=autocast_bf16
+        )  # r: unused
         # Inject after the split: ServerLLM freezes its decoder, LoRA injected before would be frozen too.
         # The same scaling on every tier (PEFT's lora_alpha becomes adapter.lora_alpha * r / adapter.r).
-        params = inject_llm_lora(llm.decoder, r=r or adapter.r, scaling=adapter.scaling, dropout=adapter.dropout,
-                                 target_modules=adapter.lora_target_modules, seed=seed)
+        params = inject_llm_lora(
+            llm.decoder,
+            r=r or adapter.r,
+            scaling=adapter.scaling,
+            dropout=adapter.dropout,
+            target_modules=adapter.lora_target_modules,
+            seed=seed,
+        )
         return edge, llm, params
 
 
@@ -110,7 +138,9 @@ def build_mllm(cfg: ModelConfig, device: str | None = None) -> MLLM:
             whose config is not available locally.
     """
     if device is not None and device != "meta":
-        raise ValueError(f"build_mllm(device={device!r}): pass None (load the weights) or 'meta' (shapes only)")
+        raise ValueError(
+            f"build_mllm(device={device!r}): pass None (load the weights) or 'meta' (shapes only)"
+        )
     meta = device == "meta"
     from fednano_ray.models import llava as L
 
@@ -141,7 +171,11 @@ def build_mllm(cfg: ModelConfig, device: str | None = None) -> MLLM:
         else:
             model, processor = L.load_hf_llava(name)
             ip, tok = processor.image_processor, processor.tokenizer
-            size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else model.config.vision_config.image_size
+            size = (
+                ip.crop_size["height"]
+                if getattr(ip, "crop_size", None)
+                else model.config.vision_config.image_size
+            )
             mean, std = tuple(ip.image_mean), tuple(ip.image_std)
         return MLLM(
             name=name,
@@ -166,7 +200,9 @@ def build_mllm(cfg: ModelConfig, device: str | None = None) -> MLLM:
             parts, tok = nano_parts(pretrained=False, grid=cfg.grid)
     else:
         parts, tok = nano_parts(
-            grid=cfg.grid, connector_steps=cfg.connector_steps, instruct_steps=cfg.instruct_steps,
+            grid=cfg.grid,
+            connector_steps=cfg.connector_steps,
+            instruct_steps=cfg.instruct_steps,
             precision=cfg.precision,
         )
     return MLLM(
@@ -178,5 +214,7 @@ def build_mllm(cfg: ModelConfig, device: str | None = None) -> MLLM:
         mean=tuple(EFFICIENTNET_LITE_MEAN),  # the Lite checkpoints' (x - 127) / 128, not ImageNet's
         std=tuple(EFFICIENTNET_LITE_STD),
         num_image_tokens=cfg.grid**2,
-        image_token_id=int(tok.pad_token_id) if tok is not None else -1,  # -1: on meta, no tokenizer
+        image_token_id=int(tok.pad_token_id)
+        if tok is not None
+        else -1,  # -1: on meta, no tokenizer
     )

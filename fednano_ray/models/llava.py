@@ -67,7 +67,9 @@ def parts_from_llava(llava: nn.Module) -> MLLMParts:
     inner = llava.model
     lm = inner.language_model
     return MLLMParts(
-        encoder=LlavaVisionEncoder(inner.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy),
+        encoder=LlavaVisionEncoder(
+            inner.vision_tower, cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+        ),
         connector=inner.multi_modal_projector,
         embed_tokens=lm.get_input_embeddings(),
         decoder=lm,
@@ -154,7 +156,10 @@ def tiny_tokenizer():
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
     tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
         additional_special_tokens=["<image>"],
     )
 

@@ -41,7 +41,9 @@ def lora_config(*, r: int, lora_alpha: float, dropout: float, target_modules: Se
     """The ``peft.LoraConfig`` of the LLM's LoRA (PEFT's defaults otherwise: no bias, B = 0 init)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    return LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=list(target_modules)
+    )
 
 
 def _targets(decoder: nn.Module, config) -> list[tuple[str, nn.Linear]]:
@@ -54,9 +56,19 @@ def _targets(decoder: nn.Module, config) -> list[tuple[str, nn.Linear]]:
     """
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    found = [(name, m) for name, m in decoder.named_modules() if name and check_target_module_exists(config, name)]
+    found = [
+        (name, m)
+        for name, m in decoder.named_modules()
+        if name and check_target_module_exists(config, name)
+    ]
     if not found:
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in decoder.named_modules() if isinstance(m, nn.Linear)})
+        names = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in decoder.named_modules()
+                if isinstance(m, nn.Linear)
+            }
+        )
         raise ValueError(
             f"{_KEY} {sorted(config.target_modules)} matches no module of the LLM decoder; its Linear layers are "
             f"named {names}"
@@ -84,7 +96,9 @@ def _state_key(name: str) -> str:
     """``layers.0.self_attn.q_proj.lora_A.default.weight`` -> ``llm.layers.0.self_attn.q_proj.lora_A``."""
     short = name.removesuffix(f".{_ADAPTER}.weight")
     if short == name or not short.endswith((".lora_A", ".lora_B")):
-        raise ValueError(f"unexpected PEFT LoRA parameter {name!r}: only lora_A / lora_B weights are federated")
+        raise ValueError(
+            f"unexpected PEFT LoRA parameter {name!r}: only lora_A / lora_B weights are federated"
+        )
     return LLM_PREFIX + short
 
 
@@ -112,7 +126,9 @@ def inject_llm_lora(
     """
     from peft import inject_adapter_in_model
 
-    config = lora_config(r=r, lora_alpha=scaling * r, dropout=dropout, target_modules=target_modules)
+    config = lora_config(
+        r=r, lora_alpha=scaling * r, dropout=dropout, target_modules=target_modules
+    )
     _targets(decoder, config)  # fail with the config key, not PEFT's message
     training = decoder.training
     gen_state = torch.random.get_rng_state()

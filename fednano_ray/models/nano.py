@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 FEATURE_DIM = 1280  # EfficientNet-Lite0's last feature map: (B, 1280, 7, 7) at 224 px
 CONNECTOR_VERSION = "nano-connector/3"  # stage 1; bump when its alignment data or recipe changes
 INSTRUCT_VERSION = "nano-instruct/1"  # stage 2; bump when its data or recipe changes
-INSTRUCT_CATEGORIES = ("colour", "shape", "size")  # stage-2 VQA; the other benchmark categories stay new
+INSTRUCT_CATEGORIES = (
+    "colour",
+    "shape",
+    "size",
+)  # stage-2 VQA; the other benchmark categories stay new
 
 # SmolLM2-135M-Instruct's architecture, for building it with random weights (tests, accounting).
 SMOLLM2_135M: dict[str, Any] = {
@@ -70,8 +74,14 @@ def build_connector(in_dim: int = FEATURE_DIM, hidden: int = 576) -> nn.Sequenti
 
 
 def nano_parts(
-    *, grid: int = 3, pretrained: bool = True, num_layers: int | None = None, connector_steps: int = 200,
-    instruct_steps: int = 0, precision: str = "auto", align: bool = True,
+    *,
+    grid: int = 3,
+    pretrained: bool = True,
+    num_layers: int | None = None,
+    connector_steps: int = 200,
+    instruct_steps: int = 0,
+    precision: str = "auto",
+    align: bool = True,
 ):
     """The nano MLLM as MLLMParts plus its tokenizer.
 
@@ -147,7 +157,9 @@ def nano_preprocessing_id() -> str:
         EFFICIENTNET_LITE_STD,
     )
 
-    return preprocessing_id(EFFICIENTNET_LITE0_IMAGE_SIZE, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
+    return preprocessing_id(
+        EFFICIENTNET_LITE0_IMAGE_SIZE, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
+    )
 
 
 def preprocessing_id(size: int, mean, std) -> str:
@@ -155,7 +167,9 @@ def preprocessing_id(size: int, mean, std) -> str:
     return f"rgb{size}-bicubic-mean({r(mean)})-std({r(std)})"
 
 
-def connector_key(*, grid: int, steps: int, instruct_steps: int = 0, seed: int = 0) -> dict[str, Any]:
+def connector_key(
+    *, grid: int, steps: int, instruct_steps: int = 0, seed: int = 0
+) -> dict[str, Any]:
     """Everything an aligned connector depends on: recipe, data, LLM, encoder and preprocessing.
 
     A cached or shipped connector is used only for exactly this key, so changing the model, the
@@ -202,9 +216,13 @@ def _save_cached(path: Path, state: dict[str, Tensor], info: dict[str, Any]) -> 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={k: str(v) for k, v in info.items() if isinstance(v, (str, int))})
+    save_file(
+        state, str(tmp), metadata={k: str(v) for k, v in info.items() if isinstance(v, (str, int))}
+    )
     tmp.replace(path)  # atomic: a killed run never leaves half a cache
-    path.with_suffix(".json").write_text(json.dumps({**info, "sha256": file_sha256(path)}, indent=2))
+    path.with_suffix(".json").write_text(
+        json.dumps({**info, "sha256": file_sha256(path)}, indent=2)
+    )
 
 
 def _read(path: Path) -> dict[str, Tensor]:
@@ -222,7 +240,9 @@ def load_shipped_connector(key: dict[str, Any]) -> dict[str, Tensor] | None:
         return None
     record = json.loads(path.with_suffix(".json").read_text())
     if record.get("key") != key:
-        raise RuntimeError(f"{path.with_suffix('.json')} records a different key than its name says: reinstall fednano-ray")
+        raise RuntimeError(
+            f"{path.with_suffix('.json')} records a different key than its name says: reinstall fednano-ray"
+        )
     digest = file_sha256(path)
     if digest != record.get("sha256"):
         raise RuntimeError(
@@ -233,7 +253,12 @@ def load_shipped_connector(key: dict[str, Any]) -> dict[str, Tensor] | None:
 
 
 def aligned_connector(
-    parts: MLLMParts, tokenizer, key: dict[str, Any], *, precision: str = "auto", force: bool = False
+    parts: MLLMParts,
+    tokenizer,
+    key: dict[str, Any],
+    *,
+    precision: str = "auto",
+    force: bool = False,
 ) -> dict[str, Tensor]:
     """The aligned connector weights for ``key``: from the cache, the shipped assets, or aligned now.
 
@@ -250,28 +275,46 @@ def aligned_connector(
         if shipped is not None:
             logger.info("using the shipped aligned connector %s", shipped_connector_path(key).name)
             return shipped
-    if not key["steps"] and not key.get("instruct_steps"):  # an unaligned connector (ablations, benchmarks)
+    if not key["steps"] and not key.get(
+        "instruct_steps"
+    ):  # an unaligned connector (ablations, benchmarks)
         with torch.random.fork_rng():
             torch.manual_seed(int(key["seed"]))
             return dict(build_connector(FEATURE_DIM, parts.hidden_size).state_dict())
     stage1_key = {k: v for k, v in key.items() if not k.startswith("instruct")}
     stage1 = connector_cache_path(stage1_key)
     seed = int(key["seed"])
-    images = _alignment_images(parts, 800, seed)  # both stages use the same 800 images: encode them once
+    images = _alignment_images(
+        parts, 800, seed
+    )  # both stages use the same 800 images: encode them once
     if stage1.exists() and not force:
         state = _read(stage1)
     else:
         logger.warning(
             "aligning the nano connector (LLaVA stage 1, %d steps); cached at %s. "
-            "`fednano-ray align` does this ahead of a run", key["steps"], stage1,
+            "`fednano-ray align` does this ahead of a run",
+            key["steps"],
+            stage1,
         )
-        state, info = pretrain_connector(parts, tokenizer, steps=key["steps"], seed=seed, precision=precision, images=images)
+        state, info = pretrain_connector(
+            parts, tokenizer, steps=key["steps"], seed=seed, precision=precision, images=images
+        )
         _save_cached(stage1, state, {**info, "key": stage1_key})
     if not key.get("instruct_steps"):
         return state
-    logger.warning("instruction-tuning the nano connector (stage 2, %d steps); cached at %s", key["instruct_steps"], path)
+    logger.warning(
+        "instruction-tuning the nano connector (stage 2, %d steps); cached at %s",
+        key["instruct_steps"],
+        path,
+    )
     state, info = instruct_connector(
-        parts, tokenizer, state, steps=key["instruct_steps"], seed=seed, precision=precision, images=images
+        parts,
+        tokenizer,
+        state,
+        steps=key["instruct_steps"],
+        seed=seed,
+        precision=precision,
+        images=images,
     )
     stage1_record = stage1.with_suffix(".json")
     info["stage1"] = json.loads(stage1_record.read_text()) if stage1_record.exists() else None
@@ -298,9 +341,21 @@ def align_nano(model_cfg, *, out: str | Path | None = None, force: bool = False)
             f"fednano-ray align aligns the nano model's connector; model.kind is {model_cfg.kind!r} "
             "(an hf LLaVA checkpoint brings its own aligned projector, tiny is random by design)"
         )
-    key = connector_key(grid=model_cfg.grid, steps=model_cfg.connector_steps, instruct_steps=model_cfg.instruct_steps)
+    key = connector_key(
+        grid=model_cfg.grid,
+        steps=model_cfg.connector_steps,
+        instruct_steps=model_cfg.instruct_steps,
+    )
     cached, shipped = connector_cache_path(key), shipped_connector_path(key)
-    source = "aligned" if force else "cache" if cached.exists() else "shipped" if shipped.exists() else "aligned"
+    source = (
+        "aligned"
+        if force
+        else "cache"
+        if cached.exists()
+        else "shipped"
+        if shipped.exists()
+        else "aligned"
+    )
     if source != "shipped":
         parts, tok = nano_parts(grid=model_cfg.grid, align=False)
         aligned_connector(parts, tok, key, precision=model_cfg.precision, force=force)
@@ -316,10 +371,18 @@ def align_nano(model_cfg, *, out: str | Path | None = None, force: bool = False)
             shutil.copyfile(path, target)
             target.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         path = target
-    return {"name": connector_name(key), "source": source, "path": str(path), "sha256": record["sha256"], "key": key}
+    return {
+        "name": connector_name(key),
+        "source": source,
+        "path": str(path),
+        "sha256": record["sha256"],
+        "key": key,
+    }
 
 
-def _alignment_images(parts: MLLMParts, num_images: int, seed: int) -> tuple[Tensor, list[dict[str, Any]], list[dict[str, Any]]]:
+def _alignment_images(
+    parts: MLLMParts, num_images: int, seed: int
+) -> tuple[Tensor, list[dict[str, Any]], list[dict[str, Any]]]:
     """Encoder features, scene metadata and benchmark-style questions of the alignment images.
 
     A seed the benchmark never uses (10,000 + seed), so alignment never sees evaluation images; multi-object
@@ -331,8 +394,12 @@ def _alignment_images(parts: MLLMParts, num_images: int, seed: int) -> tuple[Ten
     from fednano_ray.data.synth import generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate(tmp, num_train=num_images, num_test=10, seed=10_000 + seed, difficulty="hard")
-        read = lambda name: [json.loads(line) for line in (root / "train" / name).read_text().splitlines() if line]
+        root = generate(
+            tmp, num_train=num_images, num_test=10, seed=10_000 + seed, difficulty="hard"
+        )
+        read = lambda name: [
+            json.loads(line) for line in (root / "train" / name).read_text().splitlines() if line
+        ]
         scenes, questions = read("scenes.jsonl"), read("data.jsonl")
         images = [root / "train" / q["image"] for q in questions]
         feats = []
@@ -365,11 +432,17 @@ def _fit_connector(
     gen = torch.Generator().manual_seed(seed)
     from fednano_ray.precision import resolve_precision
 
-    server = ServerLLM(parts.decoder, parts.lm_head, autocast_bf16=resolve_precision(precision).autocast_bf16)
+    server = ServerLLM(
+        parts.decoder, parts.lm_head, autocast_bf16=resolve_precision(precision).autocast_bf16
+    )
     opt = torch.optim.AdamW(connector.parameters(), lr=lr)
     warm = max(1, steps // 10)  # linear warm-up, then cosine decay to 10%
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(1, steps))))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm)
+            * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(1, steps))))
+        ),
     )
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, unit="step")
@@ -426,17 +499,43 @@ def pretrain_connector(
     from fednano_ray.models.prompt import CHATML, PromptFormat
 
     t0 = time.perf_counter()
-    fmt = PromptFormat(prefix=CHATML.prefix, question_template="\n{question}<|im_end|>\n<|im_start|>assistant\n", end=CHATML.end)
+    fmt = PromptFormat(
+        prefix=CHATML.prefix,
+        question_template="\n{question}<|im_end|>\n<|im_start|>assistant\n",
+        end=CHATML.end,
+    )
     features, scenes, _ = images or _alignment_images(parts, num_images, seed)
     n_img = features.shape[1]
     pad = tokenizer.pad_token_id
-    rows = [(i, fmt.encode(tokenizer, "Describe the image.", _caption(s["objects"]), n_img, pad)) for i, s in enumerate(scenes)]
+    rows = [
+        (i, fmt.encode(tokenizer, "Describe the image.", _caption(s["objects"]), n_img, pad))
+        for i, s in enumerate(scenes)
+    ]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         connector = build_connector(FEATURE_DIM, parts.hidden_size)
-    losses = _fit_connector(parts, connector, features, rows, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad,
-                            seed=seed, desc="stage 1: aligning connector", precision=precision)
-    info = _curve_info(losses, t0, precision, version=CONNECTOR_VERSION, steps=steps, batch_size=batch_size, num_images=num_images)
+    losses = _fit_connector(
+        parts,
+        connector,
+        features,
+        rows,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        pad_id=pad,
+        seed=seed,
+        desc="stage 1: aligning connector",
+        precision=precision,
+    )
+    info = _curve_info(
+        losses,
+        t0,
+        precision,
+        version=CONNECTOR_VERSION,
+        steps=steps,
+        batch_size=batch_size,
+        num_images=num_images,
+    )
     return {k: v.detach().contiguous() for k, v in connector.state_dict().items()}, info
 
 
@@ -465,7 +564,11 @@ def instruct_connector(
     from fednano_ray.models.prompt import CHATML, PromptFormat
 
     t0 = time.perf_counter()
-    cap_fmt = PromptFormat(prefix=CHATML.prefix, question_template="\n{question}<|im_end|>\n<|im_start|>assistant\n", end=CHATML.end)
+    cap_fmt = PromptFormat(
+        prefix=CHATML.prefix,
+        question_template="\n{question}<|im_end|>\n<|im_start|>assistant\n",
+        end=CHATML.end,
+    )
     features, scenes, questions = images or _alignment_images(parts, num_images, seed)
     n_img = features.shape[1]
     pad = tokenizer.pad_token_id
@@ -475,11 +578,40 @@ def instruct_connector(
         if q["category"] in INSTRUCT_CATEGORIES
     ]
     n_cap = round(len(qa) * caption_fraction / (1 - caption_fraction))
-    caps = [(i, cap_fmt.encode(tokenizer, "Describe the image.", _caption(scenes[i]["objects"]), n_img, pad)) for i in range(n_cap)]
+    caps = [
+        (
+            i,
+            cap_fmt.encode(
+                tokenizer, "Describe the image.", _caption(scenes[i]["objects"]), n_img, pad
+            ),
+        )
+        for i in range(n_cap)
+    ]
     connector = build_connector(FEATURE_DIM, parts.hidden_size)
     connector.load_state_dict(stage1)
-    losses = _fit_connector(parts, connector, features, qa + caps, steps=steps, batch_size=batch_size, lr=lr,
-                            pad_id=pad, seed=seed + 1, desc="stage 2: instruction-tuning connector", precision=precision)
-    info = _curve_info(losses, t0, precision, version=INSTRUCT_VERSION, steps=steps, batch_size=batch_size, num_images=num_images,
-                       categories=list(INSTRUCT_CATEGORIES), qa_rows=len(qa), caption_rows=len(caps))
+    losses = _fit_connector(
+        parts,
+        connector,
+        features,
+        qa + caps,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        pad_id=pad,
+        seed=seed + 1,
+        desc="stage 2: instruction-tuning connector",
+        precision=precision,
+    )
+    info = _curve_info(
+        losses,
+        t0,
+        precision,
+        version=INSTRUCT_VERSION,
+        steps=steps,
+        batch_size=batch_size,
+        num_images=num_images,
+        categories=list(INSTRUCT_CATEGORIES),
+        qa_rows=len(qa),
+        caption_rows=len(caps),
+    )
     return {k: v.detach().contiguous() for k, v in connector.state_dict().items()}, info

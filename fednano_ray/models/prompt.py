@@ -31,18 +31,29 @@ class PromptFormat:
     end: str
 
     def encode(
-        self, tokenizer, question: str, answer: str | None, num_image_tokens: int, image_token_id: int
+        self,
+        tokenizer,
+        question: str,
+        answer: str | None,
+        num_image_tokens: int,
+        image_token_id: int,
     ) -> tuple[list[int], list[int], list[bool]]:
         """Token ids, labels and image mask of one row (answer None: prompt only)."""
         pre = tokenizer.encode(self.prefix, add_special_tokens=False)
-        post = tokenizer.encode(self.question_template.format(question=question.strip()), add_special_tokens=False)
+        post = tokenizer.encode(
+            self.question_template.format(question=question.strip()), add_special_tokens=False
+        )
         ids = pre + [image_token_id] * num_image_tokens + post
         labels = [IGNORE_INDEX] * len(ids)
         if answer is not None:
             ans = tokenizer.encode(answer.strip() + self.end, add_special_tokens=False)
             ids = ids + ans
             labels = labels + ans
-        mask = [False] * len(pre) + [True] * num_image_tokens + [False] * (len(ids) - len(pre) - num_image_tokens)
+        mask = (
+            [False] * len(pre)
+            + [True] * num_image_tokens
+            + [False] * (len(ids) - len(pre) - num_image_tokens)
+        )
         return ids, labels, mask
 
 
@@ -53,10 +64,14 @@ CHATML = PromptFormat(
     end="<|im_end|>",
 )
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:").
-LLAVA = PromptFormat(prefix="USER: ", question_template="\n{question}" + INSTRUCTION + " ASSISTANT:", end="</s>")
+LLAVA = PromptFormat(
+    prefix="USER: ", question_template="\n{question}" + INSTRUCTION + " ASSISTANT:", end="</s>"
+)
 
 
-def collate(rows: Sequence[tuple[list[int], list[int], list[bool]]], pad_id: int, pad_to: int | None = None) -> dict[str, Tensor]:
+def collate(
+    rows: Sequence[tuple[list[int], list[int], list[bool]]], pad_id: int, pad_to: int | None = None
+) -> dict[str, Tensor]:
     """Right-pad rows into ``input_ids``, ``labels``, ``attention_mask``, ``image_mask`` tensors."""
     t = max(len(r[0]) for r in rows)
     if pad_to is not None:
@@ -72,4 +87,9 @@ def collate(rows: Sequence[tuple[list[int], list[int], list[bool]]], pad_id: int
         labels[i, :k] = torch.tensor(lab)
         attention[i, :k] = 1
         image_mask[i, :k] = torch.tensor(msk)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "image_mask": image_mask}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention,
+        "image_mask": image_mask,
+    }

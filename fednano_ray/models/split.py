@@ -91,7 +91,9 @@ class NanoEdge(nn.Module):
         if features is not None:
             return features
         if pixel_values is None:
-            raise ValueError("an edge's forward needs features (encoder features) or pixel_values (images)")
+            raise ValueError(
+                "an edge's forward needs features (encoder features) or pixel_values (images)"
+            )
         return self.encode_images(pixel_values)
 
     def visual_tokens(self, features: Tensor) -> Tensor:
@@ -135,7 +137,9 @@ class NanoEdge(nn.Module):
         v = self.visual_tokens(self.features_of(features, pixel_values))  # (B, N, d)
         n_slots = int(image_mask.sum())
         if n_slots != v.shape[0] * v.shape[1]:
-            raise ValueError(f"image_mask marks {n_slots} positions but the images give {v.shape[0] * v.shape[1]} tokens")
+            raise ValueError(
+                f"image_mask marks {n_slots} positions but the images give {v.shape[0] * v.shape[1]} tokens"
+            )
         mask = image_mask.unsqueeze(-1).expand_as(z)
         return z.masked_scatter(mask, v.to(z.dtype))
 
@@ -154,7 +158,9 @@ class ServerLLM(nn.Module):
     clients into one padded batch gives every client exactly the gradient it would get alone.
     """
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module, *, autocast_bf16: bool = False) -> None:
+    def __init__(
+        self, decoder: nn.Module, lm_head: nn.Module, *, autocast_bf16: bool = False
+    ) -> None:
         super().__init__()
         self.decoder = _freeze(decoder)
         self.lm_head = _freeze(lm_head)
@@ -166,10 +172,14 @@ class ServerLLM(nn.Module):
 
     def _autocast(self):
         if self.autocast_bf16:
-            return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+            return torch.autocast(
+                "cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16
+            )
         return nullcontext()
 
-    def _token_logprobs(self, z: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _token_logprobs(
+        self, z: Tensor, attention_mask: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Per-token log-prob of the next label, only at labelled positions.
 
         Returns (logp (M,), row (M,)) for the M positions whose shifted label is not IGNORE_INDEX.
@@ -241,9 +251,13 @@ class ServerLLM(nn.Module):
         b, n, _ = inputs_embeds.shape
         idx = torch.arange(n)
         seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-        allowed = (idx[None, :] <= idx[:, None])[None] & attention_mask.bool()[:, None, :]  # causal, real keys
+        allowed = (idx[None, :] <= idx[:, None])[None] & attention_mask.bool()[
+            :, None, :
+        ]  # causal, real keys
         allowed &= (seg_k == 0) | (seg_k == seg_q)  # a choice never sees another choice
-        allowed |= torch.eye(n, dtype=torch.bool)[None]  # padding queries see themselves: no empty softmax row
+        allowed |= torch.eye(n, dtype=torch.bool)[
+            None
+        ]  # padding queries see themselves: no empty softmax row
         mask = allowed[:, None]  # (B, 1, L, L), used as given by the decoder
         impl = getattr(self.decoder.config, "_attn_implementation", None) or "sdpa"
         if impl == "eager":  # eager attention adds a float mask
@@ -254,8 +268,12 @@ class ServerLLM(nn.Module):
                 "take: load the LLM with attn_implementation='sdpa' (or 'eager')"
             )
         with self._autocast():
-            hidden = self.decoder(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
-        h = hidden.reshape(b * n, -1)[source]  # (M, d): the vocab projection only where it is scored
+            hidden = self.decoder(
+                inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids
+            ).last_hidden_state
+        h = hidden.reshape(b * n, -1)[
+            source
+        ]  # (M, d): the vocab projection only where it is scored
         with self._autocast():
             logits = self.lm_head(h)
         return -F.cross_entropy(logits.float(), target, reduction="none")
@@ -292,7 +310,9 @@ class ServerLLM(nn.Module):
         Returns:
             (num_scores,) summed log-probabilities.
         """
-        logp = self._packed_logp(inputs_embeds.float(), attention_mask, position_ids, segments, source, target)
+        logp = self._packed_logp(
+            inputs_embeds.float(), attention_mask, position_ids, segments, source, target
+        )
         return torch.zeros(num_scores).index_add(0, owner, logp)
 
     def choice_loss_and_grad(
@@ -329,7 +349,9 @@ class ServerLLM(nn.Module):
         """
         q = int(counts.shape[0])
         if q != inputs_embeds.shape[0] or answers.shape != counts.shape:
-            raise ValueError(f"one question per packed row: {inputs_embeds.shape[0]} rows, {q} counts, {answers.shape[0]} answers")
+            raise ValueError(
+                f"one question per packed row: {inputs_embeds.shape[0]} rows, {q} counts, {answers.shape[0]} answers"
+            )
         if bool((answers < 0).any()) or bool((answers >= counts).any()):
             raise ValueError("every answer must index one of its question's choices")
         if groups is None:
@@ -343,13 +365,22 @@ class ServerLLM(nn.Module):
             logp = self._packed_logp(z, attention_mask, position_ids, segments, source, target)
             scores = torch.zeros(num_scores).index_add(0, owner, logp)
             # log-sum-exp of each question's scores, stabilised by its own max
-            top = torch.full((q,), -torch.inf).scatter_reduce(0, question_of, scores.detach(), "amax")
-            lse = torch.zeros(q).index_add(0, question_of, (scores - top[question_of]).exp()).log() + top
+            top = torch.full((q,), -torch.inf).scatter_reduce(
+                0, question_of, scores.detach(), "amax"
+            )
+            lse = (
+                torch.zeros(q).index_add(0, question_of, (scores - top[question_of]).exp()).log()
+                + top
+            )
             per_q = lse - scores[first + answers]
             if lm_weight:
-                right = owner == (first + answers)[question_of[owner]]  # tokens of the correct choices
+                right = (
+                    owner == (first + answers)[question_of[owner]]
+                )  # tokens of the correct choices
                 nll = torch.zeros(q).index_add(0, question_of[owner[right]], -logp[right])
-                ntok = torch.zeros(q).index_add(0, question_of[owner[right]], torch.ones_like(logp[right]))
+                ntok = torch.zeros(q).index_add(
+                    0, question_of[owner[right]], torch.ones_like(logp[right])
+                )
                 per_q = per_q + lm_weight * nll / ntok.clamp_min(1)
             sums = torch.zeros(g).index_add(0, groups, per_q)
             n = torch.zeros(g).index_add(0, groups, torch.ones_like(per_q))
@@ -359,13 +390,20 @@ class ServerLLM(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, inputs_embeds: Tensor, attention_mask: Tensor, *, max_new_tokens: int, eos_token_id: int | Sequence[int]
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int],
     ) -> list[list[int]]:
         """Greedy decoding from prompt embeddings (right padded); returns new token ids per row."""
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         table = self.decoder.get_input_embeddings()  # the server embeds the tokens it generates
         outs: list[list[int]] = []
-        for b in range(inputs_embeds.shape[0]):  # rows differ in length; decode each with a KV cache
+        for b in range(
+            inputs_embeds.shape[0]
+        ):  # rows differ in length; decode each with a KV cache
             n = int(attention_mask[b].sum())
             z = inputs_embeds[b : b + 1, :n].float()
             past = None
@@ -394,7 +432,9 @@ def adapter_dims(parts: MLLMParts, slots: int) -> AdapterDims:
         feature, hidden = int(first.in_features), int(first.out_features)
     except ValueError:
         feature = hidden = 0
-    return AdapterDims(hidden=parts.hidden_size, feature=feature, connector_hidden=hidden, slots=slots)
+    return AdapterDims(
+        hidden=parts.hidden_size, feature=feature, connector_hidden=hidden, slots=slots
+    )
 
 
 def build_adapters(
@@ -418,7 +458,9 @@ def build_adapters(
     form = adapter_form(kind)
     dims = adapter_dims(parts, slots)
     if kind == "connector" and "vision" in modalities:
-        connector_layers(parts.connector)  # raises, naming the connector, if it has no leading Linear
+        connector_layers(
+            parts.connector
+        )  # raises, naming the connector, if it has no leading Linear
     return {m: form.build(m, dims, r=r, scaling=scaling, dropout=dropout) for m in modalities}
 
 
@@ -450,12 +492,23 @@ def split_mllm(
         torch.manual_seed(seed)
     try:
         adapters = build_adapters(
-            parts, kind=kind, r=r, scaling=scaling, dropout=dropout, modalities=modalities, slots=slots
+            parts,
+            kind=kind,
+            r=r,
+            scaling=scaling,
+            dropout=dropout,
+            modalities=modalities,
+            slots=slots,
         )
     finally:
         torch.random.set_rng_state(gen_state)
     for adapter in adapters.values():
         adapter.lora_A.requires_grad_(train_a)
-    edge = NanoEdge(encoder=parts.encoder, connector=parts.connector, embed_tokens=parts.embed_tokens, adapters=adapters)
+    edge = NanoEdge(
+        encoder=parts.encoder,
+        connector=parts.connector,
+        embed_tokens=parts.embed_tokens,
+        adapters=adapters,
+    )
     server = ServerLLM(parts.decoder, parts.lm_head, autocast_bf16=autocast_bf16)
     return edge, server

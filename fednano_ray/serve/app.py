@@ -137,7 +137,9 @@ def build_app(
         from fednano_ray.serve.llm_server import LLMServer as llm_server_cls
     model_dir = export_server_llm(run_dir)
     dtype = args.dtype
-    if dtype == "auto":  # the run's own setting; "auto" resolves in the LLM server replica, on its hardware
+    if (
+        dtype == "auto"
+    ):  # the run's own setting; "auto" resolves in the LLM server replica, on its hardware
         dtype = rundir.read_config(run_dir).model.precision
     llm = serve.deployment(
         llm_server_cls,

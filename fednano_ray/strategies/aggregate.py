@@ -339,19 +339,31 @@ def merge_products(
     pairs = lora_pairs(results[0][0])
     paired = {k for pair in pairs for k in pair}
     rest = [k for k in results[0][0] if k not in paired]
-    out: State = weighted_average([{k: s[k] for k in rest} for s, _ in results], weights) if rest else {}
+    out: State = (
+        weighted_average([{k: s[k] for k in rest} for s, _ in results], weights) if rest else {}
+    )
     for a_key, b_key in pairs:
         a_ref = reference[a_key].detach().to(torch.float64)
-        b_cat = torch.cat([s[b_key].detach().to(torch.float64) * (w / total) for (s, _), w in zip(results, weights)], 1)
+        b_cat = torch.cat(
+            [
+                s[b_key].detach().to(torch.float64) * (w / total)
+                for (s, _), w in zip(results, weights)
+            ],
+            1,
+        )
         a_cat = torch.cat([s[a_key].detach().to(torch.float64) for s, _ in results], 0)
         q_b, r_b = torch.linalg.qr(b_cat)  # (d_out, k), (k, k)
         q_a, r_a = torch.linalg.qr(a_cat.T)  # (d_in, k), (k, k)
         u, sv, vh = torch.linalg.svd(r_b @ r_a.T)
         left, right = q_b @ u, q_a @ vh.T  # W = left diag(sv) rightᵀ
         if right.shape[1] < rank:  # fewer merged components than the rank: complete A's row space
-            pad = torch.linalg.qr(torch.cat([right, a_ref.T, torch.eye(*a_ref.T.shape, dtype=torch.float64)], 1))[0]
+            pad = torch.linalg.qr(
+                torch.cat([right, a_ref.T, torch.eye(*a_ref.T.shape, dtype=torch.float64)], 1)
+            )[0]
             right = torch.cat([right, pad[:, right.shape[1] : rank]], 1)
-            left = torch.cat([left, torch.zeros(left.shape[0], rank - left.shape[1], dtype=torch.float64)], 1)
+            left = torch.cat(
+                [left, torch.zeros(left.shape[0], rank - left.shape[1], dtype=torch.float64)], 1
+            )
             sv = torch.cat([sv, torch.zeros(rank - sv.shape[0], dtype=torch.float64)])
         norm = float(a_ref.norm(dim=1).mean()) if a_ref.numel() else 0.0
         c = norm if norm > 0 else 1 / math.sqrt(3)  # kaiming-uniform rows have norm ~ 1/sqrt(3)

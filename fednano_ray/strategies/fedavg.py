@@ -77,7 +77,9 @@ class FedAvg(Strategy):
         of each adapter's ``B @ A``, re-factorised at ``rank``: :func:`merge_products`)."""
         if self.factors == "product":
             return merge_products(
-                [(u.state, u.num_examples) for u in updates], rank=rank, reference=pad_to_rank(global_state, rank)
+                [(u.state, u.num_examples) for u in updates],
+                rank=rank,
+                reference=pad_to_rank(global_state, rank),
             )
         return fedavg([(u.state, u.num_examples) for u in updates], rank=rank)
 

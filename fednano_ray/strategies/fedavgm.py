@@ -46,7 +46,9 @@ class FedAvgM(FedAvg):
         self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
     ) -> State:
         """``θ + v`` with ``v = β v + (mean − θ)``, the mean FedAvg's."""
-        return self._step(global_state, fedavg([(u.state, u.num_examples) for u in updates], rank=rank), rank)
+        return self._step(
+            global_state, fedavg([(u.state, u.num_examples) for u in updates], rank=rank), rank
+        )
 
     def sum_plan_updates(
         self, global_state: dict[str, Tensor], updates: list[ClientUpdate], rank: int
@@ -74,7 +76,7 @@ class FedAvgM(FedAvg):
 
     def load_state_dict(self, state: State) -> None:
         """Restore :meth:`state_dict`'s velocity (``--resume``)."""
-        self.velocity = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
+        self.velocity = {k[len(_PREFIX) :]: v for k, v in state.items() if k.startswith(_PREFIX)}
 
     def describe(self) -> dict[str, str | float | bool]:
         return {**super().describe(), "server_momentum": self.momentum}

@@ -151,7 +151,9 @@ def apply_delta(
     return out
 
 
-def aggregate_by_sum_plan(strategy: Strategy, global_state: State, updates: list[ClientUpdate], rank: int) -> State:
+def aggregate_by_sum_plan(
+    strategy: Strategy, global_state: State, updates: list[ClientUpdate], rank: int
+) -> State:
     """``finish(Σ terms)`` of ``strategy.sum_plan_updates``: the plain (non-secure) aggregation of a
     rule that is a function of sums."""
     terms, finish = strategy.sum_plan_updates(global_state, updates, rank)

@@ -225,23 +225,36 @@ def secure_aggregate(
     inbox = server.route_shares({u: c.share_keys(public, t) for u, c in clients.items()})
     uploads = {
         u: client_masked_input(
-            c, strategy, global_state, updates[u - 1], shares=inbox[u], rank=template.rank,
-            keys=template.keys, num_clients=n, frac_bits=frac_bits,
+            c,
+            strategy,
+            global_state,
+            updates[u - 1],
+            shares=inbox[u],
+            rank=template.rank,
+            keys=template.keys,
+            num_clients=n,
+            frac_bits=frac_bits,
         )
         for u, c in clients.items()
         if u - 1 not in drop_up
     }
     survivors, dropped = server.collect_masked(uploads)
-    responses = {u: clients[u].unmask(survivors, dropped) for u in survivors if u - 1 not in drop_un}
+    responses = {
+        u: clients[u].unmask(survivors, dropped) for u in survivors if u - 1 not in drop_un
+    }
     state = template.finish_ring(server.unmask(responses), frac_bits)
 
     def ids(positions: Iterable[int]) -> list[str]:
         return [str(updates[i].client_id) for i in sorted(positions)]
 
     info = protocol_info(
-        clients=n, threshold=t, summed=ids(u - 1 for u in survivors),
+        clients=n,
+        threshold=t,
+        summed=ids(u - 1 for u in survivors),
         dropped_before_upload=ids(u - 1 for u in dropped),
         dropped_before_unmask=ids(u - 1 for u in survivors if u - 1 in drop_un),
-        vector_length=template.length, frac_bits=frac_bits, num_masked=len(uploads),
+        vector_length=template.length,
+        frac_bits=frac_bits,
+        num_masked=len(uploads),
     )
     return state, info

@@ -1,6 +1,5 @@
 """fedavg-lora end to end: full-model clients train PEFT LoRA in their own LLM, FedAvg on the coordinator."""
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,14 +15,23 @@ from fednano_ray.models.lora import lora_param_count
 from fednano_ray.strategies.aggregate import pad_to_rank
 from fednano_ray.task import prepare_data
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the in-process client actors below set 1 thread
+pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread"
+)  # the in-process client actors below set 1 thread
 
 # Three clients: client 0 in the rank-2 tier, clients 1 and 2 in the rank-4 tier (HetLoRA padding).
-THREE = ("federation.num_clients=3", "federation.clients_per_round=3", "tiers.0.clients=1", "tiers.1.clients=2")
+THREE = (
+    "federation.num_clients=3",
+    "federation.clients_per_round=3",
+    "tiers.0.clients=1",
+    "tiers.1.clients=2",
+)
 
 
 def _cfg(*overrides: str):
-    return load_config("examples/tiny.yaml", ["federation.strategy=fedavg-lora", *THREE, *overrides])
+    return load_config(
+        "examples/tiny.yaml", ["federation.strategy=fedavg-lora", *THREE, *overrides]
+    )
 
 
 def _ckpt(run, rnd: int) -> dict[str, torch.Tensor]:
@@ -33,12 +41,27 @@ def _ckpt(run, rnd: int) -> dict[str, torch.Tensor]:
 def _client_actor(cfg, rank: int, data) -> ClientActor:
     """A fedavg-lora client actor, built in this process (a plain class) on the run's data."""
     qs = lambda exs: [(e.question, list(e.choices), e.answer, e.category) for e in exs]
-    mllm = build_mllm(cfg.model)  # only encodes features here: the actor builds its own copy for LoRA
-    arrays = {split: (cached_features(mllm, "", exs, None), qs(exs)) for split, exs in (("train", data.train), ("test", data.test))}
-    return ClientActor(cfg.model, cfg.adapter, rank=rank, server=None, data=arrays, seed=cfg.federation.seed, llm_lora=True)
+    mllm = build_mllm(
+        cfg.model
+    )  # only encodes features here: the actor builds its own copy for LoRA
+    arrays = {
+        split: (cached_features(mllm, "", exs, None), qs(exs))
+        for split, exs in (("train", data.train), ("test", data.test))
+    }
+    return ClientActor(
+        cfg.model,
+        cfg.adapter,
+        rank=rank,
+        server=None,
+        data=arrays,
+        seed=cfg.federation.seed,
+        llm_lora=True,
+    )
 
 
-def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_lora(ray_cluster, tmp_path):
+def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_lora(
+    ray_cluster, tmp_path
+):
     """Two rounds of fedavg-lora with 3 clients: no LLM trainer; results.json reports client storage =
     the whole MLLM (+ LoRA), LoRA bytes per round and 0 activation bytes; round 0's global LoRA is the
     example-weighted mean of the clients' LoRA states (redone here by hand); the global test accuracy
@@ -53,11 +76,17 @@ def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_l
 
     # Accounting: the client holds everything; LoRA on q_proj/v_proj of the 2 layers, fp32.
     decoder = build_mllm.__wrapped__(cfg.model).parts.decoder
-    lora_bytes = {r: 4 * lora_param_count(decoder, r=r, target_modules=("q_proj", "v_proj")) for r in (2, 4)}
+    lora_bytes = {
+        r: 4 * lora_param_count(decoder, r=r, target_modules=("q_proj", "v_proj")) for r in (2, 4)
+    }
     assert lora_bytes == {2: 4 * 2 * 2 * 2 * 256, 4: 4 * 2 * 2 * 4 * 256}
-    assert s["strategy"] == "fedavg-lora" and s["adapter_kind"] == acct["adapter_kind"] == "llm_lora"
+    assert (
+        s["strategy"] == "fedavg-lora" and s["adapter_kind"] == acct["adapter_kind"] == "llm_lora"
+    )
     assert acct["adapter_bytes"] == lora_bytes[4] and acct["server_params"] == 0
-    assert s["client_bytes"] == s["total_bytes"] + lora_bytes[4] and s["client_storage_fraction"] > 1
+    assert (
+        s["client_bytes"] == s["total_bytes"] + lora_bytes[4] and s["client_storage_fraction"] > 1
+    )
     assert s["step_bytes_up"] == s["step_bytes_down"] == 0
     assert res["trainer_stats"] == {}  # no shared LLM trainer was started
     for r in on_disk["rounds"]:
@@ -80,13 +109,22 @@ def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_l
     states, weights = [], []
     for c in range(3):
         out = actors[cfg.tier_rank(tier[c])].fit(
-            c, data.client_train[c], start, steps=tier[c].local_steps, batch_size=tier[c].batch_size,
-            lr=cfg.train.lr, seed=_seed(cfg.federation.seed, 0, c), objective=cfg.train.objective,
+            c,
+            data.client_train[c],
+            start,
+            steps=tier[c].local_steps,
+            batch_size=tier[c].batch_size,
+            lr=cfg.train.lr,
+            seed=_seed(cfg.federation.seed, 0, c),
+            objective=cfg.train.objective,
         )
         states.append(pad_to_rank(out["state"], 4))
         weights.append(out["num_examples"])
     assert weights == [len(data.client_train[c]) for c in range(3)]
-    by_hand = {k: sum(n * st[k] for n, st in zip(weights, states, strict=True)) / sum(weights) for k in start}
+    by_hand = {
+        k: sum(n * st[k] for n, st in zip(weights, states, strict=True)) / sum(weights)
+        for k in start
+    }
     got = _ckpt(run, 0)
     assert got.keys() == by_hand.keys()
     for k, mean in by_hand.items():
@@ -95,8 +133,12 @@ def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_l
     # The global test split was scored with the final aggregated LoRA, inside the LoRA-adapted LLM.
     assert on_disk["rounds"][-1]["global_test_adapters"] == adapters_fingerprint(final)
     everything = list(range(len(data.test)))
-    assert s["global_test_accuracy"] == pytest.approx(actors[4].evaluate(final, "test", everything)["accuracy"])
-    assert s["global_test_accuracy_before"] == pytest.approx(actors[4].evaluate(start, "test", everything)["accuracy"])
+    assert s["global_test_accuracy"] == pytest.approx(
+        actors[4].evaluate(final, "test", everything)["accuracy"]
+    )
+    assert s["global_test_accuracy_before"] == pytest.approx(
+        actors[4].evaluate(start, "test", everything)["accuracy"]
+    )
 
     # Secure aggregation goes through the same FedAvg sum plan, masked by the client actors.
     sec = tmp_path / "sec"

@@ -1,7 +1,6 @@
 """FedDPA-F end to end on the simulated Ray cluster: FedAvg rounds, the local phase, the dual
 adapter's evaluation, its checkpoint, --resume of the finished run, and serving's loader."""
 
-
 import numpy as np
 import pytest
 import torch

@@ -41,8 +41,15 @@ def test_run_writes_the_run_directory(tiny_run):
 
     on_disk = rundir.read_results(run)
     s = on_disk["summary"]
-    for key in ("accuracy_before", "accuracy_after", "global_test_accuracy", "bytes_up", "bytes_down",
-                "client_storage_fraction", "wall_time_s"):
+    for key in (
+        "accuracy_before",
+        "accuracy_after",
+        "global_test_accuracy",
+        "bytes_up",
+        "bytes_down",
+        "client_storage_fraction",
+        "wall_time_s",
+    ):
         assert key in s, key
     assert 0 <= s["accuracy_after"] <= 1 and 0 < s["client_storage_fraction"] < 1
     assert rundir.read_config(run) == tiny()
@@ -55,7 +62,9 @@ def test_run_writes_the_run_directory(tiny_run):
     ckpt = _adapters(run, 1)
     assert ckpt["vision.lora_A"].shape == (4, 128) and ckpt["text.lora_B"].shape == (128, 4)
     assert ckpt["vision.lora_B"].abs().sum() > 0  # trained away from the B = 0 init
-    assert res["trainer_stats"]["requests"] >= 4 * 2 * 2  # every split step went through the LLM trainer
+    assert (
+        res["trainer_stats"]["requests"] >= 4 * 2 * 2
+    )  # every split step went through the LLM trainer
     # The reported global test accuracy is that of the final global adapters (and "before" that of the
     # pretrained ones): the record names the adapters it scored, and re-scoring both in-process agrees.
     from fednano_ray.actors.coordinator import adapters_fingerprint
@@ -75,11 +84,17 @@ def _global_test_accuracy(cfg, adapters) -> float:
 
     mllm = build_mllm(cfg.model)
     data = prepare_data(cfg)
-    edge, server_llm = mllm.split(cfg.adapter, r=max(cfg.tier_rank(t) for t in cfg.tiers),
-                                  autocast_bf16=cfg.model.runtime_precision().autocast_bf16)
+    edge, server_llm = mllm.split(
+        cfg.adapter,
+        r=max(cfg.tier_rank(t) for t in cfg.tiers),
+        autocast_bf16=cfg.model.runtime_precision().autocast_bf16,
+    )
     if adapters is not None:
         load_adapter_state(edge.adapters, adapters)
-    questions = [([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category) for e in data.test]
+    questions = [
+        ([mllm.encode_row(e.question, c) for c in e.choices], e.answer, e.category)
+        for e in data.test
+    ]
     feats = cached_features(mllm, "", data.test, None)
     return evaluate(edge, LocalServer(server_llm), feats, questions, pad_id=mllm.pad_id)["accuracy"]
 
@@ -95,7 +110,15 @@ def test_faults_become_failures_and_the_rounds_go_on_until_the_quorum_fails(ray_
     deadline is tests/federation/test_rounds.py's). (One run instead of three: each costs ~40 s
     of this 2-core machine.)"""
     cfg = tiny("federation.mode=deployment", "federation.rounds=3", "trust.max_update_norm=10")
-    chaos = {(0, 1): "die", (0, 0): "nan", (1, 2): "die", (1, 3): "scale", (2, 0): "die", (2, 1): "nan", (2, 2): "die"}
+    chaos = {
+        (0, 1): "die",
+        (0, 0): "nan",
+        (1, 2): "die",
+        (1, 3): "scale",
+        (2, 0): "die",
+        (2, 1): "nan",
+        (2, 2): "die",
+    }
     res = train(cfg, tmp_path / "run", client_class=chaos_client(cfg, chaos), progress=False)
 
     r0, r1, r2 = rundir.read_results(tmp_path / "run")["rounds"]
@@ -129,7 +152,9 @@ def test_resume_ends_with_the_same_adapters(tiny_run, tmp_path):
     assert not rundir.round_dir(tmp_path / "cut", 1).exists()
     # train.optimizer_state=keep: the clients' AdamW moments are part of the checkpoint, one per client.
     moments = rundir.read_checkpoint(rundir.round_dir(tmp_path / "cut", 0)).optimizer_states
-    assert sorted(moments) == [0, 1, 2, 3] and all(int(s["step"]) == 2 for s in moments[0]["state"].values())
+    assert sorted(moments) == [0, 1, 2, 3] and all(
+        int(s["step"]) == 2 for s in moments[0]["state"].values()
+    )
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, tmp_path / "cut", progress=False)
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
@@ -141,8 +166,13 @@ def test_resume_ends_with_the_same_adapters(tiny_run, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     full, cut = (rundir.read_results(d) for d in (full_dir, tmp_path / "cut"))
-    for key in ("accuracy_before", "accuracy_after", "global_test_accuracy_before", "global_test_accuracy",
-                "accuracy_after_per_client"):
+    for key in (
+        "accuracy_before",
+        "accuracy_after",
+        "global_test_accuracy_before",
+        "global_test_accuracy",
+        "accuracy_after_per_client",
+    ):
         assert full["summary"][key] == cut["summary"][key], key
     assert [r["loss"] for r in full["rounds"]] == [r["loss"] for r in cut["rounds"]]
     runtime = full["runtime"]
@@ -156,7 +186,12 @@ def test_llm_trainer_killed_mid_round_is_restarted_and_the_round_completes(tiny_
     in-flight calls (max_task_retries=-1): the round completes with every client, results.json
     records the restart, and the run ends with the adapters of an uninterrupted run (same seed)."""
     cfg = tiny()
-    train(cfg, tmp_path / "run", client_class=chaos_client(cfg, {(0, 1): "kill_trainer"}), progress=False)
+    train(
+        cfg,
+        tmp_path / "run",
+        client_class=chaos_client(cfg, {(0, 1): "kill_trainer"}),
+        progress=False,
+    )
 
     r0, r1 = rundir.read_results(tmp_path / "run")["rounds"]
     assert r0["trainer_restarted"] is True and r1["trainer_restarted"] is False
@@ -179,7 +214,9 @@ def test_other_strategies_run(ray_cluster, tmp_path, strategy, request):
         run, res = request.getfixturevalue("fedavg_run")
     else:
         run = tmp_path / "run"
-        res = train(tiny(f"federation.strategy={strategy}", "federation.rounds=1"), run, progress=False)
+        res = train(
+            tiny(f"federation.strategy={strategy}", "federation.rounds=1"), run, progress=False
+        )
     r0 = res["rounds"][0]
     ckpt = rundir.round_dir(run, 0)
     if strategy == "centralized":
@@ -187,13 +224,21 @@ def test_other_strategies_run(ray_cluster, tmp_path, strategy, request):
         state = load_file(str(rundir.adapters_path(ckpt)))
         assert state["vision.lora_A"].shape == (4, 128) and state["vision.lora_B"].shape == (128, 4)
         # Trained at rank 4: the components beyond client 0's rank 2 moved (a rank-2 update pads them with 0).
-        assert state["vision.lora_B"][:, 2:].abs().sum() > 0 and state["text.lora_B"][:, 2:].abs().sum() > 0
+        assert (
+            state["vision.lora_B"][:, 2:].abs().sum() > 0
+            and state["text.lora_B"][:, 2:].abs().sum() > 0
+        )
     else:
         assert r0["completed"] == [0, 1, 2, 3]
     if strategy == "local":
         assert len(list((ckpt / rundir.CLIENTS).glob("*.safetensors"))) == 4
-        assert load_file(str(rundir.client_adapters_path(ckpt, 0)))["vision.lora_A"].shape == (2, 128)
-        assert r0["global_test_states_scored"] == 4  # every client's own adapters, rank-2 tier included
+        assert load_file(str(rundir.client_adapters_path(ckpt, 0)))["vision.lora_A"].shape == (
+            2,
+            128,
+        )
+        assert (
+            r0["global_test_states_scored"] == 4
+        )  # every client's own adapters, rank-2 tier included
     else:
         assert r0["global_test_states_scored"] == 1
     assert "eval_failures" not in r0, r0.get("eval_failures")
@@ -215,8 +260,15 @@ def test_personalisation_fine_tunes_every_client_and_serves_it_its_own(fedavg_ru
     ckpt = rundir.round_dir(run, 1)
 
     # Assert: the record and the summary
-    assert s["personalization"]["personalized_clients"] == [0, 1, 2, 3] and s["personalization"]["failures"] == []
-    assert set(s["accuracy_personalized_per_client"]) == set(s["accuracy_after_per_client"]) == {"0", "1", "2", "3"}
+    assert (
+        s["personalization"]["personalized_clients"] == [0, 1, 2, 3]
+        and s["personalization"]["failures"] == []
+    )
+    assert (
+        set(s["accuracy_personalized_per_client"])
+        == set(s["accuracy_after_per_client"])
+        == {"0", "1", "2", "3"}
+    )
     for key in ("accuracy_personalized", "global_test_accuracy_personalized"):
         assert 0 <= s[key] <= 1, key
         lo, hi = s[key + "_ci95"]
@@ -225,7 +277,9 @@ def test_personalisation_fine_tunes_every_client_and_serves_it_its_own(fedavg_ru
     for c, rank in ((0, 2), (1, 2), (2, 4), (3, 4)):
         own = load_file(str(rundir.client_adapters_path(ckpt, c)))
         assert own["vision.lora_B"].shape == (128, rank)
-        assert own["vision.offset"].shape == global_state["vision.offset"].shape  # no rank: whole on every tier
+        assert (
+            own["vision.offset"].shape == global_state["vision.offset"].shape
+        )  # no rank: whole on every tier
         assert not torch.equal(own["vision.offset"], global_state["vision.offset"])
         assert not torch.equal(own["vision.lora_B"], global_state["vision.lora_B"][:, :rank])
         # Assert: serving loads them for that client
@@ -235,15 +289,19 @@ def test_personalisation_fine_tunes_every_client_and_serves_it_its_own(fedavg_ru
         assert all(torch.equal(got[k], own[k]) for k in own)
 
 
-def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(ray_cluster, tmp_path):
+def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(
+    ray_cluster, tmp_path
+):
     """Clients land on the node advertising their tier's resource; removing a node mid-run fails only its clients.
 
     The lost node's actors wait for a node to restart on, so their calls end at the deadline: 20 s,
     which an honest tiny fit (about 1 s on 2 cores) never nears, so only they fail."""
     cluster, nodes = ray_cluster
     cfg = tiny(
-        "federation.mode=deployment", "federation.deadline_s=20",
-        "tiers.0.resources={edge-small: 1}", "tiers.1.resources={edge-large: 1}",
+        "federation.mode=deployment",
+        "federation.deadline_s=20",
+        "tiers.0.resources={edge-small: 1}",
+        "tiers.1.resources={edge-large: 1}",
     )
     run = tmp_path / "run"
     out: dict = {}
@@ -262,22 +320,33 @@ def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(r
     large = nodes["edge-large"]
     cluster.remove_node(large)
     worker.join(timeout=180)
-    nodes["edge-large"] = cluster.add_node(num_cpus=2, resources={"edge-large": 4})  # restore for other tests
+    nodes["edge-large"] = cluster.add_node(
+        num_cpus=2, resources={"edge-large": 4}
+    )  # restore for other tests
     cluster.wait_for_nodes()
 
     assert not worker.is_alive(), "the run did not finish after the node was removed"
     assert "error" not in out, f"the run failed: {out.get('error')!r}"
-    assert out["res"]["coordinator_node"] == cluster.head_node.node_id  # never on a removable client node
+    assert (
+        out["res"]["coordinator_node"] == cluster.head_node.node_id
+    )  # never on a removable client node
     rounds = out["res"]["rounds"]
     placement = rounds[0]["placement"]
     assert {placement["0"], placement["1"]} == {nodes["edge-small"].node_id}
     assert {placement["2"], placement["3"]} == {large.node_id}
     assert len(rounds) == 2
-    assert {f["client_id"] for f in rounds[1]["failures"]} == {"2", "3"}  # only the lost node's clients
+    assert {f["client_id"] for f in rounds[1]["failures"]} == {
+        "2",
+        "3",
+    }  # only the lost node's clients
     assert all(r["aggregated"] for r in rounds)  # quorum 0.5: the small tier carries the run
     # Their evaluation fails too, within the round's one evaluation deadline, and so does the global
     # test, which the top-rank tier's actor scores (it was on the lost node); the others are scored.
-    assert {f["what"] for f in rounds[1]["eval_failures"]} == {"client 2", "client 3", "global test"}
+    assert {f["what"] for f in rounds[1]["eval_failures"]} == {
+        "client 2",
+        "client 3",
+        "global test",
+    }
     assert set(rounds[1]["accuracy"]) == {"0", "1"} and rounds[1]["global_test_accuracy"] is None
 
 
@@ -290,9 +359,24 @@ def test_cli_joins_an_existing_cluster_with_address(ray_cluster, tmp_path):
     cluster, _ = ray_cluster
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "fednano_ray", "train", "examples/tiny.yaml", "--address", cluster.address,
-         "--run-dir", str(run), "--set", "federation.rounds=1"],
-        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        [
+            sys.executable,
+            "-m",
+            "fednano_ray",
+            "train",
+            "examples/tiny.yaml",
+            "--address",
+            cluster.address,
+            "--run-dir",
+            str(run),
+            "--set",
+            "federation.rounds=1",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "average" in proc.stdout and "global test accuracy" in proc.stdout
@@ -310,7 +394,9 @@ def test_secure_aggregation_masks_on_the_clients_and_matches_the_plain_run(fedav
     sum-plan terms); the coordinator relays keys and encrypted shares, receives only masked uint64
     vectors and unmasks the sum. Two rounds end with the adapters of a plain run (same seed), up
     to fixed-point rounding."""
-    res = train(tiny(*FEDAVG_SLOTS, "trust.secure_aggregation=true"), tmp_path / "sec", progress=False)
+    res = train(
+        tiny(*FEDAVG_SLOTS, "trust.secure_aggregation=true"), tmp_path / "sec", progress=False
+    )
     plain = fedavg_run[0]
 
     for r in rundir.read_results(tmp_path / "sec")["rounds"]:
@@ -354,7 +440,9 @@ def test_secure_aggregation_recovers_clients_that_die_after_key_sharing(ray_clus
 
     r0, r1 = res["rounds"]
     assert r0["aggregated"] and r0["completed"] == [0, 2, 3]
-    assert [f["client_id"] for f in r0["failures"]] == ["1"] and "Actor" in r0["failures"][0]["reason"]
+    assert [f["client_id"] for f in r0["failures"]] == ["1"] and "Actor" in r0["failures"][0][
+        "reason"
+    ]
     assert r0["secure_aggregation"]["dropped_before_upload"] == ["1"]
     assert r0["secure_aggregation"]["summed"] == ["0", "2", "3"]
     assert r1["aggregated"] and r1["completed"] == [0, 1, 2, 3] and r1["failures"] == []
@@ -363,8 +451,10 @@ def test_secure_aggregation_recovers_clients_that_die_after_key_sharing(ray_clus
     a, b = _adapters(tmp_path / "sec", 1), _adapters(tmp_path / "plain", 1)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert b["vision.lora_A"].shape == (4, tiny().model.tiny.vision_hidden_size) and float(b["vision.lora_B"].abs().max()) > 0  # the connector's LoRA
-
+    assert (
+        b["vision.lora_A"].shape == (4, tiny().model.tiny.vision_hidden_size)
+        and float(b["vision.lora_B"].abs().max()) > 0
+    )  # the connector's LoRA
 
 
 def test_server_lr_scales_the_rounds_move_of_the_global_adapters(tiny_run, tmp_path):
@@ -377,19 +467,21 @@ def test_server_lr_scales_the_rounds_move_of_the_global_adapters(tiny_run, tmp_p
     full_dir, _ = tiny_run
     cfg = tiny("federation.server_lr=2")
     train(cfg, tmp_path / "slr", progress=False, stop_after_round=0)
-    edge, _ = build_mllm(cfg.model).split(cfg.adapter, r=max(cfg.tier_rank(t) for t in cfg.tiers),
-                                          seed=cfg.federation.seed)
+    edge, _ = build_mllm(cfg.model).split(
+        cfg.adapter, r=max(cfg.tier_rank(t) for t in cfg.tiers), seed=cfg.federation.seed
+    )
     init = adapter_state(edge.adapters)
     plain, stepped = _adapters(full_dir, 0), _adapters(tmp_path / "slr", 0)
     assert sorted(plain) == sorted(stepped) == sorted(init)
     moved = 0.0
     for k in init:
-        torch.testing.assert_close(stepped[k] - init[k], 2 * (plain[k] - init[k]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            stepped[k] - init[k], 2 * (plain[k] - init[k]), rtol=1e-5, atol=1e-6
+        )
         moved += float((plain[k] - init[k]).abs().sum())
     assert moved > 0  # round 0 did move the adapters (the comparison is not 0 == 0)
     on_disk = rundir.read_results(tmp_path / "slr")
     assert on_disk["config"]["federation"]["server_lr"] == 2.0
-
 
 
 def test_grid_runs_a_real_cell_on_the_cluster_and_reports_it(ray_cluster, tmp_path):
@@ -405,11 +497,16 @@ def test_grid_runs_a_real_cell_on_the_cluster_and_reports_it(ray_cluster, tmp_pa
 
     cluster, _ = ray_cluster
     spec = tmp_path / "grid.yaml"
-    spec.write_text(yaml.safe_dump({
-        "base": str(Path("examples/tiny.yaml").resolve()), "seeds": [0],
-        "runs_dir": str(tmp_path / "runs"),
-        "groups": {"one": {"set": ["federation.rounds=1", "federation.strategy=fedavg"]}},
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(Path("examples/tiny.yaml").resolve()),
+                "seeds": [0],
+                "runs_dir": str(tmp_path / "runs"),
+                "groups": {"one": {"set": ["federation.rounds=1", "federation.strategy=fedavg"]}},
+            }
+        )
+    )
     cmd = [sys.executable, "-m", "fednano_ray", "grid", str(spec), "--address", cluster.address]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)

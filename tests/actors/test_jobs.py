@@ -19,13 +19,30 @@ def test_a_training_run_submitted_as_a_ray_job_succeeds(ray_cluster, tmp_path):
     run = tmp_path / "run"
     # Run from the repo root; the package is installed (editable) in this venv: no working_dir. (With one,
     # this one-machine Cluster's nodes share one runtime_resources folder and unpack over each other.)
-    entrypoint = " ".join(shlex.quote(a) for a in [
-        sys.executable, "-m", "fednano_ray", "train", "examples/tiny.yaml", "--address", "auto",
-        "--run-dir", str(run), "--set", "federation.rounds=1",
-    ])
-    env = {k: os.environ[k] for k in ("FEDNANO_RAY_CACHE", "RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    entrypoint = " ".join(
+        shlex.quote(a)
+        for a in [
+            sys.executable,
+            "-m",
+            "fednano_ray",
+            "train",
+            "examples/tiny.yaml",
+            "--address",
+            "auto",
+            "--run-dir",
+            str(run),
+            "--set",
+            "federation.rounds=1",
+        ]
+    )
+    env = {
+        k: os.environ[k]
+        for k in ("FEDNANO_RAY_CACHE", "RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+    }
     client = JobSubmissionClient(f"http://{cluster.webui_url}")
-    job_id = client.submit_job(entrypoint=f"cd {shlex.quote(str(REPO))} && {entrypoint}", runtime_env={"env_vars": env})
+    job_id = client.submit_job(
+        entrypoint=f"cd {shlex.quote(str(REPO))} && {entrypoint}", runtime_env={"env_vars": env}
+    )
 
     deadline = time.monotonic() + 300
     status = client.get_job_status(job_id)
@@ -36,7 +53,9 @@ def test_a_training_run_submitted_as_a_ray_job_succeeds(ray_cluster, tmp_path):
     if not status.is_terminal():
         client.stop_job(job_id)
     assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}:\n{logs[-3000:]}"
-    assert "Started a local Ray instance" not in logs  # it joined the cluster, it did not start its own
+    assert (
+        "Started a local Ray instance" not in logs
+    )  # it joined the cluster, it did not start its own
     assert "global test accuracy" in logs  # the summary table went to the job's logs
     results = rundir.read_results(run)
     assert results["summary"]["rounds"] == 1 and results["rounds"][0]["aggregated"]

@@ -157,7 +157,9 @@ def test_results_are_the_same_bits_whatever_the_batching(cfg, requests, multiple
     """
     # Prepare
     _, reqs = requests
-    make = lambda: LLMTrainer(cfg.model, max_batch_size=64, batch_wait_ms=50, pad_to_multiple=multiple)
+    make = lambda: LLMTrainer(
+        cfg.model, max_batch_size=64, batch_wait_ms=50, pad_to_multiple=multiple
+    )
 
     async def together(trainer):
         return await asyncio.gather(*(trainer.loss_and_grad(z, m, lab) for z, m, lab in reqs))
@@ -191,7 +193,10 @@ def choice_requests(cfg):
     gen = torch.Generator().manual_seed(0)
     out = []
     for lo, hi in ((0, 1), (1, 3), (3, 6)):
-        qs = [(choice_rows(mllm.encode_row, QUESTIONS[i][0], words[: 2 + i % 3]), i % 2, None) for i in range(lo, hi)]
+        qs = [
+            (choice_rows(mllm.encode_row, QUESTIONS[i][0], words[: 2 + i % 3]), i % 2, None)
+            for i in range(lo, hi)
+        ]
         inputs, args, _ = _packed_batch([pack_choices(rows) for rows, _, _ in qs], qs, mllm.pad_id)
         pixels = torch.randn(hi - lo, 3, mllm.image_size, mllm.image_size, generator=gen)
         with torch.no_grad():
@@ -213,7 +218,9 @@ def test_choice_steps_merge_and_match_each_client_alone(cfg, choice_requests, mu
         return await asyncio.gather(*(trainer.choice_loss_and_grad(*r) for r in reqs))
 
     merged = _run(together())
-    alone = [_run(LLMTrainer(cfg.model, pad_to_multiple=multiple).choice_loss_and_grad(*r)) for r in reqs]
+    alone = [
+        _run(LLMTrainer(cfg.model, pad_to_multiple=multiple).choice_loss_and_grad(*r)) for r in reqs
+    ]
 
     assert trainer.get_stats()["batches"] == (1 if multiple == 256 else 3)
     for (loss_m, grad_m), (loss_a, grad_a), r in zip(merged, alone, reqs, strict=True):

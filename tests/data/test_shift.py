@@ -17,8 +17,14 @@ def _example(tmp_path, **kw) -> VQAExample:
     a[8:16, 2:10] = (220, 40, 30)  # a red square on the left
     path = tmp_path / "img.png"
     Image.fromarray(a).save(path)
-    base = {"id": "q0", "image": path, "question": "Where is the red square?", "choices": ("left", "right", "top"),
-            "answer": 0, "category": "position"}
+    base = {
+        "id": "q0",
+        "image": path,
+        "question": "Where is the red square?",
+        "choices": ("left", "right", "top"),
+        "answer": 0,
+        "category": "position",
+    }
     return VQAExample(**{**base, **kw})
 
 
@@ -33,14 +39,18 @@ def test_mirror_text_swaps_left_and_right_as_words():
 
 
 @pytest.mark.parametrize("condition", sorted(CONDITIONS))
-def test_each_condition_changes_the_image_deterministically_and_only_mirror_changes_the_texts(tmp_path, condition):
+def test_each_condition_changes_the_image_deterministically_and_only_mirror_changes_the_texts(
+    tmp_path, condition
+):
     ex = _example(tmp_path)
     a = shift_example(ex, condition, tmp_path / "out")
     b = shift_example(ex, condition, tmp_path / "out2")
     assert a.image.parent.name == condition and a.image.read_bytes() == b.image.read_bytes()
     assert not np.array_equal(_pixels(a), _pixels(ex))
     if condition == "mirror":
-        assert a.choices == ("right", "left", "top") and a.answer == 0  # the square is now on the right
+        assert (
+            a.choices == ("right", "left", "top") and a.answer == 0
+        )  # the square is now on the right
         assert a.choices[a.answer] == "right"
     else:
         assert (a.question, a.choices, a.answer) == (ex.question, ex.choices, ex.answer)
@@ -68,10 +78,14 @@ def test_prepare_data_puts_each_client_under_its_condition_and_the_test_under_al
         for i in [*shifted.client_train[c], *shifted.client_test[c]]:
             assert shifted.train[i].image.parent.name == conds[c % 3]
             if conds[c % 3] == "mirror":
-                assert shifted.train[i].choices == tuple(mirror_text(x) for x in clean.train[i].choices)
+                assert shifted.train[i].choices == tuple(
+                    mirror_text(x) for x in clean.train[i].choices
+                )
             else:
                 assert shifted.train[i].choices == clean.train[i].choices
-    assert [ex.image.parent.name for ex in shifted.test] == [conds[i % 3] for i in range(len(shifted.test))]
+    assert [ex.image.parent.name for ex in shifted.test] == [
+        conds[i % 3] for i in range(len(shifted.test))
+    ]
     assert {ex.id for ex in shifted.test} == {ex.id for ex in clean.test}
 
 

@@ -38,7 +38,13 @@ VOCAB = {
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate(tmp_path_factory.mktemp("synth"), num_train=240, num_test=60, image_size=SIZE, difficulty="hard")
+    return generate(
+        tmp_path_factory.mktemp("synth"),
+        num_train=240,
+        num_test=60,
+        image_size=SIZE,
+        difficulty="hard",
+    )
 
 
 @pytest.fixture(scope="module")

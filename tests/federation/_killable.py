@@ -45,7 +45,11 @@ def main(run_dir: str, where: str, overrides: list[str]) -> None:
 
     def replace(src, dst):
         dst_path = Path(dst)
-        if where == "checkpoint" and dst_path.name == rundir.STATE and dst_path.parent.name == rundir.round_name(1):
+        if (
+            where == "checkpoint"
+            and dst_path.name == rundir.STATE
+            and dst_path.parent.name == rundir.round_name(1)
+        ):
             hang(where)
         real_replace(src, dst)
 

@@ -48,4 +48,6 @@ def test_secure_aggregation_is_the_uplink_only_where_something_is_summed():
     assert cfg.method().uplink == "secagg"
     for name in ("local", "centralized"):
         assert not METHODS[name].aggregates
-    assert load_config(TINY, ["federation.strategy=fedavgm"]).method().build_strategy().momentum == 0.9
+    assert (
+        load_config(TINY, ["federation.strategy=fedavgm"]).method().build_strategy().momentum == 0.9
+    )

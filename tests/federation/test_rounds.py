@@ -38,7 +38,13 @@ class Faulty(InProcess):
         self.fail = fail
 
     def submit(self, actor, method, *args, **kwargs):
-        client = args[1] if method.startswith("secagg") else args[0] if method.startswith("fit") else None
+        client = (
+            args[1]
+            if method.startswith("secagg")
+            else args[0]
+            if method.startswith("fit")
+            else None
+        )
         if (method, client) in self.fail:
             return super().submit(self, "_crash", method, client)
         return super().submit(actor, method, *args, **kwargs)
@@ -95,8 +101,13 @@ def test_a_run_in_process_writes_the_run_directory_and_moves_the_adapters(tmp_pa
         assert r["completed"] == [0, 1, 2, 3] and r["failures"] == [] and r["aggregated"]
         assert r["bytes_up"] == 2 * r["bytes_down"] > 0  # fednano: adapters + Fisher up
     assert [p.name for p in rundir.list_checkpoints(tmp_path)] == ["round_0000", "round_0001"]
-    assert rundir.read_results(tmp_path)["summary"]["accuracy_after"] == results["summary"]["accuracy_after"]
-    moved = sum(float((fed.global_state[k] - fed.initial_state[k]).abs().sum()) for k in fed.global_state)
+    assert (
+        rundir.read_results(tmp_path)["summary"]["accuracy_after"]
+        == results["summary"]["accuracy_after"]
+    )
+    moved = sum(
+        float((fed.global_state[k] - fed.initial_state[k]).abs().sum()) for k in fed.global_state
+    )
     assert moved > 0
 
 
@@ -106,9 +117,13 @@ def test_failed_clients_are_recorded_and_the_quorum_decides(tmp_path):
     one = _run(in_process(tiny(), tmp_path / "one", transport=Faulty({("fit", 2)})), rounds=1)
     r0 = one.rounds[0]
     assert r0["completed"] == [0, 1, 3] and r0["aggregated"]
-    assert r0["failures"] == [{"client_id": "2", "reason": "RuntimeError: injected: fit of client 2 crashed"}]
+    assert r0["failures"] == [
+        {"client_id": "2", "reason": "RuntimeError: injected: fit of client 2 crashed"}
+    ]
 
-    fed = in_process(tiny(), tmp_path / "three", transport=Faulty({("fit", 0), ("fit", 1), ("fit", 3)}))
+    fed = in_process(
+        tiny(), tmp_path / "three", transport=Faulty({("fit", 0), ("fit", 1), ("fit", 3)})
+    )
     before = {k: v.clone() for k, v in fed.global_state.items()}
     _run(fed, rounds=1)
     r0 = fed.rounds[0]
@@ -130,14 +145,20 @@ def test_a_stalled_client_misses_the_deadline_and_its_actor_is_restarted(tmp_pat
     assert transport.restarted == [fed.placement.actor_for(2)]
     transport.stall.clear()
     fed.run_round(1)
-    assert fed.rounds[1]["completed"] == [0, 1, 2, 3] and transport.restarted == [fed.placement.actor_for(2)]
+    assert fed.rounds[1]["completed"] == [0, 1, 2, 3] and transport.restarted == [
+        fed.placement.actor_for(2)
+    ]
 
 
 def test_a_nan_update_is_rejected_not_aggregated(tmp_path):
-    fed = _run(in_process(tiny("federation.strategy=fedavg"), tmp_path, client_class=NaNClient), rounds=1)
+    fed = _run(
+        in_process(tiny("federation.strategy=fedavg"), tmp_path, client_class=NaNClient), rounds=1
+    )
     r0 = fed.rounds[0]
     assert r0["completed"] == [0, 2, 3] and r0["aggregated"]
-    assert [f["client_id"] for f in r0["failures"]] == ["1"] and r0["failures"][0]["reason"].startswith("rejected:")
+    assert [f["client_id"] for f in r0["failures"]] == ["1"] and r0["failures"][0][
+        "reason"
+    ].startswith("rejected:")
     assert all(torch.isfinite(v).all() for v in fed.global_state.values())
 
 
@@ -146,14 +167,24 @@ def test_secure_aggregation_in_process_matches_the_plain_round_and_survives_a_dr
     up to quantisation; a client that dies before unmasking is recovered from its shares and its
     masked input still counts."""
     plain = _run(in_process(tiny("federation.strategy=fedavg"), tmp_path / "plain"), rounds=1)
-    secure = _run(in_process(tiny("federation.strategy=fedavg", "trust.secure_aggregation=true"),
-                             tmp_path / "secure"), rounds=1)
+    secure = _run(
+        in_process(
+            tiny("federation.strategy=fedavg", "trust.secure_aggregation=true"), tmp_path / "secure"
+        ),
+        rounds=1,
+    )
     info = secure.rounds[0]["secure_aggregation"]
     assert info["masked_by"] == "clients" and secure.rounds[0]["aggregated"]
     for k, v in plain.global_state.items():
         torch.testing.assert_close(secure.global_state[k], v, atol=1e-5, rtol=0)
-    late = _run(in_process(tiny("federation.strategy=fedavg", "trust.secure_aggregation=true"), tmp_path / "late",
-                           transport=Faulty({("secagg_unmask", 3)})), rounds=1)
+    late = _run(
+        in_process(
+            tiny("federation.strategy=fedavg", "trust.secure_aggregation=true"),
+            tmp_path / "late",
+            transport=Faulty({("secagg_unmask", 3)}),
+        ),
+        rounds=1,
+    )
     r0 = late.rounds[0]
     assert r0["aggregated"] and r0["secure_aggregation"]["dropped_before_unmask"] == ["3"]
     for k, v in plain.global_state.items():
@@ -177,13 +208,18 @@ def test_resume_from_the_checkpoint_continues_exactly(tmp_path):
     g0, g1 = (rundir.read_checkpoint(rundir.round_dir(tmp_path / "full", r)) for r in (0, 1))
     for k, init in full.initial_state.items():
         torch.testing.assert_close(g0.strategy_state[f"velocity.{k}"], g0.global_state[k] - init)
-        torch.testing.assert_close(g1.strategy_state[f"velocity.{k}"], g1.global_state[k] - g0.global_state[k])
+        torch.testing.assert_close(
+            g1.strategy_state[f"velocity.{k}"], g1.global_state[k] - g0.global_state[k]
+        )
     assert any(float(v.abs().sum()) > 0 for v in g0.strategy_state.values())
     assert full.results()["strategy"]["server_momentum"] == 0.5
 
 
 def test_personalisation_gives_every_client_its_own_adapters(tmp_path):
-    fed = _run(in_process(tiny("federation.strategy=fedavg", "federation.personalize_steps=2"), tmp_path), rounds=1)
+    fed = _run(
+        in_process(tiny("federation.strategy=fedavg", "federation.personalize_steps=2"), tmp_path),
+        rounds=1,
+    )
     record = fed.personalize()
     assert record["personalized_clients"] == [0, 1, 2, 3] and record["failures"] == []
     assert sorted(fed.client_states) == [0, 1, 2, 3]
@@ -201,7 +237,9 @@ def full_fedavg(tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["fit", "checkpoint"])
-def test_a_run_killed_mid_round_or_mid_checkpoint_write_resumes_exactly(tmp_path, where, full_fedavg):
+def test_a_run_killed_mid_round_or_mid_checkpoint_write_resumes_exactly(
+    tmp_path, where, full_fedavg
+):
     """A real kill (SIGKILL of the process running the federation) while round 1 trains, or while
     round 1's checkpoint is being written (every file on disk but state.json, which is still its
     temporary file): --resume starts again from round 0's checkpoint, clears the dead writer's
@@ -214,11 +252,16 @@ def test_a_run_killed_mid_round_or_mid_checkpoint_write_resumes_exactly(tmp_path
     script = Path(__file__).resolve().parent / "_killable.py"
     proc = subprocess.Popen(
         [sys.executable, str(script), str(run), where, "--set", "federation.strategy=fedavg"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()  # blocks until the run reaches the point (or exits)
-        assert line.strip() == f"hanging {where}", (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert line.strip() == f"hanging {where}", (
+            line,
+            proc.stderr.read() if proc.poll() is not None else "",
+        )
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:
@@ -231,7 +274,9 @@ def test_a_run_killed_mid_round_or_mid_checkpoint_write_resumes_exactly(tmp_path
     half = rundir.round_dir(run, 1)
     if where == "checkpoint":
         assert rundir.adapters_path(half).exists() and not (half / rundir.STATE).exists()
-        assert [p.name.split(".")[1] for p in half.glob(".*.tmp")] == ["state"]  # what the kill left
+        assert [p.name.split(".")[1] for p in half.glob(".*.tmp")] == [
+            "state"
+        ]  # what the kill left
     resumed = in_process(tiny("federation.strategy=fedavg"), run)
     assert resumed.restore() and resumed.next_round == 1
     _run(resumed)

@@ -260,9 +260,18 @@ def test_files_are_byte_compatible_with_the_format_before(tmp_path):
 
 
 ROUND = {
-    "round": 0, "clients": [0, 1], "completed": [1], "failures": [{"client_id": "0", "reason": "timeout"}],
-    "loss": 2.5, "client_loss": {"1": 2.5}, "placement": {"1": "node-a"}, "bytes_down": 8, "bytes_up": 16,
-    "aggregated": True, "wall_time_s": 0.5, "avg_accuracy": 0.4,  # an evaluated round's extra
+    "round": 0,
+    "clients": [0, 1],
+    "completed": [1],
+    "failures": [{"client_id": "0", "reason": "timeout"}],
+    "loss": 2.5,
+    "client_loss": {"1": 2.5},
+    "placement": {"1": "node-a"},
+    "bytes_down": 8,
+    "bytes_up": 16,
+    "aggregated": True,
+    "wall_time_s": 0.5,
+    "avg_accuracy": 0.4,  # an evaluated round's extra
 }
 
 
@@ -287,13 +296,17 @@ def test_results_and_config(tmp_path):
         ({"loss": "low"}, "rounds.0.loss"),
     ],
 )
-def test_a_malformed_round_is_refused_naming_the_field_and_nothing_is_written(tmp_path, change, field):
+def test_a_malformed_round_is_refused_naming_the_field_and_nothing_is_written(
+    tmp_path, change, field
+):
     results = {"config": {}, "rounds": [{**ROUND, **change}], "summary": {}}
     with pytest.raises(ValueError, match=re.escape(field)):
         rundir.write_results(tmp_path, results)
     assert not rundir.results_path(tmp_path).exists()
     rundir.results_path(tmp_path).write_text(json.dumps(results))
-    with pytest.raises(ValueError, match=rf"{re.escape(str(rundir.results_path(tmp_path)))}.*{re.escape(field)}"):
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(rundir.results_path(tmp_path)))}.*{re.escape(field)}"
+    ):
         rundir.load_results(tmp_path)
 
 
@@ -305,7 +318,9 @@ def test_the_summary_says_whether_the_run_finished(tmp_path):
     rundir.write_results(tmp_path, results)
     loaded = rundir.load_results(tmp_path)
     assert loaded.summary.finished and loaded.summary.accuracy_after == 0.5
-    assert loaded.rounds[0].model_extra == {"avg_accuracy": 0.4} and loaded.summary.model_extra == {"global_test_n": 40}
+    assert loaded.rounds[0].model_extra == {"avg_accuracy": 0.4} and loaded.summary.model_extra == {
+        "global_test_n": 40
+    }
     with pytest.raises(ValueError, match="not found"):
         rundir.load_results(tmp_path / "nowhere")
 

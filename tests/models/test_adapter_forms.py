@@ -17,10 +17,16 @@ FORMS = sorted(ADAPTER_FORMS)
 def tiny():
     cfg = load_config("examples/tiny.yaml", ["adapter.r=4", "adapter.lora_alpha=8"])
     mllm = build_mllm(cfg.model)
-    qa = [("What colour is the square?", "red"), ("How many stars?", "four"), ("Where is it?", "left")]
+    qa = [
+        ("What colour is the square?", "red"),
+        ("How many stars?", "four"),
+        ("Where is it?", "left"),
+    ]
     batch = collate([mllm.encode_row(q, a) for q, a in qa], mllm.pad_id)
     feats = torch.from_numpy(
-        np.random.default_rng(0).standard_normal((3, mllm.num_image_tokens, cfg.model.tiny.vision_hidden_size)).astype(np.float32)
+        np.random.default_rng(0)
+        .standard_normal((3, mllm.num_image_tokens, cfg.model.tiny.vision_hidden_size))
+        .astype(np.float32)
     )
     return cfg, mllm, batch, feats
 
@@ -71,7 +77,11 @@ def test_each_form_learns_a_toy_target(tiny, kind):
         first = parts.detach() if first is None else first
         last = parts.detach()
     assert bool((first > 0).all()), first
-    assert bool((last < 0.1 * first).all()), (kind, first.tolist(), last.tolist())  # each modality fits its target
+    assert bool((last < 0.1 * first).all()), (
+        kind,
+        first.tolist(),
+        last.tolist(),
+    )  # each modality fits its target
 
 
 @pytest.mark.parametrize("kind", FORMS)
@@ -151,8 +161,12 @@ def test_fisher_merging_secagg_and_dp_of_mixed_rank_clients_for_each_form(tiny, 
     dp = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, seed=1)
     dp.begin_round(0)
     noised = dp.aggregate(global_state, updates, [])
-    assert noised.keys() == global_state.keys() and all(torch.isfinite(v).all() for v in noised.values())
-    if kind == "slots":  # a rank-free tensor: the Fisher-weighted mean of both clients (weights 1 and 2)
+    assert noised.keys() == global_state.keys() and all(
+        torch.isfinite(v).all() for v in noised.values()
+    )
+    if (
+        kind == "slots"
+    ):  # a rank-free tensor: the Fisher-weighted mean of both clients (weights 1 and 2)
         want = (1 * updates[0].state["vision.offset"] + 2 * updates[1].state["vision.offset"]) / 3
         torch.testing.assert_close(merged["vision.offset"], want)
 
@@ -162,13 +176,23 @@ def test_every_form_keeps_fednanos_economics_on_llava_7b(kind):
     """inspect on the LLaVA-1.5-7B architecture (meta device): adapters stay at most 0.05% of the MLLM."""
     from fednano_ray.accounting import inspect_config
 
-    out = inspect_config(load_config({"model": {"kind": "hf", "name_or_path": "llava-hf/llava-1.5-7b-hf"},
-                                      "adapter": {"kind": kind}}))
+    out = inspect_config(
+        load_config(
+            {
+                "model": {"kind": "hf", "name_or_path": "llava-hf/llava-1.5-7b-hf"},
+                "adapter": {"kind": kind},
+            }
+        )
+    )
     assert out["adapter_form"] == kind
     assert 0 < out["adapter_fraction"] <= 5e-4, out["adapter_fraction"]
     text = 2 * 8 * 4096
-    vision = {"lowrank": 2 * 8 * 4096, "bottleneck": 2 * 8 * 4096, "slots": 2 * 8 * 4096 + 576 * 4096,
-              "connector": 8 * (1024 + 4096)}[kind]
+    vision = {
+        "lowrank": 2 * 8 * 4096,
+        "bottleneck": 2 * 8 * 4096,
+        "slots": 2 * 8 * 4096 + 576 * 4096,
+        "connector": 8 * (1024 + 4096),
+    }[kind]
     assert out["adapter_params"] == text + vision
 
 
@@ -179,14 +203,20 @@ def test_accounting_counts_what_each_form_builds(tiny, kind):
     cfg, mllm, _, _ = tiny
     edge = _edge(cfg, mllm, kind, r=4)
     built = sum(p.numel() for p in edge.adapters.parameters())
-    assert adapter_param_count(mllm.parts, 4, cfg.adapter.modalities, kind=kind,
-                               num_image_tokens=mllm.num_image_tokens) == built
+    assert (
+        adapter_param_count(
+            mllm.parts, 4, cfg.adapter.modalities, kind=kind, num_image_tokens=mllm.num_image_tokens
+        )
+        == built
+    )
 
 
 def test_forms_that_adapt_the_visual_tokens_need_vision():
     with pytest.raises(ValueError, match="adapter.kind=slots adapts the visual tokens"):
         load_config("examples/tiny.yaml", ["adapter.kind=slots", "adapter.modalities=[text]"])
     with pytest.raises(ValueError, match="leave adapter.kind at lowrank"):
-        load_config("examples/tiny.yaml", ["adapter.kind=connector", "federation.strategy=fedavg-lora"])
+        load_config(
+            "examples/tiny.yaml", ["adapter.kind=connector", "federation.strategy=fedavg-lora"]
+        )
     with pytest.raises(ValueError, match="adapter.kind"):
         load_config("examples/tiny.yaml", ["adapter.kind=mystery"])

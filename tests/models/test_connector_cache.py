@@ -61,8 +61,14 @@ def test_key_names_the_preprocessing_model_and_recipe(monkeypatch):
     variants.append(connector_key(grid=4, steps=200, instruct_steps=100))
 
     # Assert
-    assert base["preprocessing"] == "rgb224-bicubic-mean(0.4980,0.4980,0.4980)-std(0.5020,0.5020,0.5020)"
-    assert base["llm"] == pretrained.SMOLLM2_GGUF_FILE and base["encoder"] == pretrained.EFFICIENTNET_WEIGHTS_FILE
+    assert (
+        base["preprocessing"]
+        == "rgb224-bicubic-mean(0.4980,0.4980,0.4980)-std(0.5020,0.5020,0.5020)"
+    )
+    assert (
+        base["llm"] == pretrained.SMOLLM2_GGUF_FILE
+        and base["encoder"] == pretrained.EFFICIENTNET_WEIGHTS_FILE
+    )
     names = {connector_name(k) for k in variants}
     assert len(names) == len(variants) and connector_name(base) not in names
 
@@ -79,7 +85,9 @@ def test_feature_cache_misses_when_the_preprocessing_changes(tmp_path, monkeypat
     examples = prepare_data(cfg).test[:4]
     calls = []
     real = mllm.preprocess
-    monkeypatch.setattr(type(mllm), "preprocess", lambda self, ims: calls.append(len(ims)) or real(ims))
+    monkeypatch.setattr(
+        type(mllm), "preprocess", lambda self, ims: calls.append(len(ims)) or real(ims)
+    )
 
     # Execute
     key = feature_key(cfg.model, mllm)
@@ -95,7 +103,9 @@ def test_feature_cache_misses_when_the_preprocessing_changes(tmp_path, monkeypat
     assert other != key and len(calls) == 2  # another preprocessing encoded again
     assert len(list(tmp_path.glob("features-*.npy"))) == 2
     precision_only = load_config(ROOT / "examples" / "tiny.yaml", ["model.precision=bf16"]).model
-    assert feature_key(precision_only, build_mllm(precision_only)) == key  # the encoder runs fp32 either way
+    assert (
+        feature_key(precision_only, build_mllm(precision_only)) == key
+    )  # the encoder runs fp32 either way
 
 
 def test_shipped_connector_is_checked_and_used_before_aligning(tmp_path, monkeypatch):
@@ -138,8 +148,12 @@ def test_cache_wins_over_shipped_and_force_aligns_again(tmp_path, monkeypatch):
     nano._save_cached(connector_cache_path(key), _state(1), {"key": key})
     stages = []
     monkeypatch.setattr(nano, "_alignment_images", lambda *a: ("images",))
-    monkeypatch.setattr(nano, "pretrain_connector", lambda *a, **k: (stages.append(1) or _state(2), {}))
-    monkeypatch.setattr(nano, "instruct_connector", lambda *a, **k: (stages.append(2) or _state(3), {}))
+    monkeypatch.setattr(
+        nano, "pretrain_connector", lambda *a, **k: (stages.append(1) or _state(2), {})
+    )
+    monkeypatch.setattr(
+        nano, "instruct_connector", lambda *a, **k: (stages.append(2) or _state(3), {})
+    )
 
     # Execute
     cached = aligned_connector(None, None, key)
@@ -166,7 +180,9 @@ def test_the_default_configs_connector_ships_and_matches_its_checksum():
     # Assert
     assert state is not None, f"{shipped_connector_path(key).name} is not in fednano_ray/assets"
     assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    assert state["0.weight"].shape == (576, 1280) and all(torch.isfinite(v).all() for v in state.values())
+    assert state["0.weight"].shape == (576, 1280) and all(
+        torch.isfinite(v).all() for v in state.values()
+    )
     assert record["hardware"]["cpu_model"] and record["precision"]["name"] in ("bf16", "fp32")
     assert record["loss_last20"] < record["loss_first"]  # stage 2 trained
 

@@ -14,8 +14,14 @@ from fednano_ray.training import LocalServer, local_fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-QA = [("What colour is the square?", "red"), ("How many stars?", "four"), ("Where is the circle?", "left"),
-      ("What shape is blue?", "triangle"), ("Is it big?", "yes"), ("What colour is the star?", "green")]
+QA = [
+    ("What colour is the square?", "red"),
+    ("How many stars?", "four"),
+    ("Where is the circle?", "left"),
+    ("What shape is blue?", "triangle"),
+    ("Is it big?", "yes"),
+    ("What colour is the star?", "green"),
+]
 
 
 def _cfg(*overrides: str):
@@ -42,28 +48,50 @@ def test_llm_lora_trains_only_the_lora_and_lowers_the_loss():
 
     layers = cfg.model.tiny.num_layers
     assert sorted(params) == sorted(
-        f"llm.layers.{i}.self_attn.{m}.lora_{ab}" for i in range(layers) for m in ("q_proj", "v_proj") for ab in "AB"
+        f"llm.layers.{i}.self_attn.{m}.lora_{ab}"
+        for i in range(layers)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
     )
-    assert params["llm.layers.0.self_attn.q_proj.lora_A"].shape == (4, 128)  # (r, in), PEFT's layout
+    assert params["llm.layers.0.self_attn.q_proj.lora_A"].shape == (
+        4,
+        128,
+    )  # (r, in), PEFT's layout
     assert params["llm.layers.0.self_attn.q_proj.lora_B"].shape == (128, 4)  # (out, r)
     assert sum(p.numel() for p in params.values()) == lora_param_count(
         build_mllm.__wrapped__(cfg.model).parts.decoder, r=4, target_modules=("q_proj", "v_proj")
     )
     assert not list(edge.adapters.parameters())  # no NanoAdapters: the LLM LoRA is all that trains
-    assert {n for n, p in [*edge.named_parameters(), *llm.named_parameters()] if p.requires_grad} == {
-        n for n, _ in llm.named_parameters() if ".lora_" in n
-    }
+    assert {
+        n for n, p in [*edge.named_parameters(), *llm.named_parameters()] if p.requires_grad
+    } == {n for n, _ in llm.named_parameters() if ".lora_" in n}
 
     rng = np.random.default_rng(0)
-    feats = rng.standard_normal((len(QA), mllm.num_image_tokens, cfg.model.tiny.vision_hidden_size)).astype(np.float32)
+    feats = rng.standard_normal(
+        (len(QA), mllm.num_image_tokens, cfg.model.tiny.vision_hidden_size)
+    ).astype(np.float32)
     rows = [mllm.encode_row(q, a) for q, a in QA]
     before = _mean_loss(edge, llm, feats, rows, mllm.pad_id)
-    assert before == pytest.approx(_mean_loss(plain_edge, plain_llm, feats, rows, mllm.pad_id), abs=1e-6)
+    assert before == pytest.approx(
+        _mean_loss(plain_edge, plain_llm, feats, rows, mllm.pad_id), abs=1e-6
+    )
 
-    frozen = {k: v.clone() for k, v in [*edge.state_dict().items(), *llm.state_dict().items()] if ".lora_" not in k}
+    frozen = {
+        k: v.clone()
+        for k, v in [*edge.state_dict().items(), *llm.state_dict().items()]
+        if ".lora_" not in k
+    }
     start = adapter_state(params)
     state, fisher, metrics, _ = local_fit(
-        edge, LocalServer(llm), feats, [([r], 0, None) for r in rows], steps=12, batch_size=3, lr=0.01, pad_id=mllm.pad_id, params=params
+        edge,
+        LocalServer(llm),
+        feats,
+        [([r], 0, None) for r in rows],
+        steps=12,
+        batch_size=3,
+        lr=0.01,
+        pad_id=mllm.pad_id,
+        params=params,
     )
     after = _mean_loss(edge, llm, feats, rows, mllm.pad_id)
 
@@ -85,16 +113,22 @@ def test_llm_lora_heterogeneous_ranks_truncate_and_bad_targets_name_the_key():
     with torch.no_grad():
         for p in big.values():
             p.normal_()
-    small = inject_llm_lora(build_mllm.__wrapped__(cfg.model).parts.decoder, r=2, scaling=2.0, seed=0)
+    small = inject_llm_lora(
+        build_mllm.__wrapped__(cfg.model).parts.decoder, r=2, scaling=2.0, seed=0
+    )
     load_adapter_state(small, adapter_state(big))
     key = "llm.layers.1.self_attn.v_proj"
     assert torch.equal(small[f"{key}.lora_A"], big[f"{key}.lora_A"][:2])
     assert torch.equal(small[f"{key}.lora_B"], big[f"{key}.lora_B"][:, :2])
 
     decoder = build_mllm.__wrapped__(cfg.model).parts.decoder
-    with pytest.raises(ValueError, match=r"adapter.lora_target_modules \['qkv'\] matches no module.*q_proj"):
+    with pytest.raises(
+        ValueError, match=r"adapter.lora_target_modules \['qkv'\] matches no module.*q_proj"
+    ):
         inject_llm_lora(decoder, r=2, scaling=2.0, target_modules=("qkv",))
-    with pytest.raises(ValueError, match="adapter.lora_target_modules: 'layers.0.self_attn' is a LlamaAttention"):
+    with pytest.raises(
+        ValueError, match="adapter.lora_target_modules: 'layers.0.self_attn' is a LlamaAttention"
+    ):
         inject_llm_lora(decoder, r=2, scaling=2.0, target_modules=("self_attn",))
 
 
@@ -107,10 +141,14 @@ def test_llm_lora_has_one_scaling_on_every_tier_rank():
 
     cfg = _cfg("adapter.r=8", "adapter.lora_alpha=16")
     scaling = 16 / 8
-    models = {r: build_mllm.__wrapped__(cfg.model).with_llm_lora(cfg.adapter, r=r, seed=r) for r in (2, 4)}
+    models = {
+        r: build_mllm.__wrapped__(cfg.model).with_llm_lora(cfg.adapter, r=r, seed=r) for r in (2, 4)
+    }
     for r, (_, llm, _) in models.items():
         layers = [m for m in llm.decoder.modules() if isinstance(m, LoraLayer)]
-        assert layers and all(m.scaling["default"] == pytest.approx(scaling, rel=1e-12) for m in layers), r
+        assert layers and all(
+            m.scaling["default"] == pytest.approx(scaling, rel=1e-12) for m in layers
+        ), r
         assert all(m.r["default"] == r for m in layers)
 
     g = torch.Generator().manual_seed(0)
@@ -141,7 +179,10 @@ def test_llm_lora_has_one_scaling_on_every_tier_rank():
     rng = np.random.default_rng(0)
     mllm = build_mllm(cfg.model)
     feats = torch.from_numpy(
-        rng.standard_normal((3, mllm.num_image_tokens, cfg.model.tiny.vision_hidden_size)).astype(np.float32))
+        rng.standard_normal((3, mllm.num_image_tokens, cfg.model.tiny.vision_hidden_size)).astype(
+            np.float32
+        )
+    )
     batch = collate([mllm.encode_row(q, a) for q, a in QA[:3]], mllm.pad_id)
     out = {}
     for r, (edge, llm, params) in models.items():

@@ -172,7 +172,9 @@ def test_preprocess_shape_and_normalisation() -> None:
     expected_red = torch.tensor([128 / 128, -127 / 128, -127 / 128])
     torch.testing.assert_close(batch[0].mean(dim=(1, 2)), expected_red, atol=1e-5, rtol=0)
     torch.testing.assert_close(batch[1].mean(dim=(1, 2)), torch.zeros(3), atol=1e-6, rtol=0)
-    imagenet = preprocess([grey], mean=IMAGENET_MEAN, std=IMAGENET_STD)  # still available for other encoders
+    imagenet = preprocess(
+        [grey], mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )  # still available for other encoders
     expected_grey = (127 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(imagenet[0].mean(dim=(1, 2)), expected_grey, atol=1e-4, rtol=0)
     assert preprocess([red], size=64).shape == (1, 3, 64, 64)
@@ -282,7 +284,9 @@ def test_lite_normalisation_matches_what_the_checkpoint_was_trained_on() -> None
     """
     data = pytest.importorskip("skimage.data")
     model = load_efficientnet_lite0(with_classifier=True)
-    photos = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.astronaut, data.rocket)]
+    photos = [
+        Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.astronaut, data.rocket)
+    ]
     stats = {}
     for name, kwargs in (("lite", {}), ("imagenet", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})):
         pixels = preprocess(photos, **kwargs)

@@ -10,7 +10,11 @@ from fednano_ray.models.split import IGNORE_INDEX, split_mllm
 
 
 def _batch(tok, n_img, image_token_id, n=3):
-    qs = [("What colour is the square?", "red"), ("How many stars?", "four"), ("Where is it?", "left")]
+    qs = [
+        ("What colour is the square?", "red"),
+        ("How many stars?", "four"),
+        ("Where is it?", "left"),
+    ]
     rows = [CHATML.encode(tok, q, a, n_img, image_token_id) for q, a in qs[:n]]
     return collate(rows, tok.pad_token_id)
 
@@ -48,11 +52,18 @@ def test_split_grads_match_monolithic_llava(tiny):
     for p in edge.adapters.parameters():
         p.grad = None
     inner = llava.model
-    h1 = inner.language_model.embed_tokens.register_forward_hook(lambda m, i, o: edge.adapters["text"](o))
-    h2 = inner.multi_modal_projector.register_forward_hook(lambda m, i, o: edge.adapters["vision"](o))
+    h1 = inner.language_model.embed_tokens.register_forward_hook(
+        lambda m, i, o: edge.adapters["text"](o)
+    )
+    h2 = inner.multi_modal_projector.register_forward_hook(
+        lambda m, i, o: edge.adapters["vision"](o)
+    )
     try:
         out = llava(
-            input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"], labels=batch["labels"]
+            input_ids=batch["input_ids"],
+            pixel_values=pixels,
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
         )
     finally:
         h1.remove()
@@ -77,7 +88,9 @@ def test_merged_batch_gives_each_client_its_own_gradient(tiny):
     groups = torch.tensor([0, 1, 1])
     losses, grad = server.loss_and_grad(z, batch["attention_mask"], batch["labels"], groups)
     for g, rows in ((0, [0]), (1, [1, 2])):
-        t = max(int(batch["attention_mask"][r].sum()) for r in rows)  # alone: padded to its own length
+        t = max(
+            int(batch["attention_mask"][r].sum()) for r in rows
+        )  # alone: padded to its own length
         alone_loss, alone_grad = server.loss_and_grad(
             z[rows, :t], batch["attention_mask"][rows, :t], batch["labels"][rows, :t]
         )
@@ -106,7 +119,11 @@ def test_score_is_sum_of_label_logprobs(tiny):
     with torch.no_grad():
         z = edge(batch["input_ids"], batch["image_mask"], pixel_values=torch.randn(3, 3, 32, 32))
         s = server.score(z, batch["attention_mask"], batch["labels"])
-        logits = llava.lm_head(llava.model.language_model(inputs_embeds=z, attention_mask=batch["attention_mask"]).last_hidden_state)
+        logits = llava.lm_head(
+            llava.model.language_model(
+                inputs_embeds=z, attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+        )
     lp = torch.log_softmax(logits[:, :-1], -1)
     tgt = batch["labels"][:, 1:]
     m = tgt != IGNORE_INDEX
@@ -126,7 +143,9 @@ def test_heterogeneous_rank_state_truncates():
         load_adapter_state(edge4.adapters, {"vision.lora_A": state["vision.lora_A"]})
 
 
-def _low_rank_global_state(mllm, adapter_cfg, *, rank: int, used: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _low_rank_global_state(
+    mllm, adapter_cfg, *, rank: int, used: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A rank-``rank`` global state whose components beyond ``used`` are zero, as aggregating clients of
     rank ``used`` (zero-padded, HetLoRA) produces; the first ``used`` components are random."""
     g = torch.Generator().manual_seed(seed)
@@ -175,10 +194,17 @@ def test_the_same_global_state_computes_the_same_function_on_every_tier():
     assert not torch.allclose(out4 - z, old_rule, rtol=1e-3, atol=1e-6)
 
     # The whole edge: the same z'.
-    qa = [("What colour is the square?", "red"), ("How many stars?", "four"), ("Where is it?", "left")]
+    qa = [
+        ("What colour is the square?", "red"),
+        ("How many stars?", "four"),
+        ("Where is it?", "left"),
+    ]
     rows = [mllm.encode_row(q, a) for q, a in qa]
-    feats = np.random.default_rng(0).standard_normal(
-        (len(rows), mllm.num_image_tokens, cfg.model.tiny.vision_hidden_size)).astype(np.float32)
+    feats = (
+        np.random.default_rng(0)
+        .standard_normal((len(rows), mllm.num_image_tokens, cfg.model.tiny.vision_hidden_size))
+        .astype(np.float32)
+    )
     batch = collate(rows, mllm.pad_id)
     with torch.no_grad():
         z4 = edge4(batch["input_ids"], batch["image_mask"], features=torch.from_numpy(feats))
@@ -188,8 +214,16 @@ def test_the_same_global_state_computes_the_same_function_on_every_tier():
     # The gradients (and so the Fisher local_fit reports from the start state) are the same too.
     fits = {}
     for r, edge in ((4, edge4), (8, edge8)):
-        _, fisher, _, _ = local_fit(edge, LocalServer(server_llm), feats, [([r], 0, None) for r in rows], steps=1, batch_size=3, lr=1e-3,
-                                 pad_id=mllm.pad_id)
+        _, fisher, _, _ = local_fit(
+            edge,
+            LocalServer(server_llm),
+            feats,
+            [([r], 0, None) for r in rows],
+            steps=1,
+            batch_size=3,
+            lr=1e-3,
+            pad_id=mllm.pad_id,
+        )
         fits[r] = fisher
     for k, f4 in fits[4].items():
         f8 = fits[8][k][:4] if k.endswith("lora_A") else fits[8][k][:, :4]

@@ -445,9 +445,13 @@ def test_served_edge_computes_what_the_client_trained(run_dir):
         trained, _ = build_mllm(cfg.model).split(cfg.adapter, r=rank)
         load_adapter_state(trained.adapters, adapter_state(served.adapters))
         for m, ad in served.adapters.items():
-            assert ad.r == rank and ad.scaling == trained.adapters[m].scaling == cfg.adapter.scaling, (c, m)
+            assert (
+                ad.r == rank and ad.scaling == trained.adapters[m].scaling == cfg.adapter.scaling
+            ), (c, m)
         q = "What colour is the square?"
-        torch.testing.assert_close(prompt_embeds(ing.mllm, served, img, q), prompt_embeds(ing.mllm, trained, img, q))
+        torch.testing.assert_close(
+            prompt_embeds(ing.mllm, served, img, q), prompt_embeds(ing.mllm, trained, img, q)
+        )
 
 
 def test_token_cli_and_rotation_while_serving(url, run_dir, tokens):
@@ -524,4 +528,3 @@ def test_concurrent_clients_are_batched(url, tokens):
     assert {r.json()["client_id"] for r in responses} == {0, 1, 2, 3}
     stats = llm_stats()
     assert stats["max_batch_size_seen"] > 1, stats
-

@@ -396,7 +396,11 @@ def test_server_step_scales_the_move_from_the_global_state():
     """θ + lr·(aggregate − θ): lr 1 is the aggregate, lr 3 three times its move; a lower-rank global
     state is zero-padded (HetLoRA), and untouched coordinates stay put at any lr."""
     g = {"v.lora_A": torch.ones(2, 5), "v.lora_B": torch.zeros(5, 2), "s.offset": torch.zeros(3)}
-    agg = {"v.lora_A": torch.full((4, 5), 2.0), "v.lora_B": torch.ones(5, 4), "s.offset": torch.zeros(3)}
+    agg = {
+        "v.lora_A": torch.full((4, 5), 2.0),
+        "v.lora_B": torch.ones(5, 4),
+        "s.offset": torch.zeros(3),
+    }
     assert server_step(g, agg, 1.0) == agg
     out = server_step(g, agg, 3.0)
     assert out["v.lora_A"].shape == (4, 5)

@@ -9,7 +9,10 @@ from fednano_ray.strategies.fedavgm import FedAvgM
 
 def _state(seed: int, r: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"vision.lora_A": torch.randn(r, 6, generator=g), "vision.lora_B": torch.randn(5, r, generator=g)}
+    return {
+        "vision.lora_A": torch.randn(r, 6, generator=g),
+        "vision.lora_B": torch.randn(5, r, generator=g),
+    }
 
 
 def _updates(seed: int) -> list[ClientUpdate]:

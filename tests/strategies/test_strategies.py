@@ -45,8 +45,17 @@ def test_registry_names_and_build() -> None:
     """Every registered name builds an instance of its class with that name."""
     assert set(STRATEGIES) == {
         # federation.strategy
-        "fedavg", "fedprox", "fednano", "local", "centralized", "fedavg-lora", "feddpa-f",
-        "median", "trimmed_mean", "clip", "dp_fedavg",  # chosen by the trust section
+        "fedavg",
+        "fedprox",
+        "fednano",
+        "local",
+        "centralized",
+        "fedavg-lora",
+        "feddpa-f",
+        "median",
+        "trimmed_mean",
+        "clip",
+        "dp_fedavg",  # chosen by the trust section
     }
     for name, cls in STRATEGIES.items():
         strategy = build_strategy(name)
@@ -89,8 +98,11 @@ def test_flags_per_strategy() -> None:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: FedProx(mu=-0.1), lambda: FedNano(eps=-1.0), lambda: FedDPAF(train_weight=1.5),
-        lambda: FedDPAF(top_k=0), lambda: FedDPAF(bank_size=0),
+        lambda: FedProx(mu=-0.1),
+        lambda: FedNano(eps=-1.0),
+        lambda: FedDPAF(train_weight=1.5),
+        lambda: FedDPAF(top_k=0),
+        lambda: FedDPAF(bank_size=0),
     ],
 )
 def test_invalid_options_raise(build: object) -> None:

@@ -292,8 +292,14 @@ def test_separate_parties_mask_their_own_terms_and_match_the_plain_rule(name: st
     inbox = server.route_shares({u: c.share_keys(keys, t) for u, c in clients.items()})
     uploads = {
         u: client_masked_input(
-            c, make(), glob, updates[u - 1], shares=inbox[u], rank=template.rank,
-            keys=template.keys, num_clients=n,
+            c,
+            make(),
+            glob,
+            updates[u - 1],
+            shares=inbox[u],
+            rank=template.rank,
+            keys=template.keys,
+            num_clients=n,
         )
         for u, c in clients.items()
         if u != 2  # client "1" drops before upload

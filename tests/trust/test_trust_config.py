@@ -61,7 +61,14 @@ def test_defaults_change_nothing() -> None:
         (["federation.strategy=fedprox", "federation.strategy_options.mu=0.1"], FedProx),
         # fedavg-lora aggregates with FedAvg, so every FedAvg-family rule applies to its LLM LoRA.
         (["federation.strategy=fedavg-lora", "trust.aggregator=median"], Median),
-        (["federation.strategy=fedavg-lora", "trust.dp.clip_norm=0.5", "trust.dp.noise_multiplier=1.1"], DPFedAvg),
+        (
+            [
+                "federation.strategy=fedavg-lora",
+                "trust.dp.clip_norm=0.5",
+                "trust.dp.noise_multiplier=1.1",
+            ],
+            DPFedAvg,
+        ),
         (["federation.strategy=fedavg-lora", "trust.secure_aggregation=true"], FedAvgLoRA),
     ],
 )
@@ -71,7 +78,9 @@ def test_trust_selects_the_strategy(overrides: list[str], cls: type) -> None:
     strategy = cfg.method().build_strategy()
     assert type(strategy) is cls
     if cfg.federation.strategy == "fedprox":
-        assert strategy.proximal_mu == cfg.federation.strategy_options["mu"]  # 0.1 or the default 0.01
+        assert (
+            strategy.proximal_mu == cfg.federation.strategy_options["mu"]
+        )  # 0.1 or the default 0.01
     if cls is TrimmedMean:
         assert strategy.trim_fraction == 0.25
     if cls is DPFedAvg:
@@ -107,8 +116,14 @@ def test_trust_selects_the_strategy(overrides: list[str], cls: type) -> None:
             ["federation.strategy=fedavg", "trust.aggregator=median", "trust.dp.clip_norm=1"],
             "trust.dp clips and averages by itself",
         ),
-        (["trust.aggregator=median"], "needs federation.strategy fedavg, fedprox or fedavg-lora, not 'fednano'"),
-        (["trust.dp.clip_norm=1"], "trust.dp needs federation.strategy fedavg, fedprox or fedavg-lora"),
+        (
+            ["trust.aggregator=median"],
+            "needs federation.strategy fedavg, fedprox or fedavg-lora, not 'fednano'",
+        ),
+        (
+            ["trust.dp.clip_norm=1"],
+            "trust.dp needs federation.strategy fedavg, fedprox or fedavg-lora",
+        ),
         (
             ["federation.strategy=fedavg", "trust.dp.clip_norm=1", "trust.dp.delta=0.3"],
             "trust.dp.delta (0.3) must be below 1/federation.num_clients (0.25)",
@@ -181,7 +196,14 @@ def test_policy_records_secure_aggregation_and_the_epsilon_spent_per_round() -> 
         strategy.begin_round(rnd)
         state, info = secure_aggregate(strategy, glob, updates, session=b"round %d" % rnd)
         assert state.keys() == glob.keys()
-        history.append({"round": rnd, "failures": [], "secure_aggregation": info, **policy.dp_extras(4, history)})
+        history.append(
+            {
+                "round": rnd,
+                "failures": [],
+                "secure_aggregation": info,
+                **policy.dp_extras(4, history),
+            }
+        )
     eps = [h["dp_epsilon"] for h in history]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(dp_epsilon(1.0, 1.0, 3, 1e-5, "rdp"))
     assert [h["dp_releases"] for h in history] == [1, 2, 3]
