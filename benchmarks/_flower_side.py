@@ -28,7 +28,8 @@ CONFIG_ENV = (
 
 
 class TrivialClient:
-    """One process's trivial clients: the tiny NanoEdge, the frozen LLM half and the clients' shards.
+    """One process's trivial clients: the tiny NanoEdge, the frozen LLM half and the clients'
+    shards.
 
     Built once per process (the ClientActor likewise keeps its edge and data between rounds).
     Every client has the same tier (one rank), so FedAvg sees arrays of one shape.
@@ -102,7 +103,7 @@ def load_cfg(cfg_json: str):
     return load_config(json.loads(cfg_json))
 
 
-# -- Flower (imported only in the Flower venv) -------------------------------------------------------
+# -- Flower (imported only in the Flower venv) -----------------------------------------------------
 
 _CLIENT: TrivialClient | None = None
 
@@ -194,7 +195,8 @@ def run_flower(cfg_json: str, rounds: int, concurrency: int) -> dict[str, Any]:
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
             # K logical CPUs at one per client: an actor pool of K, as our simulation mode's pool.
-            # A Ray of its own in a temp dir of its own: never a cluster already running on this machine.
+            # A Ray of its own in a temp dir of its own: never a cluster already running on this
+            # machine.
             "init_args": {
                 "address": "local",
                 "num_cpus": concurrency,
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     # Import this file by name so that cloudpickle sends the ClientApp's functions by reference:
     # each Ray worker then imports the module once and keeps its TrivialClient between messages.
-    # (Flower puts the driver's sys.path, which starts with this folder, on the workers' PYTHONPATH.)
+    # (Flower puts the driver's sys.path, which starts with this folder, on the workers'
+    # PYTHONPATH.)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _flower_side
 

@@ -3,7 +3,8 @@
 Trains the adapters on ALL training data pooled (no Ray, in-process split steps) and evaluates on
 the global test split every 50 steps, per category. This is what the README's zero-shot and
 "centralised" figures come from. Usage:
-``fednano-ray bench centralized [--config examples/quickstart.yaml] [--steps 200] [--lr 0.01] [--set k=v ...]``.
+``fednano-ray bench centralized [--config examples/quickstart.yaml] [--steps 200] [--lr 0.01]
+[--set k=v ...]``.
 
 ``--train connector`` trains the (otherwise frozen) connector instead of the adapters, at the same
 cost per step: a diagnostic of whether the edge *can* learn the benchmark, not a FedNano setting.
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             pad_id=mllm.pad_id,
             batch_size=cfg.train.eval_batch_size,
         )
-        # Scores rounded; per-question outcomes (``correct``, a 0/1 string) kept for paired comparisons.
+        # Scores rounded; per-question outcomes (``correct``, a 0/1 string) kept for paired
+        # comparisons.
         scores = {k: round(v, 3) if isinstance(v, float) else v for k, v in ev.items()}
         print(
             json.dumps({"step": step, "chance": round(chance, 3), **scores, **(extra or {})}),

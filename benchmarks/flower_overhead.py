@@ -1,15 +1,18 @@
-"""Framework overhead per client-round: fednano-ray's simulation mode vs. Flower's ``run_simulation``.
+"""Framework overhead per client-round: fednano-ray's simulation mode vs. Flower's
+``run_simulation``.
 
 The same trivial client (``_flower_side.TrivialClient``: the tiny random-weight model of
 examples/tiny.yaml, ONE local split step of batch 4, FedAvg) runs N clients x R rounds
 (1) through fednano-ray (``federation.mode=simulation``, an actor pool of ``--concurrency`` client
 actors, the frozen LLM half in the LLMTrainer actor) and (2) through Flower's ``run_simulation`` on
-its Ray backend (a pool of ``--concurrency`` ClientApp actors, the LLM half in-process), side by side
-in one run. The client's own compute (one fit, in-process, one torch thread, no framework) is timed
-separately first. Reported per side::
+its Ray backend (a pool of ``--concurrency`` ClientApp actors, the LLM half in-process), side by
+side in one run. The client's own compute (one fit, in-process, one torch thread, no framework) is
+timed separately first. Reported per side::
 
-    s per client-round = median round wall x concurrency / clients     (the slot time one client-round takes)
-    overhead           = s per client-round - client compute           (what the framework adds)
+    s per client-round = median round wall x concurrency / clients
+                         (the slot time one client-round takes)
+    overhead           = s per client-round - client compute
+                         (what the framework adds)
 
 A round's wall is, for us, the coordinator's ``wall_time_s`` (sample, dispatch, split steps through
 the trainer, collect, aggregate; checkpointing and evaluation excluded: the run has R + 1 rounds
@@ -27,14 +30,15 @@ its own, as a subprocess (benchmarks/_flower_side.py) that prints one JSON line.
 (torch pinned to the local CPU wheel; unpinned it pulls a multi-GB CUDA build)::
 
     python3.11 -m venv /tmp/flwr-venv
-    /tmp/flwr-venv/bin/pip install 'flwr[simulation]==1.42.0' torch==2.13.0 'transformers>=5.16.1,<5.20' \\
-        'pydantic>=2.7,<3' safetensors pyyaml numpy pillow tqdm psutil
+    /tmp/flwr-venv/bin/pip install 'flwr[simulation]==1.42.0' torch==2.13.0 \\
+        'transformers>=5.16.1,<5.20' 'pydantic>=2.7,<3' safetensors pyyaml numpy pillow tqdm psutil
     /tmp/flwr-venv/bin/pip install --no-deps -e .          # fednano_ray itself, for the same client
 
 or pass ``--setup-venv`` to have this script run exactly those commands. Point elsewhere with
 ``--flower-python PATH`` or ``FLWR_VENV=DIR``. Usage::
 
-    fednano-ray bench flower_overhead [--clients 10 --rounds 5 --repeat 2 --concurrency 1 --batch-wait-ms MS]
+    fednano-ray bench flower_overhead [--clients 10 --rounds 5 --repeat 2 --concurrency 1
+        --batch-wait-ms MS]
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ def _side_module():
 
 
 def bench_config(clients: int, rounds: int, concurrency: int, batch_wait_ms: float | None) -> dict:
-    """examples/tiny.yaml made trivial: one tier (one rank), one local step, FedAvg, no evaluation."""
+    """examples/tiny.yaml made trivial: one tier (one rank), one local step, FedAvg, no
+    evaluation.
+    """
     tree = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
     tree["federation"].update(
         num_clients=clients,
@@ -140,7 +146,8 @@ def run_ours(cfg_json: str, rounds: int, concurrency: int) -> dict:
     cfg = load_config(json.loads(cfg_json))
     t0 = time.perf_counter()
     # A Ray of our own, in a temp dir of its own: it neither joins nor replaces (as the default for
-    # ray.init()) a cluster already running on this machine. K client actors at 1 CPU + the trainer at 0.5.
+    # ray.init()) a cluster already running on this machine. K client actors at 1 CPU + the trainer
+    # at 0.5.
     ray.init(
         address="local",
         num_cpus=concurrency + 1,
@@ -213,13 +220,16 @@ def run_flower(
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLOWER_RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
-            f"the Flower side failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+            f"the Flower side failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-5000:]}"
         )
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
 def summarise(runs: list[dict], compute_s: float, compute_best_s: float) -> dict:
-    """Pool every run's rounds but its first (warm-up): median (and best) round wall, per client-round, overhead."""
+    """Pool every run's rounds but its first (warm-up): median (and best) round wall, per
+    client-round, overhead.
+    """
     walls = [
         w
         for r in runs
@@ -293,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     if not python.exists():
         if not a.setup_venv:
             sys.exit(
-                f"no Flower venv at {python.parent.parent}: pass --setup-venv, or see this benchmark's docstring "
+                f"no Flower venv at {python.parent.parent}: pass --setup-venv, "
+                "or see this benchmark's docstring "
                 "(benchmarks/flower_overhead.py) for the pip commands"
             )
         setup_venv(python)
@@ -317,11 +328,14 @@ def main(argv: list[str] | None = None) -> None:
     ours, flower = summarise(ours_runs, c, c10), summarise(flower_runs, c, c10)
 
     print(
-        f"\n{a.clients} clients x {a.rounds} rounds x {a.repeat} runs a side, {a.concurrency} client actor(s) a side; "
-        f"client compute {1000 * c:.1f} ms a fit (median of {len(fits)}, p10 {1000 * c10:.1f} ms; one split step, batch 4, tiny model)"
+        f"\n{a.clients} clients x {a.rounds} rounds x {a.repeat} runs a side, "
+        f"{a.concurrency} client actor(s) a side; "
+        f"client compute {1000 * c:.1f} ms a fit (median of {len(fits)}, "
+        f"p10 {1000 * c10:.1f} ms; one split step, batch 4, tiny model)"
     )
     print(
-        "| framework | round wall (median) | s per client-round | overhead per client-round | best round: s / overhead "
+        "| framework | round wall (median) | s per client-round | overhead per client-round | "
+        "best round: s / overhead "
         "per client-round | run wall (incl. startup) |"
     )
     print("|---|---:|---:|---:|---:|---:|")
@@ -332,8 +346,10 @@ def main(argv: list[str] | None = None) -> None:
             else f"Flower {r['flwr']} (ray {r['ray']})"
         )
         print(
-            f"| {name} | {r['round_wall_median_s']:.3f} s | {1000 * r['s_per_client_round']:.1f} ms | "
-            f"{1000 * r['overhead_s_per_client_round']:.1f} ms | {1000 * r['best_s_per_client_round']:.1f} / "
+            f"| {name} | {r['round_wall_median_s']:.3f} s | "
+            f"{1000 * r['s_per_client_round']:.1f} ms | "
+            f"{1000 * r['overhead_s_per_client_round']:.1f} ms | "
+            f"{1000 * r['best_s_per_client_round']:.1f} / "
             f"{1000 * r['best_overhead_s_per_client_round']:.1f} ms | {r['run_wall_s']:.1f} s |"
         )
     fo = flower["overhead_s_per_client_round"]

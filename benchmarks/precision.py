@@ -3,9 +3,10 @@
 What ``model.precision: auto`` decides from the CPU flags, measured side by side in one run: the
 issue-11 matmul (512x576 @ 576x1536) and, on a random-weight SmolLM2-135M (30 layers, the real
 architecture; nothing is loaded), the split step (forward + backward to the inputs) and the scoring
-forward at 8 rows x 48 tokens, after one warm-up each. Prints what ``auto`` resolves to, why, and the
-CPU. Usage: ``fednano-ray bench precision [--repeats 3]``. To see an AVX2-only CPU's behaviour on a
-newer one, run it under ``MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``.
+forward at 8 rows x 48 tokens, after one warm-up each. Prints what ``auto`` resolves to, why, and
+the CPU. Usage: ``fednano-ray bench precision [--repeats 3]``. To see an AVX2-only CPU's behaviour
+on a newer one, run it under
+``MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``.
 """
 
 from __future__ import annotations

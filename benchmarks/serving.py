@@ -57,11 +57,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# -- the run directory ------------------------------------------------------------------------------
+# -- the run directory -----------------------------------------------------------------------------
 
 
 def make_config(connector_steps: int | None):
-    """quickstart.yaml with 16 clients (tiers of 8 + 8); an unaligned connector if none is cached."""
+    """quickstart.yaml with 16 clients (tiers of 8 + 8); an unaligned connector if none is
+    cached.
+    """
     from fednano_ray.config import load_config
     from fednano_ray.models.nano import connector_cache_path, connector_key, shipped_connector_path
 
@@ -74,7 +76,8 @@ def make_config(connector_steps: int | None):
         )
         if not (connector_cache_path(key).exists() or shipped_connector_path(key).exists()):
             print(
-                f"note: no cached or shipped aligned nano connector ({steps} steps): serving an unaligned one "
+                f"note: no cached or shipped aligned nano connector ({steps} steps): "
+                "serving an unaligned one "
                 "(connector_steps=0; the same cost per request, odder answers). Pass "
                 f"--connector-steps {steps} to align it first (~5 min, once).",
                 flush=True,
@@ -134,7 +137,7 @@ def synthetic_requests(n: int, seed: int = 7) -> list[tuple[str, str]]:
     return out
 
 
-# -- load -------------------------------------------------------------------------------------------
+# -- load ------------------------------------------------------------------------------------------
 
 
 def chat_body(client: int, image: str, question: str, max_new_tokens: int) -> dict:
@@ -210,7 +213,7 @@ def summarise(res: dict) -> dict:
     }
 
 
-# -- one engine -------------------------------------------------------------------------------------
+# -- one engine ------------------------------------------------------------------------------------
 
 
 def bench_engine(
@@ -228,7 +231,8 @@ def bench_engine(
 
     n1, n16 = args.requests_1, args.requests_16
     one = {0: pool[:n1]}
-    # Client c's job j uses image n1 + j: (client, image) pairs never repeat, neither across scenarios.
+    # Client c's job j uses image n1 + j: (client, image) pairs never repeat, neither across
+    # scenarios.
     many = {c: pool[n1 : n1 + n16] for c in range(NUM_CLIENTS)}
     warm_pool = pool[n1 + n16 :]
     out: dict = {"engine": engine}
@@ -265,7 +269,10 @@ def bench_engine(
 
 def table(results: dict[str, dict]) -> str:
     lines = [
-        "| engine | clients | requests | req/s | p50 latency (s) | p99 latency (s) | tokens/s | deploy (s) |",
+        (
+            "| engine | clients | requests | req/s | p50 latency (s) | p99 latency (s) | tokens/s"
+            " | deploy (s) |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for engine, res in results.items():
@@ -274,7 +281,8 @@ def table(results: dict[str, dict]) -> str:
             label = "1" if name == "1 client" else f"{NUM_CLIENTS} distinct"
             lines.append(
                 f"| {engine} | {label} | {s['requests']} | {s['requests_per_s']:.2f} | "
-                f"{s['p50_s']:.3f} | {s['p99_s']:.3f} | {s['tokens_per_s']:.1f} | {res['deploy_s']:.1f} |"
+                f"{s['p50_s']:.3f} | {s['p99_s']:.3f} | {s['tokens_per_s']:.1f} | "
+                f"{res['deploy_s']:.1f} |"
             )
     if set(ENGINES) <= set(results):  # every column as vLLM / HF (latency < 1: vLLM is faster)
         deploy = results["vllm"]["deploy_s"] / results["hf"]["deploy_s"]
@@ -292,7 +300,7 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-# -- main -------------------------------------------------------------------------------------------
+# -- main ------------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -380,7 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--dtype",
         default="auto",
-        help="LLM dtype of both engines (auto: bfloat16 where native, else float32; float32: exact)",
+        help=(
+            "LLM dtype of both engines (auto: bfloat16 where native, else float32; float32: exact)"
+        ),
     )
     ap.add_argument("--engines", default="hf,vllm", help="comma-separated, measured in this order")
     ap.add_argument(

@@ -1,9 +1,10 @@
 """LLM-trainer batching: split-step throughput with 1, 4 and 16 concurrent clients.
 
-Each "client" sends split steps of ``--batch`` rows to one ``LLMTrainer`` (the real class, in-process
-on its asyncio loop, no Ray in the timing). Concurrent requests are merged into one padded
-forward/backward; the baseline is the same requests sent one after another. Reports tokens/s and
-the ratio, measured side by side in one run. Usage: ``fednano-ray bench trainer_batching [--model tiny]``.
+Each "client" sends split steps of ``--batch`` rows to one ``LLMTrainer`` (the real class,
+in-process on its asyncio loop, no Ray in the timing). Concurrent requests are merged into one
+padded forward/backward; the baseline is the same requests sent one after another. Reports
+tokens/s and the ratio, measured side by side in one run. Usage:
+``fednano-ray bench trainer_batching [--model tiny]``.
 """
 
 from __future__ import annotations
@@ -86,14 +87,16 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     rows = run(a.model, a.clients, a.batch, a.steps, a.threads)
     print(
-        "\n| clients | sequential tokens/s | concurrent (merged) tokens/s | speed-up | clients per batch |"
+        "\n| clients | sequential tokens/s | concurrent (merged) tokens/s | speed-up | "
+        "clients per batch |"
     )
     print("|---:|---:|---:|---:|---:|")
     for n in a.clients:
         s = next(r for r in rows if r["clients"] == n and r["mode"] == "sequential")
         c = next(r for r in rows if r["clients"] == n and r["mode"] == "concurrent")
         print(
-            f"| {n} | {s['tokens_per_s']:.0f} | {c['tokens_per_s']:.0f} | {c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['max_clients_in_batch']} |"
+            f"| {n} | {s['tokens_per_s']:.0f} | {c['tokens_per_s']:.0f} | "
+            f"{c['tokens_per_s'] / s['tokens_per_s']:.2f}x | {c['max_clients_in_batch']} |"
         )
 
 

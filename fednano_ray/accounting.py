@@ -1,4 +1,5 @@
-"""Honest parameter, storage and traffic accounting of NanoEdge vs. the full MLLM (DESIGN.md §1, §4).
+"""Honest parameter, storage and traffic accounting of NanoEdge vs. the full MLLM
+(DESIGN.md §1, §4).
 
 FedNano's headline figure (adapters are ~0.01% of the MLLM) counts only what is exchanged per
 round. This module reports it *and* what it leaves out:
@@ -16,8 +17,9 @@ Counting rules:
 - Each tensor counts once, deduplicated by ``id()`` (meta tensors have no ``data_ptr``), so tied
   weights (SmolLM2's ``lm_head`` *is* ``embed_tokens``) are not counted twice.
 - ``params`` counts :class:`~torch.nn.Parameter` elements only. ``bytes`` counts parameters plus
-  *persistent* buffers (what a checkpoint stores, e.g. batch-norm running statistics); non-persistent
-  buffers (rotary ``inv_freq``, CLIP ``position_ids``) are rebuilt at load time and not counted.
+  *persistent* buffers (what a checkpoint stores, e.g. batch-norm running statistics);
+  non-persistent buffers (rotary ``inv_freq``, CLIP ``position_ids``) are rebuilt at load time and
+  not counted.
 - A ``dtype`` override applies to floating-point tensors only; integer buffers keep their own size.
 - The encoder is the module the client runs: for ``nano`` that is EfficientNet-Lite0's feature
   extractor **without** its 1000-class ImageNet classifier (3.37M parameters, not the 4.65M of the
@@ -25,12 +27,13 @@ Counting rules:
   the penultimate layer, so strictly the last CLIP layer and post-layernorm are unused; they are
   counted anyway, as the checkpoint ships them).
 - ``decoder`` in the breakdown is the LLM body *without* its token-embedding table (the client holds
-  that; the split step sends embeddings, not token ids). When ``lm_head`` is tied to ``embed_tokens``
-  the server still needs that matrix as its output layer, so it is counted on both sides
-  (``shared_params``; ``client_params + server_params - shared_params - adapter_params == total_params``).
+  that; the split step sends embeddings, not token ids). When ``lm_head`` is tied to
+  ``embed_tokens`` the server still needs that matrix as its output layer, so it is counted on both
+  sides (``shared_params``;
+  ``client_params + server_params - shared_params - adapter_params == total_params``).
   For *generation* the server also embeds the tokens it generates, i.e. it holds the whole LLM.
-- Adapters are counted arithmetically (``2·r·d`` per modality for the paper's form: ``lora_A`` r×d and
-  ``lora_B`` d×r; each ``adapter.kind`` adds or swaps its own tensors), so
+- Adapters are counted arithmetically (``2·r·d`` per modality for the paper's form: ``lora_A`` r×d
+  and ``lora_B`` d×r; each ``adapter.kind`` adds or swaps its own tensors), so
   meta-device parts work, and are sized at float32: they are trained, exchanged and checkpointed in
   fp32 (:func:`fednano_ray.models.adapter.adapter_state`) whatever the frozen model's dtype.
 - The above is the FedNano split, which every strategy but ``fedavg-lora`` uses. Round traffic
@@ -110,7 +113,8 @@ def count(
     """(parameters, bytes) of one module or several, each tensor counted once.
 
     Args:
-        module_or_modules: a module or an iterable of modules (shared tensors across them count once).
+        module_or_modules: a module or an iterable of modules (shared tensors across them count
+            once).
         dtype: size floating-point tensors as this dtype (a ``torch.dtype`` or a byte count) instead
             of their own (e.g. ``torch.float16`` for a checkpoint published in half precision).
 
@@ -206,13 +210,15 @@ def account(
         batch_size: rows of one client batch (B of the split step).
         clients_per_round: clients exchanging adapters each round.
         strategy: ``fednano`` also uploads a diagonal Fisher the size of the adapters;
-            ``fedavg-lora`` trains LoRA on ``lora_target_modules`` of the LLM instead of NanoAdapters.
+            ``fedavg-lora`` trains LoRA on ``lora_target_modules`` of the LLM instead of
+            NanoAdapters.
         dtype_bytes: bytes per floating-point weight of the frozen model (None: each tensor's own).
         local_steps: if given, also report per-round activation traffic (steps × clients).
         lora_target_modules: ``fedavg-lora`` only: the decoder's LoRA-adapted linear layers.
         scaling: the adapters' one scaling on every tier, ``adapter.lora_alpha / adapter.r``
-            (:attr:`~fednano_ray.config.AdapterConfig.scaling`); default ``lora_alpha / adapter_rank``,
-            right only when ``adapter_rank`` is ``adapter.r``. Reported as ``adapter_scaling``.
+            (:attr:`~fednano_ray.config.AdapterConfig.scaling`); default
+            ``lora_alpha / adapter_rank``, right only when ``adapter_rank`` is ``adapter.r``.
+            Reported as ``adapter_scaling``.
         form: the NanoAdapter form, ``adapter.kind`` (reported as ``adapter_form``).
         bank_size: ``feddpa-f`` only (``federation.feddpa_bank_size``): a client also stores its
             local adapter (a second copy of the adapters) and at most this many fp32 summaries of
@@ -333,8 +339,8 @@ def account_run(cfg: Any, mllm: Any, *, text_tokens: int = 40) -> dict[str, Any]
 
     The headline figures (:func:`account`) are for the client of the largest tier rank (the one that
     stores and sends the most); ``tiers`` lists every tier's adapters and split-step traffic. Frozen
-    bytes are at the checkpoint's dtype (``mllm.dtype``: float16 for llava-1.5-7b, float32 for nano and
-    tiny), the same whether ``mllm`` holds the weights or is built on the meta device.
+    bytes are at the checkpoint's dtype (``mllm.dtype``: float16 for llava-1.5-7b, float32 for nano
+    and tiny), the same whether ``mllm`` holds the weights or is built on the meta device.
 
     Args:
         cfg: the run config (:class:`~fednano_ray.config.Config`).
@@ -403,13 +409,13 @@ def account_run(cfg: Any, mllm: Any, *, text_tokens: int = 40) -> dict[str, Any]
 
 
 def inspect_config(cfg: Any, *, pretrained: bool = False, text_tokens: int = 40) -> dict[str, Any]:
-    """``fednano-ray inspect``: :func:`account_run` of the model a config names, plus the precision the
-    frozen LLM would compute in on this machine and the machine itself.
+    """``fednano-ray inspect``: :func:`account_run` of the model a config names, plus the precision
+    the frozen LLM would compute in on this machine and the machine itself.
 
     Nothing is downloaded or loaded unless ``pretrained``: the model is built on the meta device
     (``build_mllm(cfg.model, device="meta")``; ``hf`` reads a local folder's ``config.json`` or the
-    built-in llava-1.5-7b config for its hub id). ``pretrained`` loads the weights: the same figures,
-    much slower.
+    built-in llava-1.5-7b config for its hub id). ``pretrained`` loads the weights: the same
+    figures, much slower.
 
     Raises:
         ValueError: for an ``hf`` model whose config is not available locally.

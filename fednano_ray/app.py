@@ -25,14 +25,17 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
         need_cpu += t.num_cpus * actors
         if t.num_gpus > available.get("GPU", 0.0):
             raise ConfigError(
-                f"tiers[{i}].num_gpus = {t.num_gpus:g} ({t.name}) but the cluster has {available.get('GPU', 0.0):g} GPUs: "
+                f"tiers[{i}].num_gpus = {t.num_gpus:g} ({t.name}) but the cluster has "
+                f"{available.get('GPU', 0.0):g} GPUs: "
                 "lower it, or run on a cluster with GPUs (--address)"
             )
         for res, amount in t.resources.items():
             if amount > available.get(res, 0.0):
                 raise ConfigError(
-                    f"tiers[{i}].resources.{res} = {amount:g} ({t.name}) but the cluster offers {available.get(res, 0.0):g}: "
-                    f"start nodes with --resources='{{\"{res}\": N}}' (see cluster.yaml) or remove it"
+                    f"tiers[{i}].resources.{res} = {amount:g} ({t.name}) but the cluster offers "
+                    f"{available.get(res, 0.0):g}: "
+                    f"start nodes with --resources='{{\"{res}\": N}}' "
+                    "(see cluster.yaml) or remove it"
                 )
     if trainer and cfg.train.trainer_num_gpus > available.get("GPU", 0.0):
         raise ConfigError(
@@ -40,8 +43,10 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
         )
     if need_cpu > available.get("CPU", 0.0) + 1e-9:
         raise ConfigError(
-            f"the trainer and client actors need {need_cpu:g} CPUs but the cluster has {available.get('CPU', 0.0):g}: "
-            "lower tiers[*].num_cpus or tiers[*].pool_size (fractions such as 0.5 are fine) or train.trainer_num_cpus"
+            f"the trainer and client actors need {need_cpu:g} CPUs but the cluster has "
+            f"{available.get('CPU', 0.0):g}: "
+            "lower tiers[*].num_cpus or tiers[*].pool_size (fractions such as 0.5 are fine) or "
+            "train.trainer_num_cpus"
         )
 
 
@@ -78,7 +83,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
 
 
 def head_node_id() -> str:
-    """The Ray head node's id (it advertises ``node:__internal_head__``); the driver's node if none does."""
+    """The Ray head node's id (it advertises ``node:__internal_head__``); the driver's node if none
+    does."""
     import ray
 
     for node in ray.nodes():
@@ -99,8 +105,9 @@ def train(
     """Run (or resume) a federated training run on the connected Ray cluster; returns results.json.
 
     Args:
-        client_class: the client actor's class (default :class:`~fednano_ray.actors.client.ClientActor`;
-            a subclass keeps its constructor and methods, e.g. tests/_chaos.py's fault injectors).
+        client_class: the client actor's class (default
+            :class:`~fednano_ray.actors.client.ClientActor`; a subclass keeps its constructor and
+            methods, e.g. tests/_chaos.py's fault injectors).
         stop_after_round: end after this round without finishing (simulates a killed run).
     """
     import ray
@@ -110,7 +117,8 @@ def train(
     run_dir = Path(run_dir)
     if not resume and rundir.results_path(run_dir).exists():
         raise ConfigError(
-            f"{run_dir} already holds a run: pass --resume to continue it or choose another --run-dir"
+            f"{run_dir} already holds a run: pass --resume to continue it "
+            "or choose another --run-dir"
         )
     check_resources(cfg, ray.cluster_resources())
     classes = actor_classes()
@@ -118,7 +126,8 @@ def train(
         classes["client"] = ray.remote(client_class)
     t0 = time.perf_counter()
     # The coordinator owns the run: pin it to the head node, never to a client node that may be
-    # removed mid-run (tests/actors/test_federation.py removes one). It needs no CPU, so it always fits.
+    # removed mid-run (tests/actors/test_federation.py removes one). It needs no CPU, so it always
+    # fits.
     on_head = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
     coord = (
         classes["coordinator"]
@@ -175,7 +184,8 @@ def train(
             )
         elif progress:
             print(
-                f"personalising: every client fine-tunes the global adapters for {fed.personalize_steps} steps",
+                "personalising: every client fine-tunes the global adapters for "
+                f"{fed.personalize_steps} steps",
                 file=sys.stderr,
             )
         ray.get(coord.personalize.remote())

@@ -22,7 +22,8 @@ TABLE_HEAD_CLIENTS = 10
 
 
 def _acc_ci(acc: float | None, ci: Any = None, n: float | None = None) -> str:
-    """``0.386 [0.33, 0.44]``: an accuracy and its 95% interval (computed from ``n`` when not recorded)."""
+    """``0.386 [0.33, 0.44]``: an accuracy and its 95% interval (computed from ``n`` when not
+    recorded)."""
     if acc is None or math.isnan(acc):
         return "n/a"
     if ci is None and n:
@@ -41,8 +42,8 @@ def _gain(g: Any) -> str:
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """The end-of-run table: per-client accuracy before/after with test size n and 95% Wilson intervals,
-    the test-size-weighted average, global test accuracy, bytes, storage."""
+    """The end-of-run table: per-client accuracy before/after with test size n and 95% Wilson
+    intervals, the test-size-weighted average, global test accuracy, bytes, storage."""
     s = results["summary"]
     before = s.get("accuracy_before_per_client", {})
     after = s.get("accuracy_after_per_client", {})
@@ -55,7 +56,10 @@ def summary_table(results: dict[str, Any]) -> str:
     cw = 18  # "0.386 [0.33, 0.44]"
     personal = s.get("accuracy_personalized_per_client")  # federation.personalize_steps
     personal_ci = s.get("accuracy_personalized_per_client_ci95", {})
-    head = f"{'client':>8} | {'n':>{nw}} | {'before':^{cw}} | {'after (global)' if personal else 'after':^{cw}}"
+    head = (
+        f"{'client':>8} | {'n':>{nw}} | {'before':^{cw}} | "
+        f"{'after (global)' if personal else 'after':^{cw}}"
+    )
     if personal:
         head += f" | {'personalised':^{cw}}"
     head = head.rstrip()
@@ -65,7 +69,8 @@ def summary_table(results: dict[str, Any]) -> str:
     for c in shown:
         n = ns.get(c)
         lines.append(
-            f"{c:>8} | {n if n is not None else '?':>{nw}} | {_acc_ci(before.get(c), before_ci.get(c), n):<{cw}} | "
+            f"{c:>8} | {n if n is not None else '?':>{nw}} | "
+            f"{_acc_ci(before.get(c), before_ci.get(c), n):<{cw}} | "
             f"{_acc_ci(after[c], after_ci.get(c), n):<{cw if personal else 0}}"
             + (f" | {_acc_ci(personal.get(c), personal_ci.get(c), n)}" if personal else "")
         )
@@ -74,16 +79,19 @@ def summary_table(results: dict[str, Any]) -> str:
 
         vals = [after[c] for c in clients]
         lines.append(
-            f"{'...':>8}   {len(clients) - len(shown)} more clients (all in {rundir.RESULTS}); after: min {min(vals):.3f}, "
+            f"{'...':>8}   {len(clients) - len(shown)} more clients (all in {rundir.RESULTS}); "
+            f"after: min {min(vals):.3f}, "
             f"median {statistics.median(vals):.3f}, max {max(vals):.3f}"
         )
     lines.append(rule)
+    avg_after = _acc_ci(s["accuracy_after"], s.get("accuracy_after_ci95"), total_n)
     lines.append(
         f"{'average':>8} | {total_n if total_n is not None else '':>{nw}} | "
         f"{_acc_ci(s['accuracy_before'], s.get('accuracy_before_ci95'), total_n):<{cw}} | "
-        f"{_acc_ci(s['accuracy_after'], s.get('accuracy_after_ci95'), total_n):<{cw if personal else 0}}"
+        f"{avg_after:<{cw if personal else 0}}"
         + (
-            f" | {_acc_ci(s['accuracy_personalized'], s.get('accuracy_personalized_ci95'), total_n)}"
+            " | "
+            f"{_acc_ci(s['accuracy_personalized'], s.get('accuracy_personalized_ci95'), total_n)}"
             if personal
             else ""
         )
@@ -101,19 +109,26 @@ def summary_table(results: dict[str, Any]) -> str:
             )
     lines.append("")
     lines.append(
-        f"strategy                   {s['strategy']} ({s['rounds']} rounds, {s['failures']} client failures)"
+        f"strategy                   {s['strategy']} ({s['rounds']} rounds, "
+        f"{s['failures']} client failures)"
     )
     gn = s.get("global_test_n")
+    glob_before = _acc_ci(
+        s.get("global_test_accuracy_before"), s.get("global_test_accuracy_before_ci95"), gn
+    )
     lines.append(
-        f"global test accuracy       {_acc_ci(s.get('global_test_accuracy_before'), s.get('global_test_accuracy_before_ci95'), gn)}"
+        "global test accuracy       "
+        f"{glob_before}"
         f" -> {_acc_ci(s['global_test_accuracy'], s.get('global_test_accuracy_ci95'), gn)}"
         + (f"  (n={gn})" if gn else "")
     )
     if personal:
-        lines.append(
-            f"  with personal adapters   {_acc_ci(s.get('global_test_accuracy_personalized'), s.get('global_test_accuracy_personalized_ci95'), gn)}"
-            "  (each client's own, averaged)"
+        glob_personal = _acc_ci(
+            s.get("global_test_accuracy_personalized"),
+            s.get("global_test_accuracy_personalized_ci95"),
+            gn,
         )
+        lines.append(f"  with personal adapters   {glob_personal}  (each client's own, averaged)")
     by_before, by_after = (
         s.get("global_test_by_category_before") or {},
         s.get("global_test_by_category") or {},
@@ -124,13 +139,15 @@ def summary_table(results: dict[str, Any]) -> str:
         for cat in sorted(by_after):
             n = cat_n.get(cat)
             lines.append(
-                f"  {cat:<12} {f'n={n}' if n else '':>6}   {_acc_ci(by_before.get(cat), None, n):<{cw}} -> "
+                f"  {cat:<12} {f'n={n}' if n else '':>6}   "
+                f"{_acc_ci(by_before.get(cat), None, n):<{cw}} -> "
                 f"{_acc_ci(by_after[cat], None, n)}"
             )
     if s.get("chance_accuracy") is not None:
         lines.append(f"chance (uniform guess)     {s['chance_accuracy']:.3f}")
     lines.append(
-        f"adapters sent up / down    {format_bytes(s['bytes_up'])} / {format_bytes(s['bytes_down'])} in total"
+        f"adapters sent up / down    {format_bytes(s['bytes_up'])} / "
+        f"{format_bytes(s['bytes_down'])} in total"
     )
     # fedavg-lora: every client trains its own full MLLM, so no activations cross the network.
     no_split = (
@@ -139,11 +156,13 @@ def summary_table(results: dict[str, Any]) -> str:
         else ""
     )
     lines.append(
-        f"split-step activations     {format_bytes(s['step_bytes_up'])} up + {format_bytes(s['step_bytes_down'])} down "
+        f"split-step activations     {format_bytes(s['step_bytes_up'])} up + "
+        f"{format_bytes(s['step_bytes_down'])} down "
         f"per step{no_split}"
     )
     lines.append(
-        f"client storage             {format_bytes(s['client_bytes'])} of {format_bytes(s['total_bytes'])} "
+        f"client storage             {format_bytes(s['client_bytes'])} of "
+        f"{format_bytes(s['total_bytes'])} "
         f"({100 * s['client_storage_fraction']:.1f}% of the full MLLM)"
     )
     lines.append(f"wall time                  {s['wall_time_s']:.0f} s")
@@ -157,9 +176,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.resume and not rundir.config_path(run_dir).exists():
         raise ConfigError(
-            f"--resume: {run_dir} holds no run (no {rundir.CONFIG}); pass the --run-dir of the run to continue"
+            f"--resume: {run_dir} holds no run (no {rundir.CONFIG}); "
+            "pass the --run-dir of the run to continue"
         )
-    # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster; otherwise start a private one.
+    # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster; otherwise start a
+    # private one.
     address = args.address or (
         os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS") != "local" else None
     )
@@ -184,7 +205,8 @@ def _issue_tokens(run_dir: Path, num_clients: int, mode: str) -> None:
 
     if mode == "none" or (mode == "auto" and num_clients > 64):
         print(
-            f"no serving tokens issued; create one per client with `fednano-ray token {run_dir} CLIENT_ID`"
+            "no serving tokens issued; create one per client with "
+            f"`fednano-ray token {run_dir} CLIENT_ID`"
         )
         return
     if load_tokens(run_dir):
@@ -275,7 +297,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fednano_ray.config import ServeConfig
     from fednano_ray.serve.app import serve_run
 
-    # The run's serve section gives the defaults (a folder without config.yaml fails in serve_run, clearly).
+    # The run's serve section gives the defaults (a folder without config.yaml fails in
+    # serve_run, clearly).
     path = rundir.config_path(args.run_dir)
     section = rundir.read_config(args.run_dir).serve if path.is_file() else ServeConfig()
     serve_run(
@@ -330,7 +353,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 class _HelpConfig(argparse.Action):
-    """``--help-config``: like ``--help``, it prints and exits before the positional arguments are checked."""
+    """``--help-config``: like ``--help``, it prints and exits before the positional arguments
+    are checked."""
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
@@ -368,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens",
         choices=["auto", "all", "none"],
         default="auto",
-        help="issue each client's serving token at the end (auto: when there are at most 64 clients)",
+        help=(
+            "issue each client's serving token at the end (auto: when there are at most 64 clients)"
+        ),
     )
     t.add_argument(
         "--help-config",
@@ -379,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser(
         "align",
-        help="align the nano model's connector (LLaVA stages 1 and 2) once and cache it; the default config's ships",
+        help=(
+            "align the nano model's connector (LLaVA stages 1 and 2) once and cache it; "
+            "the default config's ships"
+        ),
     )
     a.add_argument("config", nargs="?", default="examples/quickstart.yaml")
     a.add_argument(
@@ -418,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--difficulty",
         choices=["easy", "hard"],
         default="easy",
-        help="easy: one object per question; hard: scenes of 2-5 objects that need attribute binding",
+        help=(
+            "easy: one object per question; hard: scenes of 2-5 objects that need attribute binding"
+        ),
     )
     s.set_defaults(func=cmd_data_synth)
     b = sub.add_parser("bench", help="run a benchmark under benchmarks/ (figures, not tests)")

@@ -1,7 +1,8 @@
 """The configuration tree: one strict, frozen pydantic model parsed once from YAML and ``--set``.
 
-Every field is described once; the descriptions double as CLI help (``fednano-ray train --help-config``).
-Unknown keys are errors, so a typo fails loudly instead of being silently ignored.
+Every field is described once; the descriptions double as CLI help
+(``fednano-ray train --help-config``). Unknown keys are errors, so a typo fails loudly instead of
+being silently ignored.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
-#: The flat ``federation`` keys of earlier versions, each ``(method, option)`` of ``strategy_options``:
-#: run directories written before the move still load (a key of another method is dropped).
+#: The flat ``federation`` keys of earlier versions, each ``(method, option)`` of
+#: ``strategy_options``: run directories written before the move still load (a key of another
+#: method is dropped).
 LEGACY_OPTIONS = {
     "fedprox_mu": ("fedprox", "mu"),
     "fisher_eps": ("fednano", "eps"),
@@ -42,7 +44,8 @@ class _Section(BaseModel):
 
 
 class TinyModelConfig(_Section):
-    """Sizes of the random-weight ``tiny`` LLaVA used by tests (head_dim >= 32 for vLLM's CPU kernels)."""
+    """Sizes of the random-weight ``tiny`` LLaVA used by tests (head_dim >= 32 for vLLM's CPU
+    kernels)."""
 
     hidden_size: int = Field(128, ge=32, description="LLM hidden size.")
     num_layers: int = Field(2, ge=1, description="LLM decoder layers.")
@@ -79,7 +82,8 @@ class ModelConfig(_Section):
     )
     name_or_path: str | None = Field(
         None,
-        description="hf only: hub id or local folder of a LlavaForConditionalGeneration checkpoint.",
+        description="hf only: hub id or local folder of a LlavaForConditionalGeneration "
+        "checkpoint.",
     )
     grid: int = Field(
         4,
@@ -90,26 +94,30 @@ class ModelConfig(_Section):
     connector_steps: int = Field(
         200,
         ge=0,
-        description="nano only: stage-1 alignment steps of the connector (cached after the first run).",
+        description="nano only: stage-1 alignment steps of the connector (cached after the first "
+        "run).",
     )
     instruct_steps: int = Field(
         100,
         ge=0,
-        description="nano only: stage-2 short-answer VQA steps of the connector after stage 1 (0 = none; cached).",
+        description="nano only: stage-2 short-answer VQA steps of the connector after stage 1 "
+        "(0 = none; cached).",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Precision of the frozen LLM (stages 1 and 2, training, evaluation, serving): auto = bf16 "
-        "autocast only where the hardware runs bf16 natively (CUDA with bf16, a CPU with avx512_bf16 or amx_bf16), "
-        "fp32 elsewhere (on an AVX2-only CPU bf16 is emulated and ~50-70x slower); fp32 for exact checks; bf16 forces "
-        "autocast. Weights, connector and adapters stay fp32.",
+        description="Precision of the frozen LLM (stages 1 and 2, training, evaluation, serving): "
+        "auto = bf16 autocast only where the hardware runs bf16 natively (CUDA with bf16, a CPU "
+        "with avx512_bf16 or amx_bf16), fp32 elsewhere (on an AVX2-only CPU bf16 is emulated and "
+        "~50-70x slower); fp32 for exact checks; bf16 forces autocast. Weights, connector and "
+        "adapters stay fp32.",
     )
     tiny: TinyModelConfig = Field(
         default_factory=TinyModelConfig, description="tiny only: model sizes."
     )
 
     def runtime_precision(self):
-        """``precision`` resolved on this process's hardware (:func:`fednano_ray.precision.resolve_precision`)."""
+        """``precision`` resolved on this process's hardware
+        (:func:`fednano_ray.precision.resolve_precision`)."""
         from fednano_ray.precision import resolve_precision
 
         return resolve_precision(self.precision)
@@ -119,8 +127,8 @@ class ModelConfig(_Section):
     def _renamed(cls, data: Any) -> Any:
         if isinstance(data, dict) and "autocast_bf16" in data:
             raise ValueError(
-                "model.autocast_bf16 was replaced by model.precision: use precision: auto (bf16 only where the "
-                "hardware runs it natively), fp32 or bf16"
+                "model.autocast_bf16 was replaced by model.precision: use precision: auto (bf16 "
+                "only where the hardware runs it natively), fp32 or bf16"
             )
         return data
 
@@ -128,7 +136,8 @@ class ModelConfig(_Section):
     def _check(self) -> ModelConfig:
         if self.kind == "hf" and not self.name_or_path:
             raise ValueError(
-                "model.name_or_path is required when model.kind is 'hf' (e.g. llava-hf/llava-1.5-7b-hf)"
+                "model.name_or_path is required when model.kind is 'hf' "
+                "(e.g. llava-hf/llava-1.5-7b-hf)"
             )
         return self
 
@@ -148,35 +157,39 @@ class AdapterConfig(_Section):
     r: int = Field(
         8,
         ge=1,
-        description="Default adapter rank (a tier may override it) and the reference rank of the scaling "
-        "lora_alpha / r, which every tier uses whatever its adapter_rank.",
+        description="Default adapter rank (a tier may override it) and the reference rank of the "
+        "scaling lora_alpha / r, which every tier uses whatever its adapter_rank.",
     )
     lora_alpha: float = Field(
         16.0,
         gt=0,
-        description="Scaling numerator; scaling = lora_alpha / r with r = adapter.r, the same for every tier "
-        "(not lora_alpha / the tier's adapter_rank).",
+        description="Scaling numerator; scaling = lora_alpha / r with r = adapter.r, the same for "
+        "every tier (not lora_alpha / the tier's adapter_rank).",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     kind: Literal["lowrank", "bottleneck", "slots", "connector"] = Field(
         "lowrank",
-        description="The NanoAdapter form (fednano_ray/models/adapter.py). lowrank: the paper's linear low-rank residual "
-        "z + s*B(A z) on each modality's embeddings. bottleneck: the same with a GELU between A and B. slots: lowrank "
-        "plus a zero-initialised learned offset per visual slot (N x d) on the visual tokens, position information "
-        "without re-aligning the connector. connector: the vision adapter is LoRA on the connector's first layer, "
-        "reading the encoder's features before the GELU (the text adapter stays lowrank). Every form is the identity at "
-        "init and works with HetLoRA ranks, FedNano's Fisher, SecAgg, DP, resume and serving.",
+        description="The NanoAdapter form (fednano_ray/models/adapter.py). lowrank: the paper's "
+        "linear low-rank residual z + s*B(A z) on each modality's embeddings. bottleneck: the same "
+        "with a GELU between A and B. slots: lowrank plus a zero-initialised learned offset per "
+        "visual slot (N x d) on the visual tokens, position information without re-aligning the "
+        "connector. connector: the vision adapter is LoRA on the connector's first layer, reading "
+        "the encoder's features before the GELU (the text adapter stays lowrank). Every form is "
+        "the identity at init and works with HetLoRA ranks, FedNano's Fisher, SecAgg, DP, resume "
+        "and serving.",
     )
     factors: Literal["joint", "frozen_a", "product"] = Field(
         "joint",
-        description="Which LoRA factors clients train. joint: lora_A and lora_B (the paper's NanoAdapter); merging A and "
-        "B separately is not merging B@A (a second-order error under FedAvg, a patchwork of clients under Fisher "
-        "weights). frozen_a: lora_A stays at its shared random init and only lora_B trains (FFA-LoRA, Sun et al. "
-        "2024, arXiv 2403.12313): B@A is linear in B, so FedAvg and Fisher merging of B merge the products exactly. "
-        "product: clients train both, the server averages each client's B@A (example-weighted) and re-factorises the "
-        "mean by truncated SVD at the largest tier rank (a smaller-rank client takes the top singular components); "
-        "fedavg/fedprox only, without SecAgg, DP or robust rules (they need sums of the factors), and with "
-        "train.optimizer_state=reset (the factors change basis every round).",
+        description="Which LoRA factors clients train. joint: lora_A and lora_B (the paper's "
+        "NanoAdapter); merging A and B separately is not merging B@A (a second-order error under "
+        "FedAvg, a patchwork of clients under Fisher weights). frozen_a: lora_A stays at its "
+        "shared random init and only lora_B trains (FFA-LoRA, Sun et al. 2024, arXiv 2403.12313): "
+        "B@A is linear in B, so FedAvg and Fisher merging of B merge the products exactly. "
+        "product: clients train both, the server averages each client's B@A (example-weighted) and "
+        "re-factorises the mean by truncated SVD at the largest tier rank (a smaller-rank client "
+        "takes the top singular components); fedavg/fedprox only, without SecAgg, DP or robust "
+        "rules (they need sums of the factors), and with train.optimizer_state=reset (the factors "
+        "change basis every round).",
     )
     modalities: tuple[Literal["vision", "text"], ...] = Field(
         ("vision", "text"),
@@ -186,9 +199,10 @@ class AdapterConfig(_Section):
     lora_target_modules: tuple[str, ...] = Field(
         ("q_proj", "v_proj"),
         min_length=1,
-        description="fedavg-lora only: the LLM decoder's Linear layers that get PEFT LoRA (PEFT's target_modules: "
-        "a module matches when its name is, or ends with, .NAME); q_proj and v_proj are LLaVA's and PEFT's usual "
-        "choice, add k_proj, o_proj, gate_proj, up_proj, down_proj for more. Rank, alpha and dropout as above.",
+        description="fedavg-lora only: the LLM decoder's Linear layers that get PEFT LoRA (PEFT's "
+        "target_modules: a module matches when its name is, or ends with, .NAME); q_proj and "
+        "v_proj are LLaVA's and PEFT's usual choice, add k_proj, o_proj, gate_proj, up_proj, "
+        "down_proj for more. Rank, alpha and dropout as above.",
     )
 
     @field_validator("modalities")
@@ -206,14 +220,16 @@ class AdapterConfig(_Section):
         frozen = sorted(set(v) & {"embed_tokens", "lm_head"})
         if frozen:
             raise ValueError(
-                f"adapter.lora_target_modules names {frozen}: fedavg-lora trains LoRA on the decoder's linear "
-                "layers only; the token embeddings (computed on the client before the LLM) and the LM head stay frozen"
+                f"adapter.lora_target_modules names {frozen}: fedavg-lora trains LoRA on the "
+                "decoder's linear layers only; the token embeddings (computed on the client before "
+                "the LLM) and the LM head stay frozen"
             )
         return v
 
     @property
     def scaling(self) -> float:
-        """The adapters' one scaling, ``lora_alpha / r`` with this section's r, for every tier rank."""
+        """The adapters' one scaling, ``lora_alpha / r`` with this section's r, for every tier
+        rank."""
         return self.lora_alpha / self.r
 
 
@@ -226,7 +242,8 @@ class SynthConfig(_Section):
     image_size: int = Field(224, ge=16, description="Rendered image side in pixels.")
     difficulty: Literal["easy", "hard"] = Field(
         "easy",
-        description="easy: one object per question (two for relations); hard: 2-5 objects with attribute binding.",
+        description="easy: one object per question (two for relations); hard: 2-5 objects with "
+        "attribute binding.",
     )
 
 
@@ -235,7 +252,8 @@ class DataConfig(_Section):
 
     path: Path | None = Field(
         None,
-        description="Dataset root with train/ and test/ (DESIGN.md §4); unset = the synthetic benchmark.",
+        description="Dataset root with train/ and test/ (DESIGN.md §4); unset = the synthetic "
+        "benchmark.",
     )
     synth: SynthConfig = Field(
         default_factory=SynthConfig, description="Synthetic benchmark settings."
@@ -257,19 +275,20 @@ class DataConfig(_Section):
         0,
         ge=0,
         description="Fewest held-out test questions per client: each client holds out "
-        "max(round(holdout_fraction * shard size), min_holdout) and the partitioner gives every client at least "
-        "min_holdout + 1 examples (one left to train on). 0 = no minimum beyond one question. A client accuracy "
-        "measured on 2-3 questions is noise (its 95% interval spans most of [0, 1]); ~30 makes it usable.",
+        "max(round(holdout_fraction * shard size), min_holdout) and the partitioner gives every "
+        "client at least min_holdout + 1 examples (one left to train on). 0 = no minimum beyond "
+        "one question. A client accuracy measured on 2-3 questions is noise (its 95% interval "
+        "spans most of [0, 1]); ~30 makes it usable.",
     )
     client_shift: tuple[
         Literal["colour_cast", "channel_swap", "invert", "blur", "mirror", "noise"], ...
     ] = Field(
         (),
-        description="Client shift (fednano_ray/data/shift.py): client c's images pass through condition "
-        "client_shift[c % K] (mirror also swaps left/right in the question and choices) and global-test question i "
-        "through client_shift[i % K], so every client adapts to its own imaging condition and the global test holds "
-        "them all. Empty (default): clean images. Works for any dataset; shifted images are cached, never written "
-        "into the dataset.",
+        description="Client shift (fednano_ray/data/shift.py): client c's images pass through "
+        "condition client_shift[c % K] (mirror also swaps left/right in the question and choices) "
+        "and global-test question i through client_shift[i % K], so every client adapts to its own "
+        "imaging condition and the global test holds them all. Empty (default): clean images. "
+        "Works for any dataset; shifted images are cached, never written into the dataset.",
     )
     max_train_examples: int | None = Field(
         None, ge=1, description="Cap on training examples (quick runs)."
@@ -282,7 +301,8 @@ class DataConfig(_Section):
 def min_holdout_error(
     data: DataConfig, num_clients: int, num_train: int | None = None
 ) -> str | None:
-    """Why ``data.min_holdout`` cannot be met (every client needs ``min_holdout + 1`` examples), or None.
+    """Why ``data.min_holdout`` cannot be met (every client needs ``min_holdout + 1`` examples), or
+    None.
 
     ``num_train``: the size of the training pool once loaded; None = what the config alone says
     (``data.synth.num_train`` or ``data.max_train_examples``; unknown for a ``data.path`` dataset).
@@ -314,8 +334,8 @@ def min_holdout_error(
         return None
     raise_it = f"raise {src}" if src.startswith("data.") else "use a larger dataset"
     return (
-        f"data.min_holdout={m} needs at least {per} examples per client ({m} held out + 1 to train), "
-        f"{need} for federation.num_clients={num_clients}, but {src} gives {avail}; "
+        f"data.min_holdout={m} needs at least {per} examples per client ({m} held out + 1 to "
+        f"train), {need} for federation.num_clients={num_clients}, but {src} gives {avail}; "
         f"lower data.min_holdout, {raise_it}, or lower federation.num_clients"
     )
 
@@ -334,20 +354,21 @@ class FederationConfig(_Section):
     )
     strategy_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Options of federation.strategy, validated against that method and filled with its "
-        "defaults: fednano {eps}, fedprox {mu}, fedavgm {momentum}, feddpa-f {train_weight, top_k, "
-        "bank_size} (see fednano_ray/federation/method.py); the others take none. The older flat keys "
-        "federation.fedprox_mu, fisher_eps and feddpa_* are still read (and moved here).",
+        description="Options of federation.strategy, validated against that method and filled with "
+        "its defaults: fednano {eps}, fedprox {mu}, fedavgm {momentum}, feddpa-f {train_weight, "
+        "top_k, bank_size} (see fednano_ray/federation/method.py); the others take none. The older "
+        "flat keys federation.fedprox_mu, fisher_eps and feddpa_* are still read (and moved here).",
     )
     server_lr: float = Field(
         1.0,
         gt=0,
         le=100,
-        description="Server learning rate eta (FedAvg with a server optimiser, Reddi et al. 2021): the new "
-        "global adapters are theta + eta * (aggregate - theta). 1 keeps the strategy's aggregate. With a few "
-        "local steps a round, averaging moves the global adapters no further than one client moves its own, "
-        "so the rounds' sequential progress is rounds x local_steps steps; eta > 1 scales each round's move. "
-        "Needs an aggregating strategy (not local, centralized) and adapter.factors joint or frozen_a.",
+        description="Server learning rate eta (FedAvg with a server optimiser, Reddi et al. 2021): "
+        "the new global adapters are theta + eta * (aggregate - theta). 1 keeps the strategy's "
+        "aggregate. With a few local steps a round, averaging moves the global adapters no further "
+        "than one client moves its own, so the rounds' sequential progress is rounds x local_steps "
+        "steps; eta > 1 scales each round's move. Needs an aggregating strategy (not local, "
+        "centralized) and adapter.factors joint or frozen_a.",
     )
     deadline_s: float = Field(
         600.0, gt=0, description="Seconds a round waits for clients before it moves on."
@@ -360,7 +381,8 @@ class FederationConfig(_Section):
     )
     mode: Literal["simulation", "deployment"] = Field(
         "simulation",
-        description="simulation: virtual clients multiplexed over a pool per tier; deployment: one actor per client.",
+        description="simulation: virtual clients multiplexed over a pool per tier; deployment: one "
+        "actor per client.",
     )
     seed: int = Field(0, description="Seed of sampling, partitioning and adapter init.")
     evaluate_every: int = Field(
@@ -369,18 +391,20 @@ class FederationConfig(_Section):
     personalize_steps: int = Field(
         0,
         ge=0,
-        description="After the last round, every client fine-tunes a private copy of the global adapters for this many "
-        "local steps on its own training data (fresh AdamW, its tier's batch size); it is then evaluated with them on "
-        "its held-out data and on the global test, its checkpoint holds them, and `fednano-ray serve` answers it with "
-        "them. 0 = no personalisation (every client is served the global adapters). "
-        "Under feddpa-f these are the steps of the local adapter (required, > 0), which joins "
-        "the global one instead of replacing it.",
+        description="After the last round, every client fine-tunes a private copy of the global "
+        "adapters for this many local steps on its own training data (fresh AdamW, its tier's "
+        "batch size); it is then evaluated with them on its held-out data and on the global test, "
+        "its checkpoint holds them, and `fednano-ray serve` answers it with them. 0 = no "
+        "personalisation (every client is served the global adapters). Under feddpa-f these are "
+        "the steps of the local adapter (required, > 0), which joins the global one instead of "
+        "replacing it.",
     )
 
     @model_validator(mode="before")
     @classmethod
     def _strategy_options(cls, data: Any) -> Any:
-        """Fold the older flat option keys into ``strategy_options`` and validate them for the method."""
+        """Fold the older flat option keys into ``strategy_options`` and validate them for the
+        method."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -429,40 +453,46 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     objective: Literal["lm", "choice"] = Field(
         "choice",
-        description="What local training minimises. choice: cross-entropy of the right answer among each question's "
-        "choices, scored as evaluation scores them (summed log-likelihood, one packed pass per question); lm: "
-        "next-token NLL of the right answer over the whole vocabulary. choice is the default because it trains what is "
-        "evaluated; on the quickstart over 3 seeds the two ended within noise of each other (docs/RESULTS.md, "
-        "'Quickstart learning options').",
+        description="What local training minimises. choice: cross-entropy of the right answer "
+        "among each question's choices, scored as evaluation scores them (summed log-likelihood, "
+        "one packed pass per question); lm: next-token NLL of the right answer over the whole "
+        "vocabulary. choice is the default because it trains what is evaluated; on the quickstart "
+        "over 3 seeds the two ended within noise of each other (docs/RESULTS.md, 'Quickstart "
+        "learning options').",
     )
     lm_weight: float = Field(
         0.0,
         ge=0,
-        description="choice objective only: weight of the answer's next-token NLL mixed into the loss (0: none).",
+        description="choice objective only: weight of the answer's next-token NLL mixed into the "
+        "loss (0: none).",
     )
     optimizer_state: Literal["keep", "reset"] = Field(
         "keep",
-        description="keep: each client's AdamW moments carry over from one of its rounds to the next (in "
-        "checkpoints, exact under --resume); reset: fresh moments every round (the behaviour before).",
+        description="keep: each client's AdamW moments carry over from one of its rounds to the "
+        "next (in checkpoints, exact under --resume); reset: fresh moments every round (the "
+        "behaviour before).",
     )
     fisher: Literal["endpoint", "trajectory"] = Field(
         "endpoint",
-        description="fednano only: the diagonal Fisher each client uploads. endpoint: the empirical Fisher at the end "
-        "of local training, the mean of per-example squared gradients of each example's negative log-likelihood over "
-        "train.fisher_examples of its training examples (Matena & Raffel's Fisher merging; costs "
-        "ceil(fisher_examples / batch_size) extra split steps without an update); trajectory: the mean squared "
-        "mini-batch gradient over the local steps (free, but its scale follows the batch size and how far the client "
+        description="fednano only: the diagonal Fisher each client uploads. endpoint: the "
+        "empirical Fisher at the end of local training, the mean of per-example squared gradients "
+        "of each example's negative log-likelihood over train.fisher_examples of its training "
+        "examples (Matena & Raffel's Fisher merging; costs ceil(fisher_examples / batch_size) "
+        "extra split steps without an update); trajectory: the mean squared mini-batch gradient "
+        "over the local steps (free, but its scale follows the batch size and how far the client "
         "still is from its optimum: an ablation).",
     )
     fisher_examples: int = Field(
         16,
         ge=1,
-        description="fednano, fisher=endpoint: the bounded sample of training examples the Fisher averages over.",
+        description="fednano, fisher=endpoint: the bounded sample of training examples the Fisher "
+        "averages over.",
     )
     fisher_normalize: bool = Field(
         True,
-        description="fednano only: divide each adapter tensor's Fisher by its mean before upload, so it ranks the "
-        "client's coordinates against each other and no client wins a coordinate by the scale of its gradients alone.",
+        description="fednano only: divide each adapter tensor's Fisher by its mean before upload, "
+        "so it ranks the client's coordinates against each other and no client wins a coordinate "
+        "by the scale of its gradients alone.",
     )
     eval_batch_size: int = Field(32, ge=1, description="Rows per forward when scoring choices.")
     max_batch_size: int = Field(
@@ -474,16 +504,18 @@ class TrainConfig(_Section):
     pad_to_multiple: int = Field(
         8,
         ge=1,
-        description="LLM trainer: pad each split step to a multiple of this many tokens and merge only requests of "
-        "the same padded length, so a client's loss and gradient are bit-identical whatever it was batched with "
-        "(runs reproduce exactly); larger values merge more requests at the cost of more padding.",
+        description="LLM trainer: pad each split step to a multiple of this many tokens and merge "
+        "only requests of the same padded length, so a client's loss and gradient are "
+        "bit-identical whatever it was batched with (runs reproduce exactly); larger values merge "
+        "more requests at the cost of more padding.",
     )
     trainer_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs of the LLM trainer actor.")
     trainer_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs of the LLM trainer actor.")
     trainer_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads of the LLM trainer (default: every core of its node; Ray's num_cpus only schedules).",
+        description="torch threads of the LLM trainer (default: every core of its node; Ray's "
+        "num_cpus only schedules).",
     )
 
 
@@ -506,15 +538,17 @@ class ServeConfig(_Section):
 
 
 class DPConfig(_Section):
-    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018): clip each client's delta to
-    clip_norm, average over the sampled clients, add Gaussian noise of std noise_multiplier * clip_norm / m."""
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018): clip each client's delta
+    to clip_norm, average over the sampled clients, add Gaussian noise of std noise_multiplier *
+    clip_norm / m."""
 
     noise_multiplier: float = Field(
         1.0, gt=0, description="z: noise std over the clip norm (larger: more private, noisier)."
     )
     clip_norm: float = Field(
         gt=0,
-        description="C: bound on each client's update norm ||theta_i - theta_global|| (pick near honest updates' norms).",
+        description="C: bound on each client's update norm ||theta_i - theta_global|| (pick near "
+        "honest updates' norms).",
     )
     delta: float = Field(
         1e-5,
@@ -524,12 +558,14 @@ class DPConfig(_Section):
     )
     accountant: Literal["pld", "rdp"] = Field(
         "pld",
-        description="dp-accounting accountant for epsilon: pld (tight) or rdp (Renyi DP, a looser bound).",
+        description="dp-accounting accountant for epsilon: pld (tight) or rdp (Renyi DP, a looser "
+        "bound).",
     )
 
 
 class TrustConfig(_Section):
-    """Update validation, robust aggregation, client-level DP and secure aggregation (docs: fednano_ray/trust)."""
+    """Update validation, robust aggregation, client-level DP and secure aggregation (docs:
+    fednano_ray/trust)."""
 
     max_update_norm: float | None = Field(
         None,
@@ -538,8 +574,8 @@ class TrustConfig(_Section):
     )
     aggregator: Literal["mean", "median", "trimmed_mean", "clip"] = Field(
         "mean",
-        description="mean: the strategy's own rule; median / trimmed_mean: coordinate-wise robust rules; "
-        "clip: clip each delta to clip_norm, then the example-weighted mean.",
+        description="mean: the strategy's own rule; median / trimmed_mean: coordinate-wise robust "
+        "rules; clip: clip each delta to clip_norm, then the example-weighted mean.",
     )
     trim_fraction: float = Field(
         0.1, ge=0, lt=0.5, description="trimmed_mean only: fraction trimmed from each side."
@@ -550,7 +586,8 @@ class TrustConfig(_Section):
     dp: DPConfig | None = Field(None, description="Client-level DP (DP-FedAvg); null: off.")
     secure_aggregation: bool = Field(
         False,
-        description="Sum updates with SecAgg masking, so the server sees only the sum (simulated in the coordinator).",
+        description="Sum updates with SecAgg masking, so the server sees only the sum (simulated "
+        "in the coordinator).",
     )
 
     @model_validator(mode="after")
@@ -561,22 +598,25 @@ class TrustConfig(_Section):
             )
         if self.clip_norm is not None and self.aggregator != "clip":
             raise ValueError(
-                f"trust.clip_norm is set but trust.aggregator is {self.aggregator!r}: set trust.aggregator=clip "
-                "(for DP use trust.dp.clip_norm)"
+                f"trust.clip_norm is set but trust.aggregator is {self.aggregator!r}: set "
+                "trust.aggregator=clip (for DP use trust.dp.clip_norm)"
             )
         if self.dp is not None and self.aggregator != "mean":
             raise ValueError(
-                f"trust.dp clips and averages by itself: leave trust.aggregator at 'mean', not {self.aggregator!r}"
+                "trust.dp clips and averages by itself: leave trust.aggregator at 'mean', not "
+                f"{self.aggregator!r}"
             )
         if self.secure_aggregation and self.aggregator in ("median", "trimmed_mean"):
             raise ValueError(
-                f"trust.secure_aggregation with trust.aggregator {self.aggregator!r} is impossible: the server sees "
-                "only the sum of updates, and a median or trimmed mean needs each one; use mean or clip"
+                f"trust.secure_aggregation with trust.aggregator {self.aggregator!r} is "
+                "impossible: the server sees only the sum of updates, and a median or trimmed mean "
+                "needs each one; use mean or clip"
             )
         if self.secure_aggregation and self.max_update_norm is not None:
             raise ValueError(
-                "trust.max_update_norm cannot be checked under trust.secure_aggregation (the server never sees one "
-                "update); bound updates with trust.aggregator=clip or trust.dp instead"
+                "trust.max_update_norm cannot be checked under trust.secure_aggregation (the "
+                "server never sees one update); bound updates with trust.aggregator=clip or "
+                "trust.dp instead"
             )
         return self
 
@@ -620,13 +660,14 @@ class Config(_Section):
         spec = METHODS[fed.strategy]
         if fed.personalize_steps and spec.personal_only:
             raise ValueError(
-                f"federation.personalize_steps fine-tunes the global adapters on each client, but strategy {fed.strategy} "
-                "has no global model (every client already trains its own): set federation.personalize_steps=0"
+                "federation.personalize_steps fine-tunes the global adapters on each client, but "
+                f"strategy {fed.strategy} has no global model (every client already trains its "
+                "own): set federation.personalize_steps=0"
             )
         if spec.dual_adapter and not fed.personalize_steps:
             raise ValueError(
-                f"federation.strategy {fed.strategy} trains each client's local adapter after the last "
-                "round for federation.personalize_steps steps, which is 0: set it, e.g. "
+                f"federation.strategy {fed.strategy} trains each client's local adapter after the "
+                "last round for federation.personalize_steps steps, which is 0: set it, e.g. "
                 "federation.personalize_steps=20"
             )
         if self.adapter.factors == "product":
@@ -640,46 +681,53 @@ class Config(_Section):
                 )
             if trust.secure_aggregation or trust.dp is not None or trust.aggregator != "mean":
                 raise ValueError(
-                    "adapter.factors=product needs each client's factors in the clear to form B@A: turn off "
-                    "trust.secure_aggregation, trust.dp and robust trust.aggregator rules, or use adapter.factors=frozen_a"
+                    "adapter.factors=product needs each client's factors in the clear to form B@A: "
+                    "turn off trust.secure_aggregation, trust.dp and robust trust.aggregator "
+                    "rules, or use adapter.factors=frozen_a"
                 )
             if self.train.optimizer_state != "reset":
                 raise ValueError(
-                    "adapter.factors=product re-factorises the global adapters every round, so a client's kept AdamW "
-                    "moments would refer to other factors: set train.optimizer_state=reset"
+                    "adapter.factors=product re-factorises the global adapters every round, so a "
+                    "client's kept AdamW moments would refer to other factors: set "
+                    "train.optimizer_state=reset"
                 )
         if fed.server_lr != 1.0:
             if not spec.aggregates:
                 raise ValueError(
-                    f"federation.server_lr={fed.server_lr} scales the step from one global state to the next, "
-                    f"but federation.strategy {fed.strategy} aggregates nothing: set federation.server_lr=1"
+                    f"federation.server_lr={fed.server_lr} scales the step from one global state "
+                    f"to the next, but federation.strategy {fed.strategy} aggregates nothing: set "
+                    "federation.server_lr=1"
                 )
             if self.adapter.factors == "product":
                 raise ValueError(
-                    f"federation.server_lr={fed.server_lr} steps each tensor from the old global state, but "
-                    "adapter.factors=product re-factorises the global adapters every round, so the old factors "
-                    "are in another basis: set federation.server_lr=1 or adapter.factors=joint or frozen_a"
+                    f"federation.server_lr={fed.server_lr} steps each tensor from the old global "
+                    "state, but adapter.factors=product re-factorises the global adapters every "
+                    "round, so the old factors are in another basis: set federation.server_lr=1 or "
+                    "adapter.factors=joint or frozen_a"
                 )
         if self.adapter.kind != "lowrank" and spec.client.holds_llm:
             raise ValueError(
-                f"adapter.kind={self.adapter.kind} is a NanoAdapter form; federation.strategy {fed.strategy} trains PEFT "
-                "LoRA inside the LLM: leave adapter.kind at lowrank"
+                f"adapter.kind={self.adapter.kind} is a NanoAdapter form; federation.strategy "
+                f"{fed.strategy} trains PEFT LoRA inside the LLM: leave adapter.kind at lowrank"
             )
         if self.adapter.kind in ("slots", "connector") and "vision" not in self.adapter.modalities:
             raise ValueError(
-                f"adapter.kind={self.adapter.kind} adapts the visual tokens, but adapter.modalities "
-                f"{list(self.adapter.modalities)} has no vision: add vision or use adapter.kind=lowrank"
+                f"adapter.kind={self.adapter.kind} adapts the visual tokens, but "
+                f"adapter.modalities {list(self.adapter.modalities)} has no vision: add vision or "
+                "use adapter.kind=lowrank"
             )
         if self.adapter.factors != "joint" and spec.client.holds_llm:
             raise ValueError(
-                f"adapter.factors={self.adapter.factors} applies to NanoAdapters; federation.strategy {fed.strategy} "
-                "trains PEFT LoRA inside the LLM: leave adapter.factors at joint"
+                f"adapter.factors={self.adapter.factors} applies to NanoAdapters; "
+                f"federation.strategy {fed.strategy} trains PEFT LoRA inside the LLM: leave "
+                "adapter.factors at joint"
             )
         return self
 
     @model_validator(mode="after")
     def _check_min_holdout(self) -> Config:
-        # Known here only for the synthetic set or a max_train_examples cap; prepare_data checks a data.path set.
+        # Known here only for the synthetic set or a max_train_examples cap; prepare_data checks a
+        # data.path set.
         msg = min_holdout_error(self.data, self.federation.num_clients, None)
         if msg:
             raise ValueError(msg)
@@ -688,13 +736,14 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_trust(self) -> Config:
         trust, fed = self.trust, self.federation
-        # fedavg-lora is FedAvg over the LLM's LoRA: robust rules, DP-FedAvg and SecAgg apply to any state.
+        # fedavg-lora is FedAvg over the LLM's LoRA: robust rules, DP-FedAvg and SecAgg apply to
+        # any state.
         spec = METHODS[fed.strategy]
         robust = _either(m.name for m in METHODS.values() if m.robust)
         if trust.aggregator != "mean" and not spec.robust:
             raise ValueError(
-                f"trust.aggregator {trust.aggregator!r} replaces the example-weighted mean, so it needs "
-                f"federation.strategy {robust}, not {fed.strategy!r}"
+                f"trust.aggregator {trust.aggregator!r} replaces the example-weighted mean, so it "
+                f"needs federation.strategy {robust}, not {fed.strategy!r}"
             )
         if trust.dp is not None:
             if not spec.robust:
@@ -710,7 +759,8 @@ class Config(_Section):
                 )
         if trust.secure_aggregation and not spec.aggregates:
             raise ValueError(
-                f"trust.secure_aggregation needs a federated sum; federation.strategy {fed.strategy!r} has none"
+                "trust.secure_aggregation needs a federated sum; federation.strategy "
+                f"{fed.strategy!r} has none"
             )
         return self
 
@@ -725,7 +775,8 @@ class Config(_Section):
         return METHODS[self.federation.strategy].client.holds_llm
 
     def method(self) -> Method:
-        """The run's method, resolved from ``federation`` and ``trust`` (fednano_ray/federation/method.py)."""
+        """The run's method, resolved from ``federation`` and ``trust``
+        (fednano_ray/federation/method.py)."""
         return Method.from_config(self)
 
     def tier_rank(self, tier: TierConfig) -> int:
@@ -824,7 +875,8 @@ def load_config(
 
 
 def describe_config(model: type[BaseModel] | None = None, prefix: str = "") -> str:
-    """Every key of the config tree with its default and description (``fednano-ray train --help-config``)."""
+    """Every key of the config tree with its default and description
+    (``fednano-ray train --help-config``)."""
     model = model or Config
     lines = []
     for name, field in model.model_fields.items():

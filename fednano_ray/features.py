@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 def feature_key(model_cfg, mllm) -> str:
-    """What the cached features depend on: the encoder (model kind, checkpoint, grid or tiny sizes) and the
-    preprocessing (``mllm.preprocessing``), and nothing else, so a precision or connector change reuses them
-    while a change of normalisation never does."""
+    """What the cached features depend on: the encoder (model kind, checkpoint, grid or tiny sizes)
+    and the preprocessing (``mllm.preprocessing``), and nothing else, so a precision or connector
+    change reuses them while a change of normalisation never does."""
     m = model_cfg
     return json.dumps(
         {

@@ -19,10 +19,10 @@ A grid spec (YAML, see examples/paper/grid.yaml) names a base config and groups 
 
 Overrides are ``fednano-ray train --set`` strings (``key=value``, YAML values). A cell's run
 directory is named from what its overrides change in the base config (plus a short hash of that),
-so the same cell listed by two groups runs once, and a rerun finds its finished cells and skips them.
-Every cell's config is validated before anything runs: a typo stops the grid at once. A cell whose
-only problem is an unknown ``federation.strategy`` (one not implemented yet) is reported as failed,
-with the config error, and the grid goes on.
+so the same cell listed by two groups runs once, and a rerun finds its finished cells and skips
+them. Every cell's config is validated before anything runs: a typo stops the grid at once. A cell
+whose only problem is an unknown ``federation.strategy`` (one not implemented yet) is reported as
+failed, with the config error, and the grid goes on.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def _yaml_value(v: Any) -> str:
 
 
 def _overrides(obj: Any, where: str) -> tuple[str, ...]:
-    """An override string, or a (nested) list of them, as a flat tuple; checked for key=value form."""
+    """An override string, or a (nested) list of them, as a flat tuple; checked for key=value
+    form."""
     if obj is None:
         return ()
     if isinstance(obj, str):
@@ -155,7 +156,8 @@ def _axis(options: Any, where: str) -> tuple[tuple[str, ...], ...]:
 
 
 def _check_keys(where: str, tree: dict[str, Any], allowed: set[str]) -> None:
-    """A GridError naming the keys of ``tree`` that ``allowed`` does not list, and the allowed ones."""
+    """A GridError naming the keys of ``tree`` that ``allowed`` does not list, and the allowed
+    ones."""
     unknown = sorted(set(tree) - allowed)
     if unknown:
         raise GridError(
@@ -276,7 +278,8 @@ def cell_name(
     """A deterministic directory name from what the overrides change in the base config.
 
     Overrides that restate the base's value are dropped (the strategy and seed keys are kept), so
-    the same setting spelt two ways gets one name. Readable part + 8 hex digits of a hash of the rest.
+    the same setting spelt two ways gets one name. Readable part + 8 hex digits of a hash of the
+    rest.
     """
     canon = {k: _norm(v) for k, v in parse_overrides(list(overrides))}
     canon.setdefault(_STRATEGY, _norm(_get(base_tree, _STRATEGY)))
@@ -307,7 +310,8 @@ def expand(spec: GridSpec, only: Sequence[str] | None = None) -> list[Cell]:
         unknown = [g for g in only if g not in spec.groups]
         if unknown:
             raise GridError(
-                f"--only: no group named {', '.join(unknown)}; the groups are {', '.join(spec.groups)}"
+                f"--only: no group named {', '.join(unknown)}; the groups are "
+                f"{', '.join(spec.groups)}"
             )
     base_tree = _base_tree(spec)
     cells: dict[str, Cell] = {}
@@ -350,7 +354,8 @@ def check_cells(cells: Sequence[Cell], spec: GridSpec, runs_dir: Path) -> list[s
             cell.config = load_config(spec.base, list(cell.overrides)).model_dump(mode="json")
         except ConfigError as e:
             cell.error = str(e)
-            try:  # the same cell with a known strategy: if that is valid, only the strategy is missing
+            # the same cell with a known strategy: if that is valid, only the strategy is missing
+            try:
                 load_config(spec.base, [*cell.overrides, f"{_STRATEGY}={_FALLBACK_STRATEGY}"])
                 cell.status = "unavailable"
             except ConfigError:
@@ -363,8 +368,9 @@ def check_cells(cells: Sequence[Cell], spec: GridSpec, runs_dir: Path) -> list[s
             diff = _config_diff(load_run(run_dir).results["config"], cell.config)
             if diff:
                 warnings.append(
-                    f"{run_dir}: finished with a config that differs from the grid's in {', '.join(diff[:6])}"
-                    f"{' ...' if len(diff) > 6 else ''}; it is kept (delete it to rerun)"
+                    f"{run_dir}: finished with a config that differs from the grid's in "
+                    f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}; "
+                    "it is kept (delete it to rerun)"
                 )
         elif rundir.config_path(run_dir).exists():
             cell.status = "resume"
@@ -376,7 +382,8 @@ def check_cells(cells: Sequence[Cell], spec: GridSpec, runs_dir: Path) -> list[s
         for msg, names in invalid.items():
             lines.append("  " + msg.replace("\n", "\n  "))
             lines.append(
-                f"    in {len(names)} cell(s): {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                f"    in {len(names)} cell(s): "
+                f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
             )
         raise GridError("\n".join(lines))
     return warnings
@@ -401,8 +408,8 @@ def train_subprocess(
 ) -> tuple[bool, str]:
     """Run ``python -m fednano_ray train`` for one cell; its output goes to ``run_dir/grid.log``.
 
-    Without ``address`` each cell starts its own local Ray (``RAY_ADDRESS=local``), as ``train`` does
-    when no other Ray instance runs on the machine; with it, every cell joins that cluster.
+    Without ``address`` each cell starts its own local Ray (``RAY_ADDRESS=local``), as ``train``
+    does when no other Ray instance runs on the machine; with it, every cell joins that cluster.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **({"RAY_ADDRESS": "local"} if address is None else {})}
@@ -443,9 +450,11 @@ def _outcome(run_dir: Path) -> str:
             return "n/a"
         return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
-    # Averages are weighted by each client's test size; [lo, hi]: 95% Wilson interval (fednano_ray/stats.py).
+    # Averages are weighted by each client's test size; [lo, hi]: 95% Wilson interval
+    # (fednano_ray/stats.py).
     return (
-        f"avg client acc. {pct(s.get('accuracy_before'))} -> {pct(s.get('accuracy_after'), s.get('accuracy_after_ci95'))}, "
+        f"avg client acc. {pct(s.get('accuracy_before'))} -> "
+        f"{pct(s.get('accuracy_after'), s.get('accuracy_after_ci95'))}, "
         f"global test {pct(s.get('global_test_accuracy'), s.get('global_test_accuracy_ci95'))}, "
         f"{s.get('wall_time_s', 0):.0f} s"
     )
@@ -461,7 +470,8 @@ def run_grid(
     report_out: str | Path | None = None,
     out: Callable[[str], None] = print,
 ) -> int:
-    """Expand, validate, run the cells not finished yet, then report. Returns 0, or 1 if a cell failed.
+    """Expand, validate, run the cells not finished yet, then report. Returns 0, or 1 if a cell
+    failed.
 
     Raises:
         GridError: a bad spec or an invalid cell config, before anything runs.
@@ -476,7 +486,8 @@ def run_grid(
     groups = ", ".join(g for g in spec.groups if not only or g in only)
     out(
         f"grid {spec.path} ({groups}): {len(cells)} cells in {runs_dir}: {counts['new']} to run, "
-        f"{counts['resume']} to resume, {counts['finished']} finished, {counts['unavailable']} with an unknown strategy"
+        f"{counts['resume']} to resume, {counts['finished']} finished, {counts['unavailable']} "
+        "with an unknown strategy"
     )
     for w in warnings:
         out(f"warning: {w}")
@@ -485,7 +496,8 @@ def run_grid(
         for i, c in enumerate(cells, 1):
             note = f"  ({c.error.splitlines()[-1].strip()})" if c.error else ""
             out(
-                f"[{i:>{width}}/{len(cells)}] {c.status:<11} {c.name}  [{', '.join(c.groups)}]{note}"
+                f"[{i:>{width}}/{len(cells)}] {c.status:<11} {c.name}  "
+                f"[{', '.join(c.groups)}]{note}"
             )
         out(
             "dry run: every cell's config is valid"
@@ -527,8 +539,8 @@ def run_grid(
 
     done = [runs_dir / c.name for c in cells if run_finished(runs_dir / c.name)]
     out(
-        f"grid done in {time.perf_counter() - t_grid:.0f} s: {len(done)} of {len(cells)} cells finished, "
-        f"{len(failed)} failed"
+        f"grid done in {time.perf_counter() - t_grid:.0f} s: {len(done)} of {len(cells)} cells "
+        f"finished, {len(failed)} failed"
     )
     for c, msg in failed:
         out(f"  failed: {c.name}: {msg.splitlines()[-1].strip() if msg else ''}")

@@ -74,7 +74,8 @@ def cpu_flags() -> frozenset[str]:
 
 @functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The CPU's model name (lscpu's "Model name"), e.g. ``AMD EPYC`` or ``Intel(R) Xeon(R) ...``."""
+    """The CPU's model name (lscpu's "Model name"), e.g. ``AMD EPYC`` or
+    ``Intel(R) Xeon(R) ...``."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -107,7 +108,8 @@ def hardware_info() -> dict[str, Any]:
 def native_bf16(
     *, flags: frozenset[str] | None = None, cuda: bool | None = None, cuda_bf16: bool | None = None
 ) -> tuple[bool, str]:
-    """Whether this machine multiplies bf16 natively, and why (the arguments override detection, for tests).
+    """Whether this machine multiplies bf16 natively, and why (the arguments override detection, for
+    tests).
 
     Args:
         flags: the CPU's flags (default: /proc/cpuinfo).
@@ -128,7 +130,8 @@ def native_bf16(
         return bool(cuda_bf16), f"{name} {'supports' if cuda_bf16 else 'does not support'} bf16"
     if flags is None:
         flags = cpu_flags()
-        # The flags can say yes while oneDNN is capped below AVX512_BF16 (ONEDNN_MAX_CPU_ISA): ask torch too.
+        # The flags can say yes while oneDNN is capped below AVX512_BF16 (ONEDNN_MAX_CPU_ISA): ask
+        # torch too.
         torch_says = (
             getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)()
             or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
@@ -151,7 +154,10 @@ def native_bf16(
         return True, f"the CPU has {', '.join(native)}: bf16 matmuls are native"
     return (
         False,
-        "the CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated (~50-70x slower than fp32)",
+        (
+            "the CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated "
+            "(~50-70x slower than fp32)"
+        ),
     )
 
 

@@ -4,7 +4,8 @@ Runs are grouped by *setting*: every config key except the seeds (``federation.s
 ``data.synth.seed``) and keys that only place work on machines (CPUs, pools, ports, deadlines).
 Each group's metrics are the mean and the sample standard deviation (ddof=1) over its runs, i.e.
 over seeds. Columns for strategy, Dirichlet alpha and client count are always shown; any other key
-that differs between the runs (adapter rank, tier ranks, modalities, local steps, ...) gets a column.
+that differs between the runs (adapter rank, tier ranks, modalities, local steps, ...) gets a
+column.
 
 Usage::
 
@@ -95,7 +96,8 @@ def _finished_summary(summary: Any) -> bool:
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "t": [{"x": 2}]}`` -> ``{"a.b": 1, "t.0.x": 2}``; lists of scalars stay lists."""
+    """``{"a": {"b": 1}, "t": [{"x": 2}]}`` -> ``{"a.b": 1, "t.0.x": 2}``; lists of scalars stay
+    lists."""
     out: dict[str, Any] = {}
     if isinstance(tree, dict):
         for k, v in tree.items():
@@ -133,7 +135,8 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def run_finished(run_dir: str | Path) -> bool:
-    """True if ``run_dir/results.json`` holds a finished run (False when missing, unreadable or partial)."""
+    """True if ``run_dir/results.json`` holds a finished run (False when missing, unreadable or
+    partial)."""
     try:
         return load_run(run_dir).finished
     except ReportError:
@@ -144,7 +147,8 @@ def run_finished(run_dir: str | Path) -> bool:
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
-    """Mean, sample std (ddof=1; None for fewer than 2 values) and count of the non-missing values."""
+    """Mean, sample std (ddof=1; None for fewer than 2 values) and count of the non-missing
+    values."""
     xs = [
         float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))
     ]
@@ -154,7 +158,8 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
 
 
 def fmt_pct(values: Sequence[float | None], n: int) -> str:
-    """Accuracies (fractions) as ``"31.5 ± 2.0"`` percent; ``n/a`` when none; ``(n=k)`` when some missing."""
+    """Accuracies (fractions) as ``"31.5 ± 2.0"`` percent; ``n/a`` when none; ``(n=k)`` when some
+    missing."""
     m, s, k = mean_std(values)
     if m is None:
         return _NA
@@ -195,7 +200,8 @@ def step_bytes(run: Run) -> float | None:
 
 
 def accuracy_curve(run: Run) -> list[tuple[int, float]]:
-    """(rounds completed, average client accuracy): 0 = before training, then every evaluation round."""
+    """(rounds completed, average client accuracy): 0 = before training, then every evaluation
+    round."""
     pts: list[tuple[int, float]] = []
     if run.summary.get("accuracy_before") is not None:
         pts.append((0, float(run.summary["accuracy_before"])))
@@ -286,7 +292,8 @@ def _strategy_rank(name: str) -> tuple[int, str]:
 
 
 def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
-    """Group runs that differ only in their seeds. Returns the groups (sorted) and the displayed columns."""
+    """Group runs that differ only in their seeds. Returns the groups (sorted) and the displayed
+    columns."""
     common = set.intersection(*(set(r.flat) for r in runs)) if runs else set()
     keys = sorted(k for k in common if k not in SEED_KEYS and not _PLACEMENT.match(k))
     diff_keys = [
@@ -301,7 +308,8 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
         if len({str(ders[id(r)][c]) for r in runs}) > 1
     ]
     generic = [k for k in diff_keys if not _FOLDED.match(k)]
-    # Keys set with num_clients (clients per round, tier sizes) get a column only when they vary alone.
+    # Keys set with num_clients (clients per round, tier sizes) get a column only when they vary
+    # alone.
     shown_generic = []
     for k in generic:
         if _FOLLOW_CLIENTS.match(k):
@@ -420,7 +428,8 @@ def _colour(strategy: str, all_strategies: Sequence[str]):
 
 
 def _mean_curve(curves: Sequence[Sequence[tuple[float, float]]], by_index: bool):
-    """Average curves point-wise: by x value (rounds) or by position (cumulative bytes differ slightly)."""
+    """Average curves point-wise: by x value (rounds) or by position (cumulative bytes differ
+    slightly)."""
     import numpy as np
 
     buckets: dict[Any, list[tuple[float, float]]] = {}
@@ -536,14 +545,15 @@ _NOTES = """\
 weighted by their test sizes (all held-out questions pooled), after the last round.
 - **global test acc.**: accuracy on the shared test set after the last round (for personalised \
 strategies, the mean over the clients' models); n/a when not recorded.
-- **[lo, hi]** in the runs list: the 95% Wilson interval of a run's accuracy on its questions (pooled \
-over clients: it ignores the variance between clients); the ± above is the spread over seeds.
-- **client storage**: bytes a client holds (encoder, connector, embeddings, adapters) and their share \
-of the whole MLLM.
-- **adapter bytes / round**: adapters (and Fisher, for fednano) sent up plus down in one round, over \
-all sampled clients, averaged over rounds.
-- **activations / split step**: hidden states and gradients crossing the client/server split in one \
-training step.""".splitlines()
+- **[lo, hi]** in the runs list: the 95% Wilson interval of a run's accuracy on its questions \
+(pooled over clients: it ignores the variance between clients); the ± above is the spread over \
+seeds.
+- **client storage**: bytes a client holds (encoder, connector, embeddings, adapters) and their \
+share of the whole MLLM.
+- **adapter bytes / round**: adapters (and Fisher, for fednano) sent up plus down in one round, \
+over all sampled clients, averaged over rounds.
+- **activations / split step**: hidden states and gradients crossing the client/server split in \
+one training step.""".splitlines()
 
 
 def _label(g: Group, columns: Sequence[str]) -> str:
@@ -552,7 +562,8 @@ def _label(g: Group, columns: Sequence[str]) -> str:
 
 
 def _held_out(run: Run, which: str) -> dict[str, str]:
-    """Per-client "1"/"0" answers on the held-out questions: before (pretrained) or after (last evaluation)."""
+    """Per-client "1"/"0" answers on the held-out questions: before (pretrained) or after (last
+    evaluation)."""
     if which == "before":
         return dict(run.summary.get("correct_before") or {})
     evals = [r for r in run.rounds if r.get("correct")]
@@ -562,7 +573,8 @@ def _held_out(run: Run, which: str) -> dict[str, str]:
 def _pooled_pairs(
     pairs: Iterable[tuple[dict[str, str], dict[str, str]]],
 ) -> tuple[list[str], list[str]]:
-    """The answer strings of the clients both sides scored on the same questions, pooled over runs."""
+    """The answer strings of the clients both sides scored on the same questions, pooled over
+    runs."""
     a_all, b_all = [], []
     for a, b in pairs:
         for c in sorted(set(a) & set(b)):
@@ -584,7 +596,8 @@ PAIRED_MAX_SETTINGS = 8
 
 
 def paired_section(groups: Sequence[Group], columns: Sequence[str]) -> list[str]:
-    """Markdown: paired accuracy differences question by question, pooled over seeds (95% intervals).
+    """Markdown: paired accuracy differences question by question, pooled over seeds (95%
+    intervals).
 
     Each setting against the pretrained model (held-out and global test), then every two settings
     against each other on the runs they share a seed with (same seed: same partition and held-out
@@ -596,10 +609,11 @@ def paired_section(groups: Sequence[Group], columns: Sequence[str]) -> list[str]
         "## Paired differences",
         "",
         (
-            "Accuracy differences in points, question by question on the same questions, pooled over the seeds "
-            "(and clients) of each setting, with the 95% interval of the mean paired difference "
-            "(`fednano_ray.stats.paired_difference`). Pairing removes what the two sides share, so these "
-            "intervals are much narrower than the two accuracies' own intervals suggest."
+            "Accuracy differences in points, question by question on the same questions, pooled "
+            "over the seeds (and clients) of each setting, with the 95% interval of the mean "
+            "paired difference (`fednano_ray.stats.paired_difference`). Pairing removes what the "
+            "two sides share, so these intervals are much narrower than the two accuracies' own "
+            "intervals suggest."
         ),
         "",
         "| setting | seeds | held-out: after − before | global test: after − before |",
@@ -644,7 +658,8 @@ def paired_section(groups: Sequence[Group], columns: Sequence[str]) -> list[str]
 
 
 def _ci_pct(ci: Sequence[float] | None) -> str:
-    """`` [33.1, 44.2]``: a recorded 95% interval in percent, or nothing (runs from before intervals)."""
+    """`` [33.1, 44.2]``: a recorded 95% interval in percent, or nothing (runs from before
+    intervals)."""
     return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
 
 
@@ -660,7 +675,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, 
     seen: dict[Path, Run] = {}
     for d in run_dirs:
         if (Path(d) / rundir.REPORT).is_file() and not rundir.results_path(d).exists():
-            # A report's own folder: `fednano-ray grid` writes RUNS_DIR/report, which RUNS_DIR/*/ matches.
+            # A report's own folder: `fednano-ray grid` writes RUNS_DIR/report, which RUNS_DIR/*/
+            # matches.
             warn(f"{d}: a report folder, not a run directory; skipped")
             continue
         run = load_run(d)
@@ -684,10 +700,10 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, 
         "# FedNano-Ray report",
         "",
         (
-            f"{len(runs)} finished runs in {len(groups)} settings. Each row is one setting; its numbers are "
-            "the mean ± sample standard deviation (ddof=1) over its n runs (seeds: `federation.seed`, "
-            "`data.synth.seed`); a single run shows its value alone, and `(n=k)` marks a metric only k "
-            "of the n runs recorded."
+            f"{len(runs)} finished runs in {len(groups)} settings. Each row is one setting; its "
+            "numbers are the mean ± sample standard deviation (ddof=1) over its n runs (seeds: "
+            "`federation.seed`, `data.synth.seed`); a single run shows its value alone, and "
+            "`(n=k)` marks a metric only k of the n runs recorded."
         ),
         "",
         "## Results",
@@ -713,17 +729,23 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", *, 
     md += [
         "## Runs",
         "",
-        "| run | strategy | seed | rounds | avg client acc. before → after (%) [95% interval] | global test acc. (%) |",
+        (
+            "| run | strategy | seed | rounds | avg client acc. before → after (%) [95% interval]"
+            " | global test acc. (%) |"
+        ),
         "|---|---|---|---|---|---|",
     ]
     for g in groups:
         for r in sorted(g.runs, key=lambda r: r.seed):
             s = r.summary
             md.append(
-                f"| `{r.path}` | {r.strategy} | {r.seed or '—'} | {s.get('rounds', len(r.rounds))} | "
-                f"{fmt_pct([s.get('accuracy_before')], 1)} → {fmt_pct([s.get('accuracy_after')], 1)}"
+                f"| `{r.path}` | {r.strategy} | {r.seed or '—'} | "
+                f"{s.get('rounds', len(r.rounds))} | "
+                f"{fmt_pct([s.get('accuracy_before')], 1)} → "
+                f"{fmt_pct([s.get('accuracy_after')], 1)}"
                 f"{_ci_pct(s.get('accuracy_after_ci95'))} | "
-                f"{fmt_pct([s.get('global_test_accuracy')], 1)}{_ci_pct(s.get('global_test_accuracy_ci95'))} |"
+                f"{fmt_pct([s.get('global_test_accuracy')], 1)}"
+                f"{_ci_pct(s.get('global_test_accuracy_ci95'))} |"
             )
     if unfinished:
         md += ["", "Left out (not finished): " + ", ".join(f"`{r.path}`" for r in unfinished)]

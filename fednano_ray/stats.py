@@ -32,7 +32,8 @@ def wilson_interval(correct: float, n: float, z: float = Z95) -> tuple[float, fl
     """Wilson score interval of a binomial proportion ``correct / n``.
 
     Args:
-        correct: Number of successes (a float is accepted, e.g. ``accuracy * n``); clipped to ``[0, n]``.
+        correct: Number of successes (a float is accepted, e.g. ``accuracy * n``); clipped to
+            ``[0, n]``.
         n: Number of trials. ``n <= 0`` carries no information: the interval is ``(0.0, 1.0)``.
         z: Normal quantile; the default gives a two-sided 95% interval.
 
@@ -70,7 +71,8 @@ def weighted_accuracy(accuracy: Mapping[K, float], n: Mapping[K, int | float]) -
 def pooled_accuracy(
     accuracy: Mapping[K, float], n: Mapping[K, int | float], z: float = Z95
 ) -> tuple[float | None, int, tuple[float, float] | None]:
-    """Test-size-weighted accuracy over clients, the pooled number of questions, and its Wilson interval.
+    """Test-size-weighted accuracy over clients, the pooled number of questions, and its Wilson
+    interval.
 
     The interval is the Wilson interval of all held-out questions pooled (``sum(acc_i * n_i)``
     correct of ``sum(n_i)``). It treats every question as an independent trial and so ignores the
@@ -97,7 +99,8 @@ def client_accuracy_stats(
             held-out questions scored), as ``ClientActor.evaluate`` returns it.
 
     Returns:
-        ``accuracy`` {client: acc}, ``accuracy_n`` {client: n}, ``accuracy_ci95`` {client: [lo, hi]},
+        ``accuracy`` {client: acc}, ``accuracy_n`` {client: n},
+        ``accuracy_ci95`` {client: [lo, hi]},
         ``avg_accuracy`` (weighted by test size: pooled correct / pooled n; None without clients),
         ``avg_accuracy_n`` (pooled n) and ``avg_accuracy_ci95`` (pooled Wilson interval, see
         :func:`pooled_accuracy`; None without clients).
@@ -124,8 +127,9 @@ def global_test_stats(tests: Sequence[Mapping[str, float]], z: float = Z95) -> d
 
     Returns:
         ``global_test_accuracy`` (the mean over ``tests``), ``global_test_n`` (questions) and
-        ``global_test_accuracy_ci95``: the Wilson interval of that accuracy on ``n`` questions (for a
-        mean over several client models this is approximate: the models answer the same questions).
+        ``global_test_accuracy_ci95``: the Wilson interval of that accuracy on ``n`` questions (for
+        a mean over several client models this is approximate: the models answer the same
+        questions).
         None values when nothing was scored.
     """
     tests = [t for t in tests if t.get("n") and float(t["n"]) > 0]

@@ -65,7 +65,8 @@ def dataset_root(data: DataConfig) -> Path:
 
 
 def prepare_data(cfg: Config) -> FederatedData:
-    """Load the dataset and split it across ``federation.num_clients`` clients, deterministically."""
+    """Load the dataset and split it across ``federation.num_clients`` clients,
+    deterministically."""
     d, fed = cfg.data, cfg.federation
     root = dataset_root(d)
     splits = load_dataset(root)
@@ -81,7 +82,8 @@ def prepare_data(cfg: Config) -> FederatedData:
         labels = [ex.category or "none" for ex in train]
     else:
         labels = [ex.choices[ex.answer] for ex in train]
-    # Every client holds out max(round(holdout_fraction * shard), min_holdout) and trains on at least one.
+    # Every client holds out max(round(holdout_fraction * shard), min_holdout) and trains on at
+    # least one.
     msg = min_holdout_error(d, fed.num_clients, len(train))
     if msg:
         raise ConfigError(msg)
@@ -99,10 +101,11 @@ def prepare_data(cfg: Config) -> FederatedData:
         if d.min_holdout <= 0:
             raise
         raise ConfigError(
-            f"data.min_holdout={d.min_holdout} needs at least {d.min_holdout + 1} examples on every client "
-            f"({d.min_holdout} held out + 1 to train) and the {d.partition} partition of {len(train)} examples "
-            f"over federation.num_clients={fed.num_clients} cannot give that ({e}); lower data.min_holdout, "
-            "raise data.synth.num_train (or data.max_train_examples), use fewer clients, or a less skewed split "
+            f"data.min_holdout={d.min_holdout} needs at least {d.min_holdout + 1} examples on "
+            f"every client ({d.min_holdout} held out + 1 to train) and the {d.partition} "
+            f"partition of {len(train)} examples over federation.num_clients={fed.num_clients} "
+            f"cannot give that ({e}); lower data.min_holdout, raise data.synth.num_train "
+            "(or data.max_train_examples), use fewer clients, or a less skewed split "
             "(a larger data.alpha, data.partition=iid)"
         ) from e
     client_train, client_test = [], []

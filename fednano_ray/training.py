@@ -29,7 +29,8 @@ from fednano_ray.models.split import IGNORE_INDEX, NanoEdge
 from fednano_ray.strategies.aggregate import proximal_penalty
 
 Row = tuple[list[int], list[int], list[bool]]
-#: One multiple-choice example: (each choice's row ``prompt + choice``, index of the answer, category).
+#: One multiple-choice example: (each choice's row ``prompt + choice``, index of the answer,
+#: category).
 Question = tuple[list[Row], int, "str | None"]
 OBJECTIVES = ("lm", "choice")
 #: Diagonal Fisher estimators (``train.fisher``): ``endpoint`` = the empirical Fisher at the end of
@@ -119,7 +120,8 @@ def local_fit(
     Args:
         questions: the client's training examples, (choice rows, answer index, category) each.
         objective: ``lm`` (next-token NLL of the answer's row) or ``choice`` (cross-entropy of the
-            answer among the choices' summed log-likelihoods, plus ``lm_weight`` x the answer's NLL).
+            answer among the choices' summed log-likelihoods, plus ``lm_weight`` x the answer's
+            NLL).
         params: what is trained, by state key; default the edge's NanoAdapters. ``fedavg-lora``
             passes the LoRA inside an in-process LLM
             (:meth:`fednano_ray.models.build.MLLM.with_llm_lora`): its edge has no trainable part
@@ -127,8 +129,10 @@ def local_fit(
         optimizer_state: AdamW's state from this client's previous call (None: fresh moments), so
             the moments carry over between rounds instead of restarting every call.
         fisher: the diagonal Fisher estimator (:data:`FISHER_ESTIMATORS`): ``endpoint`` costs
-            ``ceil(fisher_examples / batch_size)`` extra split steps (forward and backward, no update).
-        fisher_examples: ``endpoint`` only: the bounded sample of training examples it averages over.
+            ``ceil(fisher_examples / batch_size)`` extra split steps (forward and backward, no
+            update).
+        fisher_examples: ``endpoint`` only: the bounded sample of training examples it averages
+            over.
         fisher_normalize: divide each tensor's Fisher by its mean, so that it says which coordinates
             matter to this client relative to its others, and no client outweighs the rest by the
             scale of its gradients alone (batch size, distance to its optimum, loss scale).
@@ -252,7 +256,8 @@ def endpoint_fisher(
     objective: str = "lm",
     lm_weight: float = 0.0,
 ) -> dict[str, Tensor]:
-    """The empirical diagonal Fisher at the current adapters: ``mean_i (d NLL_i / dθ)²`` over ``sample``.
+    """The empirical diagonal Fisher at the current adapters: ``mean_i (d NLL_i / dθ)²`` over
+    ``sample``.
 
     ``NLL_i`` is example i's own loss under ``objective`` (for ``choice``, ``-log p(answer | its
     choices)``, a proper log-likelihood of a categorical over the choices). The server runs one
@@ -309,13 +314,16 @@ def choice_rows(
 
 @dataclass
 class PackedChoices:
-    """One question's choices packed behind their shared prompt (see :meth:`ServerLLM.score_packed`).
+    """One question's choices packed behind their shared prompt (see
+    :meth:`ServerLLM.score_packed`).
 
     Attributes:
         ids, image_mask: the prompt's tokens, then each choice's answer tokens in turn.
-        positions: the prompt's 0..P-1, then each choice's again from P (as if it followed the prompt alone).
+        positions: the prompt's 0..P-1, then each choice's again from P (as if it followed the
+            prompt alone).
         segments: 0 on the prompt, j on choice j's tokens (1-based).
-        picks: per scored token (position whose next-token distribution scores it, token id, choice index).
+        picks: per scored token (position whose next-token distribution scores it, token id, choice
+            index).
     """
 
     ids: list[int]
@@ -326,7 +334,8 @@ class PackedChoices:
 
 
 def pack_choices(rows: Sequence[Row]) -> PackedChoices:
-    """Pack the rows of one question's choices (``prompt + answer`` each, labels on the answer) into one row.
+    """Pack the rows of one question's choices (``prompt + answer`` each, labels on the answer) into
+    one row.
 
     Raises:
         ValueError: if the rows do not share their prompt or label something other than a suffix.
@@ -436,7 +445,8 @@ def evaluate(
     out: dict[str, float | str] = {
         "accuracy": float(np.mean(correct)) if correct else float("nan"),
         "n": float(len(correct)),
-        # per question, in order ("1" right, "0" wrong): paired comparisons of two models on the same questions
+        # per question, in order ("1" right, "0" wrong): paired comparisons of two models on the
+        # same questions
         "correct": "".join("1" if ok else "0" for ok in correct),
     }
     cats = sorted({c for _, _, c in questions if c is not None})

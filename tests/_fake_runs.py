@@ -1,4 +1,6 @@
-"""Synthetic run directories shaped like real ones (results.json as Coordinator.write_results writes it)."""
+"""Synthetic run directories shaped like real ones (results.json as Coordinator.write_results writes
+it).
+"""
 
 from __future__ import annotations
 
@@ -74,11 +76,13 @@ def write_run(
     test_n: list[int] | None = None,
     global_n: int = 40,
 ) -> Path:
-    """Write run_dir/{config.yaml,results.json}: one round per entry of ``accs`` (None: not evaluated).
+    """Write run_dir/{config.yaml,results.json}: one round per entry of ``accs`` (None: not
+    evaluated).
 
-    ``after`` is the final accuracy (default: the last evaluated one), as finish() evaluates when no round did.
-    ``test_n``: each client's held-out questions (default 10 each); every client scores the same accuracy,
-    so the test-size-weighted average equals it. Intervals are computed as the Coordinator does.
+    ``after`` is the final accuracy (default: the last evaluated one), as finish() evaluates when no
+    round did. ``test_n``: each client's held-out questions (default 10 each); every client scores
+    the same accuracy, so the test-size-weighted average equals it. Intervals are computed as the
+    Coordinator does.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = config["federation"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# Tests name the project's files from its root (examples/tiny.yaml, fednano_ray/assets): run them from
-# there whatever directory pytest was started in (`pytest /path/to/repo/tests` works too).
+# Tests name the project's files from its root (examples/tiny.yaml, fednano_ray/assets): run them
+# from there whatever directory pytest was started in (`pytest /path/to/repo/tests` works too).
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)
 
@@ -38,18 +38,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A simulated multi-node cluster (ray.cluster_utils.Cluster): a head plus one node per client tier.
+    """A simulated multi-node cluster (ray.cluster_utils.Cluster): a head plus one node per client
+    tier.
 
     Nodes advertise a custom resource named after their tier, as cluster.yaml's node types do.
     Logical CPUs exceed the 2 physical cores on purpose: tiny-model actors are mostly idle.
-    The head runs the dashboard, whose job agent `ray job submit` talks to (tests/actors/test_jobs.py).
+    The head runs the dashboard, whose job agent `ray job submit` talks to
+    (tests/actors/test_jobs.py).
     """
     import ray
     from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
-    # Cluster() records the head's address in Ray's default temp dir (/tmp/ray) whatever temp_dir says,
-    # and fails on a fresh machine where no Ray has run yet and that folder does not exist.
+    # Cluster() records the head's address in Ray's default temp dir (/tmp/ray) whatever temp_dir
+    # says, and fails on a fresh machine where no Ray has run yet and that folder does not exist.
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     cluster = Cluster(
@@ -63,9 +65,10 @@ def ray_cluster():
             "dashboard_agent_listen_port": _free_port(),
         },
     )
-    # A job's driver gets RAY_ADDRESS from its supervisor, which reads ray_current_cluster in the head's
-    # temp dir; Cluster writes it only under /tmp/ray, and without it Ray picks ANY gcs_server running
-    # on this machine (other test runs'). Name ours there, as `ray start --head` does.
+    # A job's driver gets RAY_ADDRESS from its supervisor, which reads ray_current_cluster in the
+    # head's temp dir; Cluster writes it only under /tmp/ray, and without it Ray picks ANY
+    # gcs_server running on this machine (other test runs'). Name ours there, as `ray start --head`
+    # does.
     from ray._private.utils import write_ray_address
 
     write_ray_address(cluster.address, tmp)
@@ -83,7 +86,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_run(ray_cluster, tmp_path_factory):
     """ONE plain run of examples/tiny.yaml (2 rounds, fp32, seed 0), shared by the tests that read a
-    finished run or need an uninterrupted reference: ``(run_dir, results)``. Read it, never write to it."""
+    finished run or need an uninterrupted reference: ``(run_dir, results)``. Read it, never write to
+    it."""
     from fednano_ray.app import train
     from fednano_ray.config import load_config
 

@@ -141,8 +141,8 @@ def test_traffic_formulas_by_hand(tiny_parts):
 
 
 def test_fedavg_lora_clients_store_the_whole_mllm_and_send_no_activations(tiny_parts):
-    """fedavg-lora: the client holds every part plus its LLM LoRA (r·(in+out) per q_proj/v_proj, fp32),
-    exchanges the LoRA each round and sends nothing per step."""
+    """fedavg-lora: the client holds every part plus its LLM LoRA (r·(in+out) per q_proj/v_proj,
+    fp32), exchanges the LoRA each round and sends nothing per step."""
     split = account(tiny_parts, **_kw(strategy="fedavg"))
     out = account(tiny_parts, **_kw(strategy="fedavg-lora", local_steps=10))
     lora = 2 * 2 * 4 * (128 + 128)  # 2 layers x (q_proj, v_proj) x r (in + out)
@@ -217,8 +217,8 @@ def test_inspect_tiny_matches_account():
 
 
 def test_adapter_scaling_is_the_reference_ranks_whatever_the_accounted_rank(tiny_parts):
-    """The run accounts adapters at the largest tier rank; the scaling it reports is the one every tier
-    uses (adapter.lora_alpha / adapter.r), not lora_alpha / that rank."""
+    """The run accounts adapters at the largest tier rank; the scaling it reports is the one every
+    tier uses (adapter.lora_alpha / adapter.r), not lora_alpha / that rank."""
     assert account(tiny_parts, **_kw(adapter_rank=4, lora_alpha=8.0))["adapter_scaling"] == 2.0
     assert (
         account(tiny_parts, **_kw(adapter_rank=4, lora_alpha=16.0, scaling=16.0 / 8))[
@@ -270,8 +270,9 @@ def test_nano_on_meta_counts():
 
 
 def test_nano_fedavg_lora_on_meta_counts():
-    """SmolLM2-135M: 30 layers, q_proj 576->576 and v_proj 576->192 (3 KV heads of 64): rank-8 LoRA is
-    30 * 8 * (1152 + 768) = 460,800 parameters, 25x the NanoAdapters, and the client stores everything."""
+    """SmolLM2-135M: 30 layers, q_proj 576->576 and v_proj 576->192 (3 KV heads of 64): rank-8 LoRA
+    is 30 * 8 * (1152 + 768) = 460,800 parameters, 25x the NanoAdapters, and the client stores
+    everything."""
     cfg = load_config(None, ["federation.strategy=fedavg-lora"])
     out = inspect_config(cfg)
     nano = inspect_config(load_config(None))
@@ -303,8 +304,8 @@ def test_llava_15_7b_on_meta():
 
 
 def test_results_json_and_inspect_give_the_same_accounting(tmp_path):
-    """The run (federation.setup.prepare_run, the real weights) and fednano-ray inspect (meta device)
-    go through one entry, account_run, so results.json and inspect agree on every figure."""
+    """The run (federation.setup.prepare_run, the real weights) and fednano-ray inspect (meta
+    device) go through one entry, account_run, so results.json and inspect agree on every figure."""
     from fednano_ray.federation.setup import prepare_run
 
     cfg = load_config("examples/tiny.yaml")  # two tiers, ranks 2 and 4

@@ -1,5 +1,5 @@
-"""`fednano-ray bench centralized`, the probe behind the README's centralised figures, runs end to end on
-the tiny model and prints one JSON line per evaluation, per-question outcomes included."""
+"""`fednano-ray bench centralized`, the probe behind the README's centralised figures, runs end to
+end on the tiny model and prints one JSON line per evaluation, per-question outcomes included."""
 
 import json
 import subprocess

@@ -175,7 +175,9 @@ def test_train_gpu_tier_on_cpu_machine(cli, tmp_path):
 
 
 def test_serve_refuses_a_fedavg_lora_run_before_ray(cli, tmp_path):
-    """A fedavg-lora run's LoRA lives inside the LLM, which serving keeps frozen and shared: exit 2, no Ray."""
+    """A fedavg-lora run's LoRA lives inside the LLM, which serving keeps frozen and shared: exit 2,
+    no Ray.
+    """
     # Prepare: a run directory as `fednano-ray train` starts it (its resolved config.yaml)
     run = tmp_path / "run"
     run.mkdir()

@@ -1,4 +1,6 @@
-"""cluster.yaml is a valid Ray cluster config and has a node type for every tier the examples use."""
+"""cluster.yaml is a valid Ray cluster config and has a node type for every tier the examples
+use.
+"""
 
 from pathlib import Path
 
@@ -14,7 +16,9 @@ def _cluster():
 
 
 def test_cluster_yaml_passes_rays_schema_validation():
-    """Ray's own validator (the one `ray up` runs) accepts cluster.yaml after filling its defaults."""
+    """Ray's own validator (the one `ray up` runs) accepts cluster.yaml after filling its
+    defaults.
+    """
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(_cluster()))
@@ -27,7 +31,8 @@ def test_every_example_tier_has_a_node_type():
     }
     import yaml
 
-    # Grid specs (examples/paper/grid.yaml) are not configs: their cells use the base config beside them.
+    # Grid specs (examples/paper/grid.yaml) are not configs: their cells use the base config beside
+    # them.
     configs = [
         p
         for p in sorted(ROOT.glob("examples/**/*.yaml"))

@@ -240,15 +240,17 @@ def test_dump_round_trips(path, tmp_path):
     ],
 )
 def test_fedavg_lora_bad_target_modules_name_the_key(override, needle):
-    """fedavg-lora's LoRA goes on the decoder's linear layers only; errors name adapter.lora_target_modules."""
+    """fedavg-lora's LoRA goes on the decoder's linear layers only; errors name
+    adapter.lora_target_modules.
+    """
     with pytest.raises(ConfigError) as info:
         load_config(TINY, ["federation.strategy=fedavg-lora", override])
     assert "adapter.lora_target_modules" in str(info.value) and needle in str(info.value)
 
 
 def test_fedavg_lora_defaults_and_no_llm_trainer():
-    """fedavg-lora validates with LLaVA's q_proj/v_proj LoRA; it starts no LLM trainer, so the trainer's
-    CPUs are not asked of the cluster."""
+    """fedavg-lora validates with LLaVA's q_proj/v_proj LoRA; it starts no LLM trainer, so the
+    trainer's CPUs are not asked of the cluster."""
     cfg = load_config(TINY, ["federation.strategy=fedavg-lora"])
     assert cfg.adapter.lora_target_modules == ("q_proj", "v_proj") and cfg.clients_hold_llm()
     assert not load_config(TINY).clients_hold_llm()
@@ -300,7 +302,9 @@ def test_check_resources_too_many_cpus():
 
 
 def test_min_holdout_default_and_quickstart():
-    """data.min_holdout is off by default (0) and the quickstart asks for 30 held-out questions per client."""
+    """data.min_holdout is off by default (0) and the quickstart asks for 30 held-out questions per
+    client.
+    """
     assert load_config(TINY).data.min_holdout == 0
     assert load_config(QUICKSTART).data.min_holdout == 30
     with pytest.raises(ConfigError, match="data.min_holdout"):
@@ -407,8 +411,8 @@ def test_strategy_options_are_filled_per_method_and_the_older_flat_keys_still_lo
 
 
 def test_learning_defaults():
-    """The defaults: choice objective, kept AdamW moments, end-point Fisher normalised, joint factors,
-    no personalisation."""
+    """The defaults: choice objective, kept AdamW moments, end-point Fisher normalised, joint
+    factors, no personalisation."""
     cfg = load_config(TINY)
     assert (
         cfg.train.objective,

@@ -224,7 +224,9 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path):
     sorted(p.name for p in (ROOT / "examples" / "paper").glob("*.yaml") if p.name != "base.yaml"),
 )
 def test_every_shipped_grid_spec_expands_and_validates(tmp_path, name):
-    """Each grid spec under examples/paper (RESULTS cites their commands) expands into valid cells."""
+    """Each grid spec under examples/paper (RESULTS cites their commands) expands into valid
+    cells.
+    """
     spec = load_grid(ROOT / "examples" / "paper" / name)
     cells = expand(spec)
     assert cells and len({c.name for c in cells}) == len(cells)

@@ -1,4 +1,6 @@
-"""model.precision: auto picks bf16 only where the hardware runs it natively, and every path obeys it."""
+"""model.precision: auto picks bf16 only where the hardware runs it natively, and every path obeys
+it.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +64,9 @@ def test_explicit_settings_are_honoured_and_explained():
 
 
 def test_onednn_isa_cap_disables_native_bf16(monkeypatch):
-    """A oneDNN capped below AVX512_BF16 emulates bf16 even on a bf16 CPU, so auto must not pick it."""
+    """A oneDNN capped below AVX512_BF16 emulates bf16 even on a bf16 CPU, so auto must not pick
+    it.
+    """
     # Prepare
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
 

@@ -1,4 +1,6 @@
-"""``fednano-ray report``: grouping over seeds, mean ± std in the Markdown table, PNG plots, errors."""
+"""``fednano-ray report``: grouping over seeds, mean ± std in the Markdown table, PNG plots,
+errors.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ def _pm(values: list[float]) -> str:
 
 @pytest.fixture
 def runs(tmp_path: Path) -> list[Path]:
-    """fednano over two seeds, fedavg over one, local with no evaluation round and no global test accuracy."""
+    """fednano over two seeds, fedavg over one, local with no evaluation round and no global test
+    accuracy.
+    """
     return [
         write_run(
             tmp_path / "fednano-s0",
@@ -145,7 +149,9 @@ def test_unfinished_runs_are_left_out(runs, tmp_path):
 
 
 def test_a_report_folder_among_the_run_dirs_is_skipped(runs, tmp_path):
-    """`fednano-ray grid` writes RUNS_DIR/report, so `fednano-ray report RUNS_DIR/*/` passes it too."""
+    """`fednano-ray grid` writes RUNS_DIR/report, so `fednano-ray report RUNS_DIR/*/` passes it
+    too.
+    """
     first = build_report(runs, tmp_path / "report").parent
     warnings = []
     md = build_report([*runs, first], tmp_path / "again", warn=warnings.append).read_text()
@@ -217,8 +223,9 @@ def test_report_on_a_real_run(tiny_run, tmp_path):
 
 
 def test_paired_section_pools_seeds_and_pairs_settings_by_seed():
-    """The paired section: each setting's after − before over all its runs' held-out answers, and two
-    settings compared only on the seeds they share (same questions), with the paired interval."""
+    """The paired section: each setting's after − before over all its runs' held-out answers, and
+    two settings compared only on the seeds they share (same questions), with the paired
+    interval."""
     from fednano_ray.report import Group, Run, paired_section
     from fednano_ray.stats import paired_difference
 

@@ -1,4 +1,6 @@
-"""Statistics users can trust: Wilson intervals, test-size-weighted averages, data.min_holdout, the table."""
+"""Statistics users can trust: Wilson intervals, test-size-weighted averages, data.min_holdout, the
+table.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from fednano_ray.stats import (
     wilson_interval,
 )
 
-# -- Wilson score interval ---------------------------------------------------------------------------
+# -- Wilson score interval -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -57,7 +59,7 @@ def test_wilson_edges_and_properties():
     assert lo99 < lo95 and hi99 > hi95
 
 
-# -- test-size-weighted averages ---------------------------------------------------------------------
+# -- test-size-weighted averages -------------------------------------------------------------------
 
 
 def test_average_is_weighted_by_test_size():
@@ -100,7 +102,7 @@ def test_global_test_stats():
     }
 
 
-# -- data.min_holdout ---------------------------------------------------------------------------------
+# -- data.min_holdout ------------------------------------------------------------------------------
 
 
 def _cfg(*overrides: str):
@@ -146,7 +148,8 @@ def test_min_holdout_unreachable_partition_names_the_keys():
     """Enough examples overall, but a skewed split cannot give every client min_holdout + 1."""
     from fednano_ray.task import prepare_data
 
-    # 7 * 21 = 147 <= 160 examples, but with alpha 0.01 each of the 6 categories goes (almost) whole to one client.
+    # 7 * 21 = 147 <= 160 examples, but with alpha 0.01 each of the 6 categories goes (almost) whole
+    # to one client.
     cfg = _cfg(
         "data.min_holdout=20",
         "data.alpha=0.01",
@@ -160,7 +163,7 @@ def test_min_holdout_unreachable_partition_names_the_keys():
     assert "data.min_holdout=20" in msg and "data.alpha" in msg and "data.synth.num_train" in msg
 
 
-# -- the printed table ---------------------------------------------------------------------------------
+# -- the printed table -----------------------------------------------------------------------------
 
 
 def _first(line: str) -> str:
@@ -255,7 +258,8 @@ def test_table_reads_older_results_without_intervals(tmp_path):
 
 def test_table_shows_personalised_accuracy_and_categories(tmp_path):
     """With personalisation the table gets a third accuracy column (per client and on average) and
-    a line for the personal adapters on the global test; the global test is broken down by category."""
+    a line for the personal adapters on the global test; the global test is broken down by
+    category."""
     res = _results(tmp_path, 4, [30, 30, 30, 30])
     s = res["summary"]
     ev = client_accuracy_stats({c: {"accuracy": 0.5, "n": 30} for c in s["accuracy_n_per_client"]})
@@ -294,7 +298,8 @@ def test_table_shows_personalised_accuracy_and_categories(tmp_path):
 
 def test_paired_difference_counts_each_question_once():
     """Gains are per question: 2 of 10 flipped to right, 1 to wrong -> +0.1, with the paired normal
-    interval; identical answers give exactly 0 with a zero-width interval; mismatched lengths raise."""
+    interval; identical answers give exactly 0 with a zero-width interval; mismatched lengths
+    raise."""
     from fednano_ray.stats import paired_difference
 
     # Execute

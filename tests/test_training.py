@@ -1,4 +1,6 @@
-"""A client's local split-step training (local_fit) and multiple-choice evaluation, on the tiny model."""
+"""A client's local split-step training (local_fit) and multiple-choice evaluation, on the tiny
+model.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ SHAPES = ["circle", "square", "star", "triangle"]
 
 
 class RecordingServer(LocalServer):
-    """A LocalServer that also keeps every step's loss (local_fit reports only the mean and last)."""
+    """A LocalServer that also keeps every step's loss (local_fit reports only the mean and
+    last).
+    """
 
     def __init__(self, server_llm) -> None:
         super().__init__(server_llm)
@@ -103,7 +107,9 @@ def test_local_fit_lowers_the_loss(setup):
 
 
 def test_local_fit_returns_state_and_fisher(setup):
-    """The returned state is the trained adapters; the Fisher matches it key for key, >= 0, not all 0."""
+    """The returned state is the trained adapters; the Fisher matches it key for key, >= 0, not
+    all 0.
+    """
     # Execute
     start, state, fisher, _, _, _, _ = _fit(setup, steps=5)
 
@@ -175,7 +181,9 @@ def test_evaluate_reports_accuracy_n_and_categories(setup):
 
 
 def test_evaluate_two_choice_answers_are_complementary(setup):
-    """With two distinct choices exactly one is the argmax: accuracy(answers) + accuracy(flipped) = 1."""
+    """With two distinct choices exactly one is the argmax: accuracy(answers) +
+    accuracy(flipped) = 1.
+    """
     # Prepare
     cfg, mllm, _, features = setup
     edge, server_llm = mllm.split(cfg.adapter, seed=0)
@@ -194,7 +202,9 @@ def test_evaluate_two_choice_answers_are_complementary(setup):
 
 
 def test_evaluate_agrees_with_direct_scores(setup):
-    """evaluate's verdict per question is the argmax of ServerLLM.score over that question's choices."""
+    """evaluate's verdict per question is the argmax of ServerLLM.score over that question's
+    choices.
+    """
     # Prepare
     cfg, mllm, _, features = setup
     edge, server_llm = mllm.split(cfg.adapter, seed=0)
@@ -238,8 +248,8 @@ def test_evaluate_single_choice_is_always_correct(setup):
 def test_packed_choices_score_as_each_choice_alone(setup, kind):
     """One packed pass (prompt once, then every choice) gives each choice the score it gets alone.
 
-    Checked for the tiny LLaVA and for the nano architecture (random weights, 2 of SmolLM2's layers),
-    with multi-token answers of different lengths, across a padded batch of questions.
+    Checked for the tiny LLaVA and for the nano architecture (random weights, 2 of SmolLM2's
+    layers), with multi-token answers of different lengths, across a padded batch of questions.
     """
     # Prepare
     from fednano_ray.models.nano import nano_parts
@@ -336,7 +346,9 @@ def test_pack_choices_refuses_rows_that_do_not_share_a_prompt(setup):
 
 
 def _choice_questions(mllm):
-    """Questions with 2-4 choices, some answers two tokens long ("light blue"), over two categories."""
+    """Questions with 2-4 choices, some answers two tokens long ("light blue"), over two
+    categories.
+    """
     colours = ["red", "green", "light blue", "yellow"]
     out = []
     for i in range(6):
@@ -423,8 +435,9 @@ def test_choice_loss_rejects_answers_outside_their_choices(setup):
 
 
 def test_choice_objective_learns_what_evaluation_ranks(setup):
-    """30 steps of the choice objective on 2-choice questions whose answers the pretrained model gets
-    wrong raise the accuracy evaluate reports on them from 0 to 100%, and the choice loss falls."""
+    """30 steps of the choice objective on 2-choice questions whose answers the pretrained model
+    gets wrong raise the accuracy evaluate reports on them from 0 to 100%, and the choice loss
+    falls."""
     # Prepare
     cfg, mllm, _, features = setup
     edge, server_llm = mllm.split(cfg.adapter, seed=0)
@@ -463,8 +476,8 @@ def test_choice_objective_learns_what_evaluation_ranks(setup):
 
 
 def test_optimizer_state_carries_adam_moments_over_calls(setup):
-    """Two calls of 3 full-batch steps, the second given the first's AdamW state, land where one call
-    of 6 steps does; without the state (fresh moments) the second call lands elsewhere."""
+    """Two calls of 3 full-batch steps, the second given the first's AdamW state, land where one
+    call of 6 steps does; without the state (fresh moments) the second call lands elsewhere."""
     # Prepare
     cfg, mllm, rows, features = setup
     questions = [([r], 0, None) for r in rows[:8]]
@@ -521,7 +534,9 @@ def test_unknown_objective_is_an_error(setup):
 
 
 def _per_example_fisher(edge, server, features, questions, objective, pad_id):
-    """The reference: each example alone through the split step, its squared adapter gradient, averaged."""
+    """The reference: each example alone through the split step, its squared adapter gradient,
+    averaged.
+    """
     params = dict(edge.adapters.named_parameters())
     out = {k: torch.zeros_like(p) for k, p in params.items()}
     packed = [pack_choices(rows) for rows, _, _ in questions] if objective == "choice" else None
@@ -613,7 +628,9 @@ def test_local_fit_endpoint_fisher_is_bounded_and_normalised(setup):
 
 
 def test_normalised_fisher_does_not_let_scale_win():
-    """A client whose Fisher is 1000x another's (same shape of importance) no longer outweighs it."""
+    """A client whose Fisher is 1000x another's (same shape of importance) no longer outweighs
+    it.
+    """
     # Prepare
     f = {"a": torch.tensor([1.0, 3.0, 0.0, 4.0]), "z": torch.zeros(3)}
 

@@ -53,7 +53,8 @@ class ClientError(RuntimeError):
 
 
 class ClientActor:
-    """Holds one tier's NanoEdge (rank ``rank``) and the feature arrays of the data it may be asked about.
+    """Holds one tier's NanoEdge (rank ``rank``) and the feature arrays of the data it may be asked
+    about.
 
     Args:
         model_cfg: ``ModelConfig``; the LLM body is dropped right after the split (kept under
@@ -114,7 +115,8 @@ class ClientActor:
         self._dual: DualEdge | None = None  # FedDPA-F's dual edge, built on first use
 
     def _question(self, i: int):
-        """Train example i as (choice rows, answer, category) (cached: tokenizing is cheap but not free)."""
+        """Train example i as (choice rows, answer, category) (cached: tokenizing is cheap but not
+        free)."""
         if i not in self._train_questions:
             q, choices, answer, cat = self.data["train"][1][i]
             self._train_questions[i] = ([self.encode_row(q, c) for c in choices], answer, cat)
@@ -143,10 +145,11 @@ class ClientActor:
         """Local training of one client from ``start_state``; returns its update as plain data.
 
         ``optimizer_state`` is this client's AdamW state from its previous round (None: fresh); the
-        result's ``optimizer_state`` is the one to pass next time. ``fisher``, ``fisher_examples`` and
-        ``fisher_normalize`` choose the uploaded Fisher (:func:`~fednano_ray.training.local_fit`). It is the client's own state, kept
-        for it by the coordinator in simulation (a deployed client keeps it on its device): never
-        aggregated, never counted as communication.
+        result's ``optimizer_state`` is the one to pass next time. ``fisher``, ``fisher_examples``
+        and ``fisher_normalize`` choose the uploaded Fisher
+        (:func:`~fednano_ray.training.local_fit`). It is the client's own state, kept for it by the
+        coordinator in simulation (a deployed client keeps it on its device): never aggregated,
+        never counted as communication.
 
         With ``secagg`` (secure aggregation; after :meth:`secagg_advertise` and
         :meth:`secagg_share_keys` for this round and client) it returns no state, Fisher or
@@ -164,7 +167,8 @@ class ClientActor:
         feats = self.data["train"][0][indices]
         questions = [self._question(i) for i in indices]
         if self._llm is not None:
-            self._llm.train()  # for PEFT's LoRA dropout (the decoders here have no active dropout of their own)
+            # for PEFT's LoRA dropout (the decoders here have no active dropout of their own)
+            self._llm.train()
         try:
             state, fisher, metrics, opt_state = local_fit(
                 self.edge,
@@ -225,7 +229,7 @@ class ClientActor:
             "optimizer_state": opt_state,
         }
 
-    # -- secure aggregation (SecAgg, Bonawitz et al. 2017): this client's side ----------------------
+    # -- secure aggregation (SecAgg, Bonawitz et al. 2017): this client's side ---------------------
 
     def _secagg_session(self, rnd: int, client_id: int):
         try:
@@ -278,7 +282,8 @@ class ClientActor:
         batch_size: int = 32,
         dual: dict[str, Any] | None = None,
     ) -> dict[str, float]:
-        """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or "test").
+        """Accuracy of the adapters ``state`` on examples ``indices`` of ``split`` ("train" pool or
+        "test").
 
         Under ``llm_lora`` ``state`` is the LLM's LoRA, scored by this actor's own LoRA-adapted LLM.
         With ``dual`` (FedDPA-F: ``{"local": state, "bank": (N, D), "top_k": k}``) ``state`` is the

@@ -29,12 +29,12 @@ __all__ = ["REPRODUCIBILITY", "Coordinator", "RayTransport", "adapters_fingerpri
 
 #: What results.json says about repeating a run (DESIGN.md: same config and seed, same accuracies).
 REPRODUCIBILITY = (
-    "Same config, seed, machine type, precision and thread counts give bit-identical adapters and accuracies: "
-    "sampling and local batches are seeded, updates are aggregated in client order, evaluation batches are "
-    "per client, and the LLM trainer merges a split step only with others of the same padded length "
-    "(train.pad_to_multiple), which leaves every client's result unchanged by what it was batched with. "
-    "Another CPU or GPU, another thread count, or fp32 vs bf16 rounds differently, so accuracies can then "
-    "differ slightly."
+    "Same config, seed, machine type, precision and thread counts give bit-identical adapters and "
+    "accuracies: sampling and local batches are seeded, updates are aggregated in client order, "
+    "evaluation batches are per client, and the LLM trainer merges a split step only with others "
+    "of the same padded length (train.pad_to_multiple), which leaves every client's result "
+    "unchanged by what it was batched with. Another CPU or GPU, another thread count, or fp32 vs "
+    "bf16 rounds differently, so accuracies can then differ slightly."
 )
 
 _seed = round_seed  # the name the tests have used for (seed, round, client) seeds
@@ -180,7 +180,8 @@ class Coordinator:
             initial_state=ray.get(top_actor.initial_state.remote()),
             accounting=prepared.accounting,
             runtime={
-                "precision": cfg.model.runtime_precision().as_dict(),  # as resolved on the coordinator's node
+                # as resolved on the coordinator's node
+                "precision": cfg.model.runtime_precision().as_dict(),
                 "hardware": hardware_info(),
                 "reproducibility": REPRODUCIBILITY,
             },
@@ -192,7 +193,8 @@ class Coordinator:
         self.setup_s = time.perf_counter() - t0
 
     def _actor_for(self, client_id: int):
-        """Client ``client_id``'s actor: its own (deployment) or one of its tier's pool, round robin."""
+        """Client ``client_id``'s actor: its own (deployment) or one of its tier's pool, round
+        robin."""
         pool = self.pools[self.client_tier[client_id].name]
         tier_index = sum(
             1
@@ -219,7 +221,8 @@ class Coordinator:
     # -- the driver's calls (app.train) ------------------------------------------------------------
 
     def begin(self) -> dict[str, Any]:
-        """Record the LLM trainer's runtime and evaluate the pretrained model once (unless resumed past it)."""
+        """Record the LLM trainer's runtime and evaluate the pretrained model once (unless resumed
+        past it)."""
         import ray
 
         runtime = self.federation.runtime

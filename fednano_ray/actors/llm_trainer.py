@@ -10,9 +10,9 @@ class: wrap it with ``ray.remote`` where the app is built.
 Reproducibility: a row's floating-point result depends on the padded length of its batch (the CPU
 attention and matmul kernels reduce in a different order for other lengths; measured on SmolLM2 in
 fp32: 1e-9 differences in dL/dz' between 30 and 41 positions) but not on how many other rows share
-it (bit-identical for 1 to 56 extra rows, fp32 and bf16). So every request is padded to a multiple of
-``pad_to_multiple`` and merged only with requests of the same padded length: its result is then the
-same bits whichever requests happened to arrive with it, and a run repeats exactly.
+it (bit-identical for 1 to 56 extra rows, fp32 and bf16). So every request is padded to a multiple
+of ``pad_to_multiple`` and merged only with requests of the same padded length: its result is then
+the same bits whichever requests happened to arrive with it, and a run repeats exactly.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class LLMTrainer:
         """One client's split step: (mean loss over its label tokens, dL/dz' with its own shape)."""
         if labels.shape != attention_mask.shape:
             raise ValueError(
-                f"bad split-step shapes: mask {tuple(attention_mask.shape)}, labels {tuple(labels.shape)}"
+                f"bad split-step shapes: mask {tuple(attention_mask.shape)}, "
+                f"labels {tuple(labels.shape)}"
             )
         return await self._submit(_Request(z, attention_mask, labels, None))
 
@@ -126,7 +127,8 @@ class LLMTrainer:
             raise ValueError("position_ids and segments must have the attention mask's shape")
         if counts.shape[0] != z.shape[0] or answers.shape != counts.shape:
             raise ValueError(
-                f"one question per packed row: {z.shape[0]} rows, {counts.shape[0]} counts, {answers.shape[0]} answers"
+                f"one question per packed row: {z.shape[0]} rows, {counts.shape[0]} counts, "
+                f"{answers.shape[0]} answers"
             )
         if not (source.shape == target.shape == owner.shape) or (
             owner.numel() and int(owner.max()) >= int(counts.sum())
@@ -145,7 +147,8 @@ class LLMTrainer:
             )
         if z.shape[-1] != self.server.hidden_size:
             raise ValueError(
-                f"z' has width {z.shape[-1]} but the LLM expects {self.server.hidden_size}: client and server models differ"
+                f"z' has width {z.shape[-1]} but the LLM expects {self.server.hidden_size}: "
+                "client and server models differ"
             )
         if self._queue is None:
             self._queue = asyncio.Queue()
@@ -155,7 +158,8 @@ class LLMTrainer:
         return await req.future
 
     async def score_packed(self, *args) -> Tensor:
-        """Summed log-likelihoods of choices packed behind their shared prompt (:meth:`ServerLLM.score_packed`)."""
+        """Summed log-likelihoods of choices packed behind their shared prompt
+        (:meth:`ServerLLM.score_packed`)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.server.score_packed, *args)
 
@@ -210,7 +214,8 @@ class LLMTrainer:
                         r.future.set_result(res)
 
     def padded_length(self, t: int) -> int:
-        """The length a request of ``t`` positions is padded to (the next multiple of ``pad_to_multiple``)."""
+        """The length a request of ``t`` positions is padded to (the next multiple of
+        ``pad_to_multiple``)."""
         m = self.pad_to_multiple
         return -(-t // m) * m
 
@@ -234,8 +239,9 @@ class LLMTrainer:
         return self._split(batch, losses, grad, t0)
 
     def _run_choice(self, batch: list[_Request], t: int) -> list[tuple[float, Tensor]]:
-        """Packed questions of several clients in one batch: rows padded to ``t``, each request's flat
-        token indices re-based to its rows in the merged batch and its scores after the earlier ones'."""
+        """Packed questions of several clients in one batch: rows padded to ``t``, each request's
+        flat token indices re-based to its rows in the merged batch and its scores after the earlier
+        ones'."""
         t0 = time.perf_counter()
         z = torch.cat([self._pad(r.z.float(), t, 0.0) for r in batch])
         mask = torch.cat([self._pad(r.attention_mask, t, 0) for r in batch])

@@ -7,8 +7,8 @@ A split is a folder holding ``data.jsonl`` plus the image files it names; one JS
 
 A dataset root holds one split per folder: ``ROOT/train/`` and ``ROOT/test/``.
 
-Every problem found while loading is reported as a :class:`DatasetError` whose message names the file,
-the line and how to fix it, never as a traceback from deep inside the loader.
+Every problem found while loading is reported as a :class:`DatasetError` whose message names the
+file, the line and how to fix it, never as a traceback from deep inside the loader.
 """
 
 from __future__ import annotations
@@ -231,8 +231,8 @@ def load_split(folder: str | Path) -> list[VQAExample]:
         The examples in file order, with absolute image paths.
 
     Raises:
-        DatasetError: If the folder or ``data.jsonl`` is missing, or any line is malformed (bad JSON,
-            missing or wrongly typed fields, answer out of range, empty or duplicate choices,
+        DatasetError: If the folder or ``data.jsonl`` is missing, or any line is malformed (bad
+            JSON, missing or wrongly typed fields, answer out of range, empty or duplicate choices,
             duplicate ids, missing image, image path outside the folder). The message names the file
             and line.
     """
@@ -326,7 +326,8 @@ def load_dataset(root: str | Path) -> dict[str, list[VQAExample]]:
     missing = [split for split in SPLITS if not (root / split).is_dir()]
     if missing:
         raise DatasetError(
-            f"{root}: missing split folder(s) {', '.join(repr(s) for s in missing)}; a dataset root "
+            f"{root}: missing split folder(s) {', '.join(repr(s) for s in missing)}; "
+            "a dataset root "
             f"must hold {' and '.join(f'{s}/{DATA_FILE}' for s in SPLITS)} with their images",
             path=root,
         )

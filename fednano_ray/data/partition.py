@@ -95,8 +95,8 @@ def _pathological(
     if num_clients * k < num_labels:
         raise ValueError(
             f"pathological partition: num_clients * labels_per_client = {num_clients} * {k} = "
-            f"{num_clients * k} label slots cannot cover all {num_labels} labels (every example must "
-            f"go to a client); raise num_clients or labels_per_client"
+            f"{num_clients * k} label slots cannot cover all {num_labels} labels "
+            f"(every example must go to a client); raise num_clients or labels_per_client"
         )
     order = rng.permutation(num_labels)
     holders: list[list[int]] = [[] for _ in range(num_labels)]
@@ -163,12 +163,14 @@ def partition(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if num_clients > n:
         raise ValueError(
-            f"num_clients={num_clients} is more than the {n} examples; every client needs at least one"
+            f"num_clients={num_clients} is more than the {n} examples; "
+            "every client needs at least one"
         )
     if num_clients * min_examples > n:
         raise ValueError(
             f"num_clients * min_examples = {num_clients} * {min_examples} = "
-            f"{num_clients * min_examples} exceeds the {n} examples; lower min_examples or num_clients"
+            f"{num_clients * min_examples} exceeds the {n} examples; "
+            "lower min_examples or num_clients"
         )
     codes, num_labels = _encode(labels)
     rng = np.random.default_rng(int(seed) % (1 << 64))
@@ -205,8 +207,9 @@ def split_holdout(
 
     Args:
         indices: The client's example indices.
-        fraction: Share held out for testing, in ``[0, 1)``. When it is > 0 and there are at least two
-            indices, the held-out part gets at least one and the training part keeps at least one.
+        fraction: Share held out for testing, in ``[0, 1)``. When it is > 0 and there are at least
+            two indices, the held-out part gets at least one and the training part keeps at least
+            one.
         seed: Random seed (use a different one per client, e.g. ``seed + client_id``).
         min_test: Fewest examples held out: ``max(round(fraction * n), min_test)`` are (``0`` = no
             minimum beyond the one above). The training part still keeps at least one, so this needs
@@ -217,8 +220,8 @@ def split_holdout(
 
     Raises:
         TypeError: If ``fraction`` is not a number or ``seed`` or ``min_test`` is not an integer.
-        ValueError: If ``fraction`` is not in ``[0, 1)``, ``min_test`` is negative, or there are fewer
-            than ``min_test + 1`` indices.
+        ValueError: If ``fraction`` is not in ``[0, 1)``, ``min_test`` is negative, or there are
+            fewer than ``min_test + 1`` indices.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating):
         raise TypeError(f"fraction must be a number in [0, 1), got {fraction!r}")
@@ -231,7 +234,8 @@ def split_holdout(
     n = len(items)
     if min_test > 0 and n < min_test + 1:
         raise ValueError(
-            f"min_test={min_test} needs at least {min_test + 1} indices ({min_test} held out + 1 to train), got {n}"
+            f"min_test={min_test} needs at least {min_test + 1} indices "
+            f"({min_test} held out + 1 to train), got {n}"
         )
     n_test = max(round(n * fraction), min_test)
     if fraction > 0 and n >= 2:

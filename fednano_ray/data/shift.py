@@ -1,4 +1,5 @@
-"""Client shift: each client sees the world through its own imaging condition (``data.client_shift``).
+"""Client shift: each client sees the world through its own imaging condition
+(``data.client_shift``).
 
 FedNano's claim is that clients adapt a shared frozen LLM to their own heterogeneous data. Non-IID
 question types (the Dirichlet partition) are one kind of heterogeneity; this module adds the kind a
@@ -67,7 +68,8 @@ def _noise(img: Image.Image, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
-#: condition name -> (image, seed) -> image. ``mirror`` also mirrors the texts (:func:`mirror_text`).
+#: condition name -> (image, seed) -> image. ``mirror`` also mirrors the texts
+#: (:func:`mirror_text`).
 CONDITIONS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
     "colour_cast": _colour_cast,
     "channel_swap": _channel_swap,
@@ -136,12 +138,12 @@ def apply_client_shift(
     conditions: Sequence[str],
     out_dir: Path,
 ) -> tuple[list[VQAExample], list[VQAExample]]:
-    """(train, test) with every training example under its client's condition and test question ``i``
-    under ``conditions[i % K]``.
+    """(train, test) with every training example under its client's condition and test question
+    ``i`` under ``conditions[i % K]``.
 
     Args:
-        train: the training pool; ``client_shards[c]`` are the indices client ``c`` holds (its training
-            and held-out examples), disjoint across clients.
+        train: the training pool; ``client_shards[c]`` are the indices client ``c`` holds (its
+            training and held-out examples), disjoint across clients.
         test: the global test split.
         conditions: the K conditions, client ``c`` gets ``conditions[c % K]``.
         out_dir: where shifted images are written (a cache folder, not the dataset).

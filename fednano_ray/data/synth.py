@@ -1,12 +1,12 @@
 """The offline synthetic VQA benchmark ("synth-scenes").
 
 Single-object shape/colour/count questions saturate at ~95% after a few hundred centralised steps,
-which leaves strategies nothing to differ on (DESIGN.md §4). This generator draws *scenes* of several
-objects — 5 shapes × 6 colours × 2 sizes, placed without overlap — on cluttered, noisy backgrounds and
-asks questions that need attribute binding, counting beyond three, absolute positions, sizes and
-pairwise relations. Each category has its own visual style (background colour, texture, clutter and
-noise level), so a Dirichlet split over ``category`` gives clients genuinely different inputs as well
-as different questions.
+which leaves strategies nothing to differ on (DESIGN.md §4). This generator draws *scenes* of
+several objects — 5 shapes × 6 colours × 2 sizes, placed without overlap — on cluttered, noisy
+backgrounds and asks questions that need attribute binding, counting beyond three, absolute
+positions, sizes and pairwise relations. Each category has its own visual style (background colour,
+texture, clutter and noise level), so a Dirichlet split over ``category`` gives clients genuinely
+different inputs as well as different questions.
 
 Categories (answers are single lowercase words, scored as texts by log-likelihood):
 
@@ -17,15 +17,17 @@ Categories (answers are single lowercase words, scored as texts by log-likelihoo
   ``one`` .. ``six`` among same-scene distractor objects. 4 choices.
 * ``position`` — "Where is the blue circle?" → ``left``/``right``/``top``/``bottom``/``middle``.
   4 choices.
-* ``size`` — "Is the green star big or small?" → ``big``/``small``. 2 choices (the vocabulary has two).
+* ``size`` — "Is the green star big or small?" → ``big``/``small``. 2 choices (the vocabulary has
+  two).
 * ``relation`` — "Where is the red square relative to the blue circle?" →
   ``left``/``right``/``above``/``below``. 4 choices.
 
 Every referring expression matches exactly one object of its scene. Scene metadata (objects, the
-target, the expression used) is written to ``scenes.jsonl`` next to ``data.jsonl`` so that this can be
-checked; the dataset loader ignores that file.
+target, the expression used) is written to ``scenes.jsonl`` next to ``data.jsonl`` so that this can
+be checked; the dataset loader ignores that file.
 
-Output is a pure function of ``(seed, num_train, num_test, image_size)``: same arguments, same bytes.
+Output is a pure function of ``(seed, num_train, num_test, image_size)``: same arguments, same
+bytes.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = "synth-scenes/4"
-"""Bumped whenever the output for a given seed changes (``/4`` added ``easy``; ``hard`` is ``/3``)."""
+"""Bumped whenever the output for a given seed changes (``/4`` added ``easy``; ``hard`` is
+``/3``)."""
 
 DIFFICULTIES = ("easy", "hard")
 EASY_MAX_COUNT = 4  # easy count questions: one to four objects, all of the counted kind
@@ -99,7 +102,8 @@ _STYLES: dict[str, dict[str, Any]] = {
 }
 
 # Objects in colour/shape/size scenes. Up to 5 left a 135M LLM behind 3x3 pooled CNN features at
-# chance even with centralised training (measured: 28-31% after 200 steps); 2-3 is hard but learnable.
+# chance even with centralised training (measured: 28-31% after 200 steps); 2-3 is hard but
+# learnable.
 MAX_BINDING_OBJECTS = 3
 
 _SPLIT_CODES = {"train": 0, "test": 1}
@@ -676,7 +680,8 @@ def generate(
         image_size: Side of the square images in pixels (at least 16; 224 recommended).
         seed: Generator seed; the same arguments always produce the same bytes.
         difficulty: ``"easy"`` (one object per question, two for relations; counts up to four) or
-            ``"hard"`` (2-5 objects, attribute binding, counts up to six; ``synth-scenes/3``'s output).
+            ``"hard"`` (2-5 objects, attribute binding, counts up to six; ``synth-scenes/3``'s
+            output).
 
     Returns:
         ``out_dir`` as a ``Path``.

@@ -9,8 +9,8 @@ and the coordinator, accounting, serving and the CLI read the resolved :class:`M
 
 Adding a baseline is its strategy file (``fednano_ray/strategies/``), one entry here and its tests::
 
-    MethodSpec("fedavgm", "FedAvg with server momentum", strategy="fednano_ray.strategies.fedavgm:FedAvgM",
-               options=FedAvgMOptions)
+    MethodSpec("fedavgm", "FedAvg with server momentum",
+               strategy="fednano_ray.strategies.fedavgm:FedAvgM", options=FedAvgMOptions)
 
 The resolved :class:`Method` also applies ``cfg.trust`` to a round: it screens the updates that
 arrived (:meth:`Method.screen`), aggregates them on the plain uplink (:meth:`Method.aggregate`) and
@@ -91,8 +91,8 @@ class FedAvgMOptions(_Options):
         0.9,
         ge=0,
         lt=1,
-        description="Server momentum beta (Hsu et al. 2019): v <- beta v + (mean - theta), theta <- theta + "
-        "server_lr * v. 0 is FedAvg.",
+        description="Server momentum beta (Hsu et al. 2019): v <- beta v + (mean - theta), "
+        "theta <- theta + server_lr * v. 0 is FedAvg.",
     )
 
 
@@ -101,20 +101,21 @@ class FedDPAFOptions(_Options):
         0.5,
         ge=0,
         le=1,
-        description="The local adapter's constant weight w in (1 - w) E_global + w E_local while the local "
-        "adapter trains (the paper's fixed mixing weight during training).",
+        description="The local adapter's constant weight w in (1 - w) E_global + w E_local while "
+        "the local adapter trains (the paper's fixed mixing weight during training).",
     )
     top_k: int = Field(
         5,
         ge=1,
-        description="The dynamic weight at inference is the mean of the top-k cosine similarities between the "
-        "instance's frozen summary and the client's bank, clipped to [0, 1].",
+        description="The dynamic weight at inference is the mean of the top-k cosine similarities "
+        "between the instance's frozen summary and the client's bank, clipped to [0, 1].",
     )
     bank_size: int = Field(
         256,
         ge=1,
-        description="Most training-prompt summaries a client keeps for the dynamic weight (a seeded subsample "
-        "when its shard is larger); checkpointed beside its local adapter, counted in client storage.",
+        description="Most training-prompt summaries a client keeps for the dynamic weight (a "
+        "seeded subsample when its shard is larger); checkpointed beside its local adapter, "
+        "counted in client storage.",
     )
 
 
@@ -122,7 +123,8 @@ def _check_feddpa(options: FedDPAFOptions) -> str | None:
     if options.top_k > options.bank_size:
         return (
             f"federation.strategy_options.top_k ({options.top_k}) averages more bank entries than "
-            f"federation.strategy_options.bank_size ({options.bank_size}) keeps: lower top_k or raise bank_size"
+            f"federation.strategy_options.bank_size ({options.bank_size}) keeps: "
+            "lower top_k or raise bank_size"
         )
     return None
 
@@ -351,7 +353,8 @@ class Method:
 
     @property
     def needs_trainer(self) -> bool:
-        """A shared frozen-LLM trainer runs the split steps (every method whose clients are NanoEdges)."""
+        """A shared frozen-LLM trainer runs the split steps (every method whose clients are
+        NanoEdges)."""
         return not self.spec.client.holds_llm
 
     def build_strategy(self) -> Strategy:
@@ -401,7 +404,8 @@ class Method:
         failures: Sequence[ClientFailure],
         history: Sequence[Mapping[str, Any]],
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The plain uplink's aggregation: the next global state, and what to add to the round record.
+        """The plain uplink's aggregation: the next global state, and what to add to the round
+        record.
 
         Args:
             strategy: The run's strategy (:meth:`build_strategy`).

@@ -42,7 +42,8 @@ State = dict[str, "torch.Tensor"]
 
 
 def adapters_fingerprint(state: State) -> str:
-    """A short sha256 of an adapter state (keys, shapes and float32 values), to tell states apart."""
+    """A short sha256 of an adapter state (keys, shapes and float32 values), to tell states
+    apart."""
     import torch
 
     h = hashlib.sha256()
@@ -105,7 +106,8 @@ class Federation:
     """One federated run's logic and state.
 
     Args:
-        cfg: the validated config; ``method`` (with its trust rules) and ``strategy`` resolved from it.
+        cfg: the validated config; ``method`` (with its trust rules) and ``strategy`` resolved from
+            it.
         data: the partitioned data (clients' shards and held-out splits, the global test).
         placement: the actors.
         transport: how calls reach them.
@@ -171,8 +173,8 @@ class Federation:
         }
 
     def _fisher_kwargs(self) -> dict[str, Any]:
-        """The Fisher clients upload: train.fisher's estimator under Fisher merging; otherwise the free
-        trajectory one, which no rule reads."""
+        """The Fisher clients upload: train.fisher's estimator under Fisher merging; otherwise the
+        free trajectory one, which no rule reads."""
         t = self.cfg.train
         if self.method.fisher_upload:
             return {
@@ -235,8 +237,8 @@ class Federation:
         count: bool = False,
     ) -> dict[int, Any]:
         """Results of ``calls`` (pending call -> client) that finish within the deadline; the others
-        become ``failures[client] = reason``. ``restart_stalled`` restarts the actors still busy at the
-        deadline, so their queues clear."""
+        become ``failures[client] = reason``. ``restart_stalled`` restarts the actors still busy at
+        the deadline, so their queues clear."""
         deadline = time.monotonic() + self.cfg.federation.deadline_s
         results: dict[int, Any] = {}
         pending = list(calls)
@@ -276,10 +278,14 @@ class Federation:
         need = math.ceil(self.cfg.federation.quorum * sampled)
         if reported >= need:
             return None
-        return f"quorum not met: {reported} of {sampled} reported, {need} needed; global adapters unchanged"
+        return (
+            f"quorum not met: {reported} of {sampled} reported, {need} needed; "
+            "global adapters unchanged"
+        )
 
     def run_round(self, rnd: int) -> dict[str, Any]:
-        """Sample, fit through the uplink, aggregate, evaluate (when due), checkpoint. Returns the record."""
+        """Sample, fit through the uplink, aggregate, evaluate (when due), checkpoint. Returns the
+        record."""
         t0 = time.perf_counter()
         trainer_start = self.trainer_incarnation()
         sampled = self.sample(rnd)
@@ -318,7 +324,8 @@ class Federation:
         last = rnd == self.cfg.federation.rounds - 1
         if last or (rnd + 1) % self.cfg.federation.evaluate_every == 0:
             record.update(self.evaluate())
-        # Ray restarted the LLM trainer during the round (clients' in-flight split steps were re-sent).
+        # Ray restarted the LLM trainer during the round (clients' in-flight split steps were
+        # re-sent).
         record["trainer_restarted"] = self.trainer_incarnation() != trainer_start
         record["wall_time_s"] = round(time.perf_counter() - t0, 2)
         rundir.RoundRecord.model_validate(
@@ -330,7 +337,8 @@ class Federation:
         return record
 
     def _plain_uplink(self, rnd: int, sampled: list[int]) -> UplinkResult:
-        """Each client returns its state (and Fisher); invalid ones are rejected; the rest aggregated."""
+        """Each client returns its state (and Fisher); invalid ones are rejected; the rest
+        aggregated."""
         from fednano_ray.strategies.aggregate import truncate_to_rank
         from fednano_ray.strategies.base import ClientFailure, ClientUpdate
 
@@ -537,7 +545,8 @@ class Federation:
 
     def client_model(self, c: int) -> State:
         """The adapters client ``c`` is evaluated (and served) with: its own, where it has them
-        (``local``, or after personalisation), else the global ones (``local``: the initial ones)."""
+        (``local``, or after personalisation), else the global ones (``local``: the initial
+        ones)."""
         if c in self.client_states:
             return self.client_states[c]
         return self.initial_state if self.method.personal_only else self.global_state
@@ -545,8 +554,9 @@ class Federation:
     def _get_eval(
         self, submit, what: str, failures: list[dict[str, str]], deadline: float, call=None
     ):
-        """Result of an evaluation call (``call``, already submitted, or ``submit()``), retried through an
-        actor restart until ``deadline`` (time.monotonic); None (and a recorded failure) if it cannot run."""
+        """Result of an evaluation call (``call``, already submitted, or ``submit()``), retried
+        through an actor restart until ``deadline`` (time.monotonic); None (and a recorded failure)
+        if it cannot run."""
         reason = f"evaluation deadline of {self.cfg.federation.deadline_s:g} s exceeded"
         for attempt in range(3):
             left = deadline - time.monotonic()
@@ -556,7 +566,9 @@ class Federation:
                 return self.transport.get(call if call is not None else submit(), left)
             except CallFailed as e:
                 if e.timeout:
-                    break  # e.g. an actor whose node is gone: its restart waits for resources that left with it
+                    # e.g. an actor whose node is gone: its restart waits for resources that left
+                    # with it
+                    break
                 reason = e.reason[:200]
                 call = None
                 time.sleep(min(1.0 + attempt, max(0.0, deadline - time.monotonic())))
@@ -566,8 +578,8 @@ class Federation:
     def evaluate(self, initial: bool = False, personal: bool = False) -> dict[str, Any]:
         """Per-client accuracy on each client's held-out split, and global test accuracy.
 
-        ``personal``: every client's own adapters score the global test too (then averaged), as under
-        ``local``: what personalisation costs in generality."""
+        ``personal``: every client's own adapters score the global test too (then averaged), as
+        under ``local``: what personalisation costs in generality."""
         from fednano_ray.stats import client_accuracy_stats, global_test_stats
         from fednano_ray.strategies.aggregate import truncate_to_rank
 
@@ -597,10 +609,11 @@ class Federation:
                 dual,
             )
             submits[c] = (fn, fn())
-        # The global test split is scored with the pretrained adapters (initial), the global adapters,
-        # or, for methods without a global model, every client's own adapters (then averaged), each
-        # by an actor of that client's own tier: a rank-r client's state does not fit a larger rank.
-        # A state that cannot be scored is an eval failure; global_test_states_scored counts the rest.
+        # The global test split is scored with the pretrained adapters (initial), the global
+        # adapters, or, for methods without a global model, every client's own adapters (then
+        # averaged), each by an actor of that client's own tier: a rank-r client's state does not
+        # fit a larger rank. A state that cannot be scored is an eval failure;
+        # global_test_states_scored counts the rest.
         states: list[tuple[int | None, State, dict[str, Any] | None, Any]]
         if initial:
             states = [(None, self.initial_state, None, self.placement.top_actor)]
@@ -624,8 +637,8 @@ class Federation:
             for fn, call, what, c in test_subs
         ]
         tests = [t for _, t in scored if t is not None]
-        # Per-client accuracy with its test size n and 95% Wilson interval; avg_accuracy is weighted by
-        # test size (pooled correct / pooled n), with the pooled interval (fednano_ray/stats.py).
+        # Per-client accuracy with its test size n and 95% Wilson interval; avg_accuracy is weighted
+        # by test size (pooled correct / pooled n), with the pooled interval (fednano_ray/stats.py).
         out: dict[str, Any] = {
             **client_accuracy_stats(per_client),
             **global_test_stats(tests),
@@ -661,7 +674,8 @@ class Federation:
     # -- checkpoints and results -------------------------------------------------------------------
 
     def checkpoint(self, rnd: int) -> None:
-        """Write round ``rnd``'s checkpoint (what --resume needs to continue exactly) and results.json."""
+        """Write round ``rnd``'s checkpoint (what --resume needs to continue exactly) and
+        results.json."""
         rundir.write_checkpoint(
             self.run_dir,
             rundir.Checkpoint(
@@ -702,7 +716,8 @@ class Federation:
             "summary": self.summary,
             "accounting": self.accounting,
             "coordinator_node": self.coordinator_node,
-            "runtime": self.runtime,  # precision, hardware (coordinator's and the LLM trainer's), reproducibility
+            # precision, hardware (coordinator's and the LLM trainer's), reproducibility
+            "runtime": self.runtime,
         }
 
     def write_results(self) -> dict[str, Any]:
@@ -763,22 +778,24 @@ class Federation:
         }
 
     def personalize(self) -> dict[str, Any]:
-        """``federation.personalize_steps``: each client fine-tunes a private copy of the global adapters.
+        """``federation.personalize_steps``: each client fine-tunes a private copy of the global
+        adapters.
 
         Every client (sampled or not) trains ``personalize_steps`` local steps on its own training
         shard from the final global state, with fresh AdamW moments and its tier's batch size; its
         result becomes its own adapters (``client_states``, checkpointed under ``clients/``, which
-        ``fednano-ray serve`` loads). It is scored on its held-out split and, to show what it costs in
-        generality, on the global test. The summary gets ``accuracy_personalized`` (per client, the
-        weighted average, 95% intervals) beside the global adapters' ``accuracy_after``. A client
-        whose fine-tune fails keeps the global adapters (a recorded failure). Idempotent under
-        --resume: a finished personalisation is not repeated.
+        ``fednano-ray serve`` loads). It is scored on its held-out split and, to show what it costs
+        in generality, on the global test. The summary gets ``accuracy_personalized`` (per client,
+        the weighted average, 95% intervals) beside the global adapters' ``accuracy_after``. A
+        client whose fine-tune fails keeps the global adapters (a recorded failure). Idempotent
+        under --resume: a finished personalisation is not repeated.
 
         Under a dual-adapter method (FedDPA-F) this is the local phase: each client's result is a
         local adapter trained beside the frozen global one (``ClientActor.fit_dual``) plus its bank
         of training summaries (``client_banks``, checkpointed beside it); the client is then scored
         with its dual adapter and a per-question weight, and the summary's ``feddpa`` record holds
-        the weighting and each client's mean weight on its held-out questions and on the global test.
+        the weighting and each client's mean weight on its held-out questions and on the global
+        test.
         """
         from fednano_ray.models.dual import REPRESENTATION
 
@@ -825,7 +842,8 @@ class Federation:
                 )
             calls[call] = c
         reasons: dict[int, str] = {}
-        # (the pooled client's fit actor is the top tier's, not the client's own: nothing to restart by client)
+        # (the pooled client's fit actor is the top tier's, not the client's own: nothing to restart
+        # by client)
         outs = self._gather(
             calls, "personalisation: ", reasons, restart_stalled=not self.method.pooled
         )
@@ -873,7 +891,8 @@ class Federation:
         return record
 
     def finish(self, wall_time_s: float) -> dict[str, Any]:
-        """The run's summary (accuracies, gains, bytes, storage) in results.json; returns the results."""
+        """The run's summary (accuracies, gains, bytes, storage) in results.json; returns the
+        results."""
         evals = [r for r in self.rounds if "avg_accuracy" in r]
         last = evals[-1] if evals else self.evaluate()
         acct = self.accounting

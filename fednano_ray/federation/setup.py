@@ -80,7 +80,8 @@ def in_process(
 ) -> Federation:
     """The run of ``cfg`` in this process: one plain client object per tier (a simulation pool of
     one), all calling one in-process frozen LLM, reached through ``transport`` (default
-    :class:`~.transport.InProcess`). ``client_class`` replaces ``ClientActor`` (e.g. a faulty one)."""
+    :class:`~.transport.InProcess`). ``client_class`` replaces ``ClientActor`` (e.g. a faulty
+    one)."""
     from fednano_ray.actors.client import ClientActor
     from fednano_ray.federation.rounds import Federation, Placement
     from fednano_ray.federation.transport import InProcess

@@ -84,7 +84,8 @@ class InProcess:
         del timeout
         if call.error is not None:
             raise CallFailed(
-                f"{type(call.error).__name__}: {str(call.error).splitlines()[0][:300] if str(call.error) else ''}"
+                f"{type(call.error).__name__}: "
+                f"{str(call.error).splitlines()[0][:300] if str(call.error) else ''}"
             )
         return call.value
 

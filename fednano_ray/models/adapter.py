@@ -1,8 +1,8 @@
 """NanoAdapters: small trainable modules on a client's side of the split (``adapter.kind``).
 
-The paper's form (``lowrank``, :class:`NanoAdapter`) is a low-rank residual on the embeddings entering
-the frozen LLM; :class:`AdapterForm` and its subclasses add a non-linear bottleneck, per-slot visual
-offsets and LoRA inside the connector. The paper's form:
+The paper's form (``lowrank``, :class:`NanoAdapter`) is a low-rank residual on the embeddings
+entering the frozen LLM; :class:`AdapterForm` and its subclasses add a non-linear bottleneck,
+per-slot visual offsets and LoRA inside the connector. The paper's form:
 
 FedNano (Zhang et al., 2025, arXiv 2506.14824, §3.2) puts one adapter per modality on the client::
 
@@ -20,10 +20,10 @@ Scaling. The adapter takes its ``scaling`` explicitly; a run uses ONE value for 
 <fednano_ray.config.AdapterConfig.scaling>`), whatever a tier's own ``adapter_rank``. PEFT's
 per-rank ``lora_alpha / r_tier`` would make the same global components act with ``r_ref / r_tier``
 times the gain on a smaller-rank client (and, since gradients scale with the scaling, give it
-``(r_ref / r_tier)²`` times the Fisher weight in merging): with one scaling, a global state truncated
-to a client's rank (HetLoRA) computes on that client exactly the function its first ``r_tier``
-components compute on every other tier. ``lora_alpha`` is kept as PEFT's equivalent numerator at this
-adapter's own rank, ``scaling * r``.
+``(r_ref / r_tier)²`` times the Fisher weight in merging): with one scaling, a global state
+truncated to a client's rank (HetLoRA) computes on that client exactly the function its first
+``r_tier`` components compute on every other tier. ``lora_alpha`` is kept as PEFT's equivalent
+numerator at this adapter's own rank, ``scaling * r``.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class BottleneckAdapter(NanoAdapter):
     """Non-linear bottleneck residual ``z' = z + scaling * B(gelu(A(dropout(z))))`` (Houlsby-style).
 
     The same tensors and names as :class:`NanoAdapter`. ``B`` starts at zero (identity at init), and
-    since the non-linearity acts on each of the ``r`` hidden units alone, the first ``r'`` components
-    are a rank-``r'`` bottleneck: HetLoRA truncation keeps its meaning.
+    since the non-linearity acts on each of the ``r`` hidden units alone, the first ``r'``
+    components are a rank-``r'`` bottleneck: HetLoRA truncation keeps its meaning.
     """
 
     def forward(self, z: Tensor) -> Tensor:
@@ -86,8 +86,8 @@ class BottleneckAdapter(NanoAdapter):
 class SlotAdapter(NanoAdapter):
     """The paper's low-rank residual on the visual tokens plus a learned offset per visual slot.
 
-    ``v'[:, n] = v[:, n] + scaling * B(A(dropout(v[:, n]))) + offset[n]``. ``offset`` (N, d) starts at
-    zero. It can tell the LLM *where* a token came from (grid position) without re-aligning the
+    ``v'[:, n] = v[:, n] + scaling * B(A(dropout(v[:, n]))) + offset[n]``. ``offset`` (N, d) starts
+    at zero. It can tell the LLM *where* a token came from (grid position) without re-aligning the
     connector; it has no rank (HetLoRA leaves it whole) and is merged like any other tensor.
     """
 
@@ -169,8 +169,9 @@ def connector_layers(connector: nn.Module) -> tuple[nn.Linear, Callable[[Tensor]
     ):
         return connector.linear_1, lambda h: connector.linear_2(connector.act(h))
     raise ValueError(
-        f"adapter.kind=connector needs a connector whose first layer is a Linear (an nn.Sequential or LLaVA's "
-        f"linear_1/act/linear_2 projector); this model's is a {type(connector).__name__}. Use adapter.kind=lowrank."
+        f"adapter.kind=connector needs a connector whose first layer is a Linear (an nn.Sequential "
+        f"or LLaVA's linear_1/act/linear_2 projector); this model's is a "
+        f"{type(connector).__name__}. Use adapter.kind=lowrank."
     )
 
 
@@ -186,14 +187,15 @@ class AdapterDims:
 
 
 class AdapterForm:
-    """One form of NanoAdapter, chosen by ``adapter.kind`` (in the spirit of PEFT's ``LoraVariant``).
+    """One form of NanoAdapter, chosen by ``adapter.kind`` (in the spirit of PEFT's
+    ``LoraVariant``).
 
     A form says what module adapts each modality and how many parameters it has (arithmetically, so
     ``inspect`` can count a 7B model on the meta device). Every form is the identity at init, names
-    its rank-holding tensors ``lora_A`` (r, ·) and ``lora_B`` (·, r), so HetLoRA padding, truncation,
-    validation, Fisher merging, SecAgg, DP and checkpoints treat it like the paper's form, and keeps
-    any rank-free tensor (``offset``) whole. The text modality gets the paper's low-rank residual
-    unless the form says otherwise.
+    its rank-holding tensors ``lora_A`` (r, ·) and ``lora_B`` (·, r), so HetLoRA padding,
+    truncation, validation, Fisher merging, SecAgg, DP and checkpoints treat it like the paper's
+    form, and keeps any rank-free tensor (``offset``) whole. The text modality gets the paper's
+    low-rank residual unless the form says otherwise.
     """
 
     name: ClassVar[str] = "lowrank"
@@ -244,7 +246,10 @@ class _VisionForm(AdapterForm):
 
 class SlotForm(_VisionForm):
     name = "slots"
-    description = "the low-rank residual plus a zero-initialised learned offset per visual slot (N x d) on the visual tokens"
+    description = (
+        "the low-rank residual plus a zero-initialised learned offset per visual slot (N x d) "
+        "on the visual tokens"
+    )
 
     def build_vision(self, dims, *, r, scaling, dropout):
         return SlotAdapter(dims.hidden, r=r, scaling=scaling, dropout=dropout, slots=dims.slots)
@@ -257,7 +262,10 @@ class SlotForm(_VisionForm):
 
 class ConnectorForm(_VisionForm):
     name = "connector"
-    description = "LoRA on the connector's first layer (encoder features, before the GELU) instead of on the visual tokens"
+    description = (
+        "LoRA on the connector's first layer (encoder features, before the GELU) "
+        "instead of on the visual tokens"
+    )
 
     def build_vision(self, dims, *, r, scaling, dropout):
         return ConnectorAdapter(
@@ -323,6 +331,7 @@ def load_adapter_state(adapters: Adapters, state: dict[str, Tensor]) -> None:
                 src = src[:, : param.shape[1]]
             if src.shape != param.shape:
                 raise ValueError(
-                    f"adapter {key}: shape {tuple(state[key].shape)} cannot fit {tuple(param.shape)}"
+                    f"adapter {key}: shape {tuple(state[key].shape)} "
+                    f"cannot fit {tuple(param.shape)}"
                 )
             param.copy_(src.to(param.dtype))

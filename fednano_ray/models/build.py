@@ -1,4 +1,5 @@
-"""Build any model kind (nano, hf, tiny) into one bundle: parts, tokenizer, prompt, preprocessing."""
+"""Build any model kind (nano, hf, tiny) into one bundle: parts, tokenizer, prompt,
+preprocessing."""
 
 from __future__ import annotations
 
@@ -97,20 +98,22 @@ class MLLM:
         autocast_bf16: bool = False,
         seed: int | None = 0,
     ) -> tuple[NanoEdge, ServerLLM, dict[str, nn.Parameter]]:
-        """``fedavg-lora``'s whole MLLM: (edge without NanoAdapters, this model's own LLM with PEFT LoRA on
-        ``adapter.lora_target_modules``, the LoRA parameters by state key).
+        """``fedavg-lora``'s whole MLLM: (edge without NanoAdapters, this model's own LLM with PEFT
+        LoRA on ``adapter.lora_target_modules``, the LoRA parameters by state key).
 
-        The edge computes the LLM's input embeddings from frozen parts only; the LLM's backward fills
-        the LoRA grads (:meth:`ServerLLM.loss_and_grad`). The decoder is changed in place, so never
-        call this on the cached :func:`build_mllm`.
+        The edge computes the LLM's input embeddings from frozen parts only; the LLM's backward
+        fills the LoRA grads (:meth:`ServerLLM.loss_and_grad`). The decoder is changed in place, so
+        never call this on the cached :func:`build_mllm`.
         """
         from fednano_ray.models.lora import inject_llm_lora
 
         edge, llm = split_mllm(
             self.parts, r=1, scaling=1.0, modalities=(), autocast_bf16=autocast_bf16
         )  # r: unused
-        # Inject after the split: ServerLLM freezes its decoder, LoRA injected before would be frozen too.
-        # The same scaling on every tier (PEFT's lora_alpha becomes adapter.lora_alpha * r / adapter.r).
+        # Inject after the split: ServerLLM freezes its decoder, LoRA injected before would be
+        # frozen too.
+        # The same scaling on every tier (PEFT's lora_alpha becomes
+        # adapter.lora_alpha * r / adapter.r).
         params = inject_llm_lora(
             llm.decoder,
             r=r or adapter.r,

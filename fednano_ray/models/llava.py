@@ -45,7 +45,8 @@ LLAVA_15_7B: dict[str, Any] = {
 
 
 class LlavaVisionEncoder(nn.Module):
-    """The vision tower with LLaVA's feature selection: hidden layer ``feature_layer``, CLS dropped."""
+    """The vision tower with LLaVA's feature selection: hidden layer ``feature_layer``, CLS
+    dropped."""
 
     def __init__(self, vision_tower: nn.Module, feature_layer: int, select_strategy: str) -> None:
         super().__init__()
@@ -90,8 +91,9 @@ LLAVA_15_7B_ID = "llava-hf/llava-1.5-7b-hf"
 def llava_config(name_or_path: str, *, offline: bool = True) -> tuple[Any, str]:
     """(``LlavaConfig``, checkpoint dtype name) of an ``hf`` model, reading only its config.
 
-    ``offline``: never download; a local folder's ``config.json``, the built-in llava-1.5-7b architecture
-    for its hub id (published in float16), or a hub id already in the Hugging Face cache.
+    ``offline``: never download; a local folder's ``config.json``, the built-in llava-1.5-7b
+    architecture for its hub id (published in float16), or a hub id already in the Hugging Face
+    cache.
 
     Raises:
         ValueError: when the config cannot be found locally, or describes no LLaVA model.
@@ -108,9 +110,9 @@ def llava_config(name_or_path: str, *, offline: bool = True) -> tuple[Any, str]:
             cfg = AutoConfig.from_pretrained(name_or_path, local_files_only=offline)
         except (OSError, ValueError) as e:
             raise ValueError(
-                f"cannot read the config of model.name_or_path={name_or_path!r} without downloading it: pass a "
-                f"local folder holding the checkpoint's config.json (or {LLAVA_15_7B_ID!r}, whose architecture "
-                "is built in)"
+                f"cannot read the config of model.name_or_path={name_or_path!r} without "
+                "downloading it: pass a local folder holding the checkpoint's config.json (or "
+                f"{LLAVA_15_7B_ID!r}, whose architecture is built in)"
             ) from e
     if getattr(cfg, "model_type", None) != "llava":
         raise ValueError(
@@ -137,14 +139,16 @@ def load_hf_llava(name_or_path: str, dtype: torch.dtype = torch.float32):
         processor = AutoProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise RuntimeError(
-            f"could not load the LLaVA checkpoint {name_or_path!r}: {e}. model.name_or_path must be a local folder "
-            "or a hub id of a LlavaForConditionalGeneration checkpoint (set HF_HUB_OFFLINE=1 to use the cache only)"
+            f"could not load the LLaVA checkpoint {name_or_path!r}: {e}. model.name_or_path must "
+            "be a local folder or a hub id of a LlavaForConditionalGeneration checkpoint (set "
+            "HF_HUB_OFFLINE=1 to use the cache only)"
         ) from e
     return model.eval(), processor
 
 
 def tiny_tokenizer():
-    """A byte-level tokenizer built in code (256 bytes + chat specials); saveable, so vLLM can load it."""
+    """A byte-level tokenizer built in code (256 bytes + chat specials); saveable, so vLLM can load
+    it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -176,7 +180,8 @@ def build_tiny_llava(
     patch_size: int = 8,
     seed: int = 0,
 ):
-    """A random-weight LLaVA (CLIP vision tower + Llama) small enough for tests, and its tokenizer."""
+    """A random-weight LLaVA (CLIP vision tower + Llama) small enough for tests, and its
+    tokenizer."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tok = tiny_tokenizer()

@@ -38,7 +38,8 @@ _KEY = "adapter.lora_target_modules"
 
 
 def lora_config(*, r: int, lora_alpha: float, dropout: float, target_modules: Sequence[str]):
-    """The ``peft.LoraConfig`` of the LLM's LoRA (PEFT's defaults otherwise: no bias, B = 0 init)."""
+    """The ``peft.LoraConfig`` of the LLM's LoRA (PEFT's defaults otherwise: no bias, B = 0
+    init)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -70,14 +71,14 @@ def _targets(decoder: nn.Module, config) -> list[tuple[str, nn.Linear]]:
             }
         )
         raise ValueError(
-            f"{_KEY} {sorted(config.target_modules)} matches no module of the LLM decoder; its Linear layers are "
-            f"named {names}"
+            f"{_KEY} {sorted(config.target_modules)} matches no module of the LLM decoder; "
+            f"its Linear layers are named {names}"
         )
     for name, m in found:
         if type(m) is not nn.Linear:
             raise ValueError(
-                f"{_KEY}: {name!r} is a {type(m).__name__}, not a Linear layer; LoRA goes on the decoder's "
-                "linear layers only (e.g. q_proj, k_proj, v_proj, o_proj)"
+                f"{_KEY}: {name!r} is a {type(m).__name__}, not a Linear layer; LoRA goes on the "
+                "decoder's linear layers only (e.g. q_proj, k_proj, v_proj, o_proj)"
             )
     return found
 
@@ -93,7 +94,8 @@ def lora_param_count(decoder: nn.Module, *, r: int, target_modules: Sequence[str
 
 
 def _state_key(name: str) -> str:
-    """``layers.0.self_attn.q_proj.lora_A.default.weight`` -> ``llm.layers.0.self_attn.q_proj.lora_A``."""
+    """``layers.0.self_attn.q_proj.lora_A.default.weight`` ->
+    ``llm.layers.0.self_attn.q_proj.lora_A``."""
     short = name.removesuffix(f".{_ADAPTER}.weight")
     if short == name or not short.endswith((".lora_A", ".lora_B")):
         raise ValueError(
@@ -114,7 +116,8 @@ def inject_llm_lora(
     """Inject PEFT LoRA into ``decoder`` in place and return its parameters by state key.
 
     ``scaling`` is the run's one LoRA scaling (``adapter.lora_alpha / adapter.r``), the same at
-    every rank: PEFT gets ``lora_alpha = scaling * r``, so its ``lora_alpha / r`` equals ``scaling``.
+    every rank: PEFT gets ``lora_alpha = scaling * r``, so its ``lora_alpha / r`` equals
+    ``scaling``.
 
     PEFT freezes every other decoder parameter. ``seed`` makes the ``lora_A`` init identical across
     processes (``lora_B`` starts at zero, so the model is exactly the pretrained one); the global

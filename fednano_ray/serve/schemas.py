@@ -120,8 +120,9 @@ class AnswerRequest(_Model):
     """``POST /v1/clients/{client_id}/answer``: one image, one question, optional choices."""
 
     image: str = Field(
-        description=f"The image as base64 or a data URI (data:image/png;base64,...); PNG, JPEG, WebP, GIF or BMP, "
-        f"at most {MAX_IMAGE_BYTES // (1024 * 1024)} MiB and {MAX_IMAGE_SIDE} px a side.",
+        description=f"The image as base64 or a data URI (data:image/png;base64,...); PNG, JPEG, "
+        f"WebP, GIF or BMP, at most {MAX_IMAGE_BYTES // (1024 * 1024)} MiB and {MAX_IMAGE_SIDE} px "
+        "a side.",
         min_length=1,
     )
     question: Question = Field(
@@ -133,8 +134,9 @@ class AnswerRequest(_Model):
         min_length=2,
         max_length=10,
         json_schema_extra={"uniqueItems": True},
-        description="Optional candidate answers (2..10, each 1..100 characters, distinct). When the generated "
-        "answer equals one of them (case-insensitive), the response's `choice` is its index.",
+        description="Optional candidate answers (2..10, each 1..100 characters, distinct). "
+        "When the generated answer equals one of them (case-insensitive), the response's "
+        "`choice` is its index.",
     )
     max_new_tokens: int = Field(
         16, ge=1, le=MAX_NEW_TOKENS, description="Most tokens to generate (greedy)."
@@ -163,11 +165,12 @@ class AnswerResponse(_Model):
         description="Index of the choice the answer equals (case-insensitive), else null."
     )
     model: str = Field(
-        description="Which adapters answered: client id and checkpoint, e.g. client_00003@round_0002."
+        description="Which adapters answered: client id and checkpoint, e.g. "
+        "client_00003@round_0002."
     )
 
 
-# -- OpenAI-style chat completions -------------------------------------------------------------------
+# -- OpenAI-style chat completions -----------------------------------------------------------------
 
 
 class ImageURL(_Model):
@@ -199,11 +202,13 @@ class ChatMessage(_Model):
 
 
 class ChatCompletionRequest(_Model):
-    """``POST /v1/chat/completions``, the subset of OpenAI's request this single-turn VQA model serves.
+    """``POST /v1/chat/completions``, the subset of OpenAI's request this single-turn VQA model
+    serves.
 
     ``model`` is the client id (``"3"``). Exactly one user message with exactly one image; system
     messages are accepted and ignored (the model has a fixed prompt); no assistant history.
-    Decoding is greedy only: ``temperature`` must be 0 or absent, ``top_p`` 1, ``n`` 1, no streaming.
+    Decoding is greedy only: ``temperature`` must be 0 or absent, ``top_p`` 1, ``n`` 1, no
+    streaming.
     """
 
     model: str = Field(
@@ -241,8 +246,8 @@ class ChatCompletionRequest(_Model):
     def _check(self) -> ChatCompletionRequest:
         if self.temperature not in (None, 0):
             raise ValueError(
-                f"temperature={self.temperature:g} is not supported: this server decodes greedily only; "
-                "send temperature 0 or leave it out"
+                f"temperature={self.temperature:g} is not supported: this server decodes greedily "
+                "only; send temperature 0 or leave it out"
             )
         if self.top_p not in (None, 1):
             raise ValueError("top_p must be 1 or absent: this server decodes greedily only")
@@ -252,7 +257,8 @@ class ChatCompletionRequest(_Model):
             raise ValueError("stream=true is not supported; leave it out")
         if any(m.role == "assistant" for m in self.messages):
             raise ValueError(
-                "assistant messages are not supported: this is a single-turn model; send one user message"
+                "assistant messages are not supported: this is a single-turn model; "
+                "send one user message"
             )
         users = [m for m in self.messages if m.role == "user"]
         if len(users) != 1:
@@ -263,7 +269,8 @@ class ChatCompletionRequest(_Model):
         )
         if len(images) != 1:
             raise ValueError(
-                f'the user message needs exactly one image part {{"type": "image_url", "image_url": '
+                "the user message needs exactly one image part "
+                f'{{"type": "image_url", "image_url": '
                 f'{{"url": "data:image/png;base64,..."}}}} (got {len(images)})'
             )
         if not self.question().strip():
@@ -316,7 +323,7 @@ class ChatCompletionResponse(_Model):
     usage: Usage
 
 
-# -- images ---------------------------------------------------------------------------------------------
+# -- images ----------------------------------------------------------------------------------------
 
 
 def decode_image_bytes(text: str) -> bytes:
@@ -383,7 +390,8 @@ def decode_image_bytes(text: str) -> bytes:
 
 
 def decode_image(text: str):
-    """Base64 / data URI -> an RGB ``PIL.Image``, with size limits checked before pixels are decoded.
+    """Base64 / data URI -> an RGB ``PIL.Image``, with size limits checked before pixels are
+    decoded.
 
     Raises:
         HTTPError: 400 (not base64, not an image, unsupported format, corrupt), 413 (too large).

@@ -108,7 +108,8 @@ def max_rank(states: Sequence[Mapping[str, Tensor]]) -> int:
 
 
 def pad_to_rank(state: Mapping[str, Tensor], r: int) -> State:
-    """Zero-pad every LoRA tensor to rank ``r``: extra rows of ``lora_A``, extra columns of ``lora_B``.
+    """Zero-pad every LoRA tensor to rank ``r``: extra rows of ``lora_A``, extra columns of
+    ``lora_B``.
 
     Padding keeps the adapter's output unchanged (``B @ A`` gains only zero terms). Apply it to a
     Fisher dict to give the padded entries Fisher 0.
@@ -289,7 +290,8 @@ def fedavg(
 
 
 def lora_pairs(state: Mapping[str, Tensor]) -> list[tuple[str, str]]:
-    """``(lora_A key, lora_B key)`` of every adapter in ``state`` whose two factors are both present."""
+    """``(lora_A key, lora_B key)`` of every adapter in ``state`` whose two factors are both
+    present."""
     pairs = []
     for key in state:
         parts = key.split(".")
@@ -308,16 +310,17 @@ def merge_products(
 ) -> State:
     """The weighted mean of each adapter's product ``B_i A_i``, re-factorised at ``rank``.
 
-    Averaging ``A`` and ``B`` separately is not averaging ``B A`` (the cross terms ``B_i A_j`` enter);
-    this averages the products exactly, ``W = Σ w_i B_i A_i / Σ w_i``, and returns the factors of its
-    best rank-``rank`` approximation (truncated SVD, Eckart–Young): ``B = U S / c``, ``A = c Vᵀ``, with
-    ``c`` the mean row norm of ``reference``'s ``A`` so the factors keep their scale. The SVD is taken
-    without forming the (d_out × d_in) matrix: ``W`` is ``[w_1 B_1 … w_k B_k] [A_1; …; A_k]``, and two
-    QR decompositions reduce it to a (Σr × Σr) core. Components are ordered by singular value, so a
-    client of smaller rank (HetLoRA truncation) takes the best rank-r approximation of the merge.
-    Directions beyond ``W``'s rank (round 0's ``B = 0`` makes ``W = 0``) keep orthonormal rows of
-    ``A`` with ``B = 0`` there, so the factors never collapse to the saddle ``A = B = 0``. Keys that
-    are not LoRA factors (a form's rank-free tensors) get the plain weighted mean.
+    Averaging ``A`` and ``B`` separately is not averaging ``B A`` (the cross terms ``B_i A_j``
+    enter); this averages the products exactly, ``W = Σ w_i B_i A_i / Σ w_i``, and returns the
+    factors of its best rank-``rank`` approximation (truncated SVD, Eckart–Young): ``B = U S / c``,
+    ``A = c Vᵀ``, with ``c`` the mean row norm of ``reference``'s ``A`` so the factors keep their
+    scale. The SVD is taken without forming the (d_out × d_in) matrix: ``W`` is
+    ``[w_1 B_1 … w_k B_k] [A_1; …; A_k]``, and two QR decompositions reduce it to a (Σr × Σr) core.
+    Components are ordered by singular value, so a client of smaller rank (HetLoRA truncation) takes
+    the best rank-r approximation of the merge. Directions beyond ``W``'s rank (round 0's ``B = 0``
+    makes ``W = 0``) keep orthonormal rows of ``A`` with ``B = 0`` there, so the factors never
+    collapse to the saddle ``A = B = 0``. Keys that are not LoRA factors (a form's rank-free
+    tensors) get the plain weighted mean.
 
     Args:
         results: ``(state, weight)`` per client, each state at its own rank.
@@ -536,9 +539,9 @@ def fisher_merge(
 
     Each coordinate is a mean of the clients' values weighted by ``n_i`` times how sensitive client
     ``i``'s loss is to that coordinate (its diagonal Fisher ``F_i``). Where Fisher is large compared
-    with ``eps``, ``eps`` does not matter; where every client's Fisher is 0 (e.g. ``lora_A`` in round
-    0, whose gradient vanishes while ``lora_B`` is 0) the weights are ``n_i * eps`` and the result is
-    exactly FedAvg. With ``eps=0`` such coordinates take ``fallback`` (or 0) instead.
+    with ``eps``, ``eps`` does not matter; where every client's Fisher is 0 (e.g. ``lora_A`` in
+    round 0, whose gradient vanishes while ``lora_B`` is 0) the weights are ``n_i * eps`` and the
+    result is exactly FedAvg. With ``eps=0`` such coordinates take ``fallback`` (or 0) instead.
 
     Args:
         results: ``(state, num_examples, fisher)`` per client; Fisher matches the state's layout.
@@ -581,7 +584,8 @@ def server_step(
         lr: Server learning rate, finite and > 0.
 
     Returns:
-        A new state with ``aggregate``'s keys, shapes and dtypes (``aggregate`` itself if ``lr == 1``).
+        A new state with ``aggregate``'s keys, shapes and dtypes (``aggregate`` itself if
+        ``lr == 1``).
 
     Raises:
         ValueError: If ``lr`` is not finite and > 0, or the keys differ.

@@ -2,8 +2,8 @@
 
 The coordinator treats this strategy specially: it trains one model on the union of the clients'
 training shards (no federation, no client drift) and evaluates it on every client's held-out split.
-The pooled client trains on the top tier's actor, at the largest tier rank (the global state's), with
-that tier's batch size and ``local_steps × clients_per_round`` steps.
+The pooled client trains on the top tier's actor, at the largest tier rank (the global state's),
+with that tier's batch size and ``local_steps × clients_per_round`` steps.
 Aggregation is FedAvg, so the same round loop works with the pooled run as its single "client",
 where FedAvg of one update is that update.
 """
@@ -19,4 +19,7 @@ class Centralized(FedAvg):
     """FedAvg aggregation; the coordinator pools all client data into one training run."""
 
     name = "centralized"
-    rank_rule = "pooled: one run at the largest tier rank (FedAvg zero-padding if several ranks ever arrive)"
+    rank_rule = (
+        "pooled: one run at the largest tier rank "
+        "(FedAvg zero-padding if several ranks ever arrive)"
+    )

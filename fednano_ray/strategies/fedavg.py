@@ -17,8 +17,9 @@ __all__ = ["FedAvg", "fedavg_sum_plan"]
 def fedavg_sum_plan(updates: list[ClientUpdate], rank: int, *, label: str = "fedavg") -> SumPlan:
     """FedAvg as sums: terms ``n_i θ_i`` (zero-padded to ``rank``) and ``n_i``; finish divides.
 
-    ``finish`` returns the dtype of the first update's state, as :func:`fedavg` does. ``label`` names
-    the strategy in the error for a zero total (the clip rule averages clipped deltas with it too).
+    ``finish`` returns the dtype of the first update's state, as :func:`fedavg` does. ``label``
+    names the strategy in the error for a zero total (the clip rule averages clipped deltas with it
+    too).
     """
     dtypes = {key: tensor.dtype for key, tensor in updates[0].state.items()}
     terms = []
@@ -58,8 +59,9 @@ class FedAvg(Strategy):
         "holds become 0), truncate to own rank on receipt"
     )
     product_rank_rule = (
-        "product merging: the example-weighted mean of each client's B@A at its own rank, re-factorised "
-        "by truncated SVD at the max rank; a smaller-rank client takes the top singular components"
+        "product merging: the example-weighted mean of each client's B@A at its own rank, "
+        "re-factorised by truncated SVD at the max rank; a smaller-rank client takes the top "
+        "singular components"
     )
 
     def __init__(self, factors: str = "joint") -> None:
@@ -89,7 +91,7 @@ class FedAvg(Strategy):
         """Terms ``n_i θ_i`` and ``n_i``: see :func:`fedavg_sum_plan`."""
         if self.factors == "product":
             raise ValueError(
-                "product merging needs each client's B@A, which a secure sum of the factors cannot give: "
-                "use adapter.factors=joint or frozen_a with trust.secure_aggregation"
+                "product merging needs each client's B@A, which a secure sum of the factors cannot "
+                "give: use adapter.factors=joint or frozen_a with trust.secure_aggregation"
             )
         return fedavg_sum_plan(updates, rank)

@@ -16,6 +16,7 @@ __all__ = ["FedAvgLoRA"]
 
 
 class FedAvgLoRA(FedAvg):
-    """FedAvg aggregation of the clients' LLM LoRA states (keys ``llm.<module>.lora_A``/``lora_B``)."""
+    """FedAvg aggregation of the clients' LLM LoRA states (keys
+    ``llm.<module>.lora_A``/``lora_B``)."""
 
     name = "fedavg-lora"

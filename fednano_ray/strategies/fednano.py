@@ -2,8 +2,8 @@
 Multimodal Large Language Models", arXiv 2506.14824): Fisher merging of NanoAdapters.
 
 Each coordinate of the global state is the mean of the clients' values weighted by ``n_i`` times
-the client's diagonal Fisher there, ``θ = Σ n_i (F_i + eps) θ_i / Σ n_i (F_i + eps)``: a client whose
-loss is sensitive to a coordinate decides it (Fisher merging, Matena & Raffel 2022).
+the client's diagonal Fisher there, ``θ = Σ n_i (F_i + eps) θ_i / Σ n_i (F_i + eps)``: a client
+whose loss is sensitive to a coordinate decides it (Fisher merging, Matena & Raffel 2022).
 """
 
 from __future__ import annotations

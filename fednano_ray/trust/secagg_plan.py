@@ -114,7 +114,8 @@ class SumTemplate:
         return sum(self.like[k].numel() for k in self.keys)
 
     def finish_ring(self, total: np.ndarray, frac_bits: int) -> dict[str, Tensor]:
-        """The new global state from the unmasked sum in ``Z_{2^64}`` (:meth:`SecAggServer.unmask`)."""
+        """The new global state from the unmasked sum in ``Z_{2^64}``
+        (:meth:`SecAggServer.unmask`)."""
         return self.finish(_unflatten(dequantize(total, frac_bits), self.like, self.keys))
 
 

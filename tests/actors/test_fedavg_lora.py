@@ -1,4 +1,6 @@
-"""fedavg-lora end to end: full-model clients train PEFT LoRA in their own LLM, FedAvg on the coordinator."""
+"""fedavg-lora end to end: full-model clients train PEFT LoRA in their own LLM, FedAvg on the
+coordinator.
+"""
 
 import pytest
 import torch
@@ -62,12 +64,12 @@ def _client_actor(cfg, rank: int, data) -> ClientActor:
 def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_lora(
     ray_cluster, tmp_path
 ):
-    """Two rounds of fedavg-lora with 3 clients: no LLM trainer; results.json reports client storage =
-    the whole MLLM (+ LoRA), LoRA bytes per round and 0 activation bytes; round 0's global LoRA is the
-    example-weighted mean of the clients' LoRA states (redone here by hand); the global test accuracy
-    is that of the final aggregated LoRA (fingerprint and in-process re-scoring). The same round under
-    secure aggregation lands on the same LoRA, and a run cut after round 0 resumes to the same final
-    LoRA (one test: each run costs CPU time this machine shares)."""
+    """Two rounds of fedavg-lora with 3 clients: no LLM trainer; results.json reports client
+    storage = the whole MLLM (+ LoRA), LoRA bytes per round and 0 activation bytes; round 0's global
+    LoRA is the example-weighted mean of the clients' LoRA states (redone here by hand); the global
+    test accuracy is that of the final aggregated LoRA (fingerprint and in-process re-scoring). The
+    same round under secure aggregation lands on the same LoRA, and a run cut after round 0 resumes
+    to the same final LoRA (one test: each run costs CPU time this machine shares)."""
     cfg = _cfg()
     run = tmp_path / "run"
     res = train(cfg, run, progress=False)
@@ -148,7 +150,8 @@ def test_fedavg_lora_run_accounts_full_model_clients_and_scores_the_aggregated_l
     for k, v in _ckpt(sec, 0).items():
         torch.testing.assert_close(v, got[k], rtol=1e-4, atol=1e-6)
 
-    # Resume: the checkpoint holds the global LoRA; a run killed after round 0 ends where this one did.
+    # Resume: the checkpoint holds the global LoRA; a run killed after round 0 ends where this one
+    # did.
     cut = tmp_path / "cut"
     train(cfg, cut, progress=False, stop_after_round=0)
     train(cfg, cut, resume=True, progress=False)

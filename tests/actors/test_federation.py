@@ -1,4 +1,6 @@
-"""Federated runs on a simulated multi-node Ray cluster: run directory, faults, resume, placement."""
+"""Federated runs on a simulated multi-node Ray cluster: run directory, faults, resume,
+placement.
+"""
 
 import threading
 import time
@@ -25,9 +27,10 @@ def _adapters(run, rnd: int):
 def fedavg_run(ray_cluster, tmp_path_factory):
     """One fedavg run of tiny.yaml (2 rounds, then 3 personalisation steps per client):
     test_other_strategies' fedavg case, the personalisation test, and the reference of the
-    secure-aggregation run (personalisation leaves the global adapters as they were). Its adapters are
-    adapter.kind=slots (a learned offset per visual slot, a tensor without a rank, beside the paper's
-    low-rank residual), so federation, SecAgg, personalisation and serving are tested on a second form."""
+    secure-aggregation run (personalisation leaves the global adapters as they were). Its adapters
+    are adapter.kind=slots (a learned offset per visual slot, a tensor without a rank, beside the
+    paper's low-rank residual), so federation, SecAgg, personalisation and serving are tested on a
+    second form."""
     run = tmp_path_factory.mktemp("fedavg") / "run"
     return run, train(tiny(*FEDAVG_SLOTS, "federation.personalize_steps=3"), run, progress=False)
 
@@ -36,7 +39,9 @@ FEDAVG_SLOTS = ("federation.strategy=fedavg", "adapter.kind=slots")
 
 
 def test_run_writes_the_run_directory(tiny_run):
-    """A tiny FedNano run writes config.yaml, results.json with the DESIGN §4 summary, and per-round checkpoints."""
+    """A tiny FedNano run writes config.yaml, results.json with the DESIGN §4 summary, and per-round
+    checkpoints.
+    """
     run, res = tiny_run
 
     on_disk = rundir.read_results(run)
@@ -56,7 +61,8 @@ def test_run_writes_the_run_directory(tiny_run):
     assert [r["round"] for r in on_disk["rounds"]] == [0, 1]
     for r in on_disk["rounds"]:
         assert r["failures"] == [] and r["completed"] == [0, 1, 2, 3] and r["aggregated"]
-        # fednano sends adapters + same-size Fisher up, global adapters (at each client's rank) down.
+        # fednano sends adapters + same-size Fisher up, global adapters (at each client's rank)
+        # down.
         assert r["bytes_up"] == 2 * r["bytes_down"] > 0
     # Heterogeneous ranks: the global adapters live at the largest tier rank (4), HetLoRA-style.
     ckpt = _adapters(run, 1)
@@ -65,8 +71,9 @@ def test_run_writes_the_run_directory(tiny_run):
     assert (
         res["trainer_stats"]["requests"] >= 4 * 2 * 2
     )  # every split step went through the LLM trainer
-    # The reported global test accuracy is that of the final global adapters (and "before" that of the
-    # pretrained ones): the record names the adapters it scored, and re-scoring both in-process agrees.
+    # The reported global test accuracy is that of the final global adapters (and "before" that of
+    # the pretrained ones): the record names the adapters it scored, and re-scoring both in-process
+    # agrees.
     from fednano_ray.actors.coordinator import adapters_fingerprint
 
     assert on_disk["rounds"][-1]["global_test_adapters"] == adapters_fingerprint(ckpt)
@@ -75,7 +82,9 @@ def test_run_writes_the_run_directory(tiny_run):
 
 
 def _global_test_accuracy(cfg, adapters) -> float:
-    """Accuracy on the global test split of the tiny model with ``adapters`` (None: B = 0, pretrained)."""
+    """Accuracy on the global test split of the tiny model with ``adapters`` (None: B = 0,
+    pretrained).
+    """
     from fednano_ray.features import cached_features
     from fednano_ray.models.adapter import load_adapter_state
     from fednano_ray.models.build import build_mllm
@@ -144,13 +153,14 @@ def test_faults_become_failures_and_the_rounds_go_on_until_the_quorum_fails(ray_
 
 
 def test_resume_ends_with_the_same_adapters(tiny_run, tmp_path):
-    """A run killed after round 0 and resumed ends with the adapters of an uninterrupted run (same seed):
-    the adapters and each client's optimiser moments come back from the checkpoint."""
+    """A run killed after round 0 and resumed ends with the adapters of an uninterrupted run (same
+    seed): the adapters and each client's optimiser moments come back from the checkpoint."""
     full_dir, _ = tiny_run
     cfg = tiny()
     train(cfg, tmp_path / "cut", progress=False, stop_after_round=0)
     assert not rundir.round_dir(tmp_path / "cut", 1).exists()
-    # train.optimizer_state=keep: the clients' AdamW moments are part of the checkpoint, one per client.
+    # train.optimizer_state=keep: the clients' AdamW moments are part of the checkpoint, one per
+    # client.
     moments = rundir.read_checkpoint(rundir.round_dir(tmp_path / "cut", 0)).optimizer_states
     assert sorted(moments) == [0, 1, 2, 3] and all(
         int(s["step"]) == 2 for s in moments[0]["state"].values()
@@ -160,8 +170,9 @@ def test_resume_ends_with_the_same_adapters(tiny_run, tmp_path):
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
 
     assert [r["round"] for r in resumed["rounds"]] == [0, 1]
-    # fp32 (tiny.yaml): two runs of one config, and a cut-and-resumed one, agree to the bit (DESIGN: same
-    # config and seed, same accuracies), although the LLM trainer batched their split steps differently.
+    # fp32 (tiny.yaml): two runs of one config, and a cut-and-resumed one, agree to the bit (DESIGN:
+    # same config and seed, same accuracies), although the LLM trainer batched their split steps
+    # differently.
     a, b = _adapters(full_dir, 1), _adapters(tmp_path / "cut", 1)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -181,9 +192,9 @@ def test_resume_ends_with_the_same_adapters(tiny_run, tmp_path):
 
 
 def test_llm_trainer_killed_mid_round_is_restarted_and_the_round_completes(tiny_run, tmp_path):
-    """Client 1 kills the LLM trainer actor (ray.kill: SIGKILL) in round 0 with its second split step
-    in flight. Ray restarts the trainer, whose __init__ reloads the frozen LLM, and re-sends the
-    in-flight calls (max_task_retries=-1): the round completes with every client, results.json
+    """Client 1 kills the LLM trainer actor (ray.kill: SIGKILL) in round 0 with its second split
+    step in flight. Ray restarts the trainer, whose __init__ reloads the frozen LLM, and re-sends
+    the in-flight calls (max_task_retries=-1): the round completes with every client, results.json
     records the restart, and the run ends with the adapters of an uninterrupted run (same seed)."""
     cfg = tiny()
     train(
@@ -205,11 +216,13 @@ def test_llm_trainer_killed_mid_round_is_restarted_and_the_round_completes(tiny_
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "local", "centralized"])
 def test_other_strategies_run(ray_cluster, tmp_path, strategy, request):
-    """Every strategy completes a round; local keeps per-client adapters, centralized trains one pooled client.
+    """Every strategy completes a round; local keeps per-client adapters, centralized trains one
+    pooled client.
 
-    The tiers have ranks 2 and 4. centralized's pooled client trains at the largest rank (4, the rank it is
-    scored at), not at client 0's (2); local scores the global test with every client's own adapters, each
-    on an actor of its own tier (a rank-2 state does not fit a rank-4 actor), so all 4 states count."""
+    The tiers have ranks 2 and 4. centralized's pooled client trains at the largest rank (4, the
+    rank it is scored at), not at client 0's (2); local scores the global test with every client's
+    own adapters, each on an actor of its own tier (a rank-2 state does not fit a rank-4 actor), so
+    all 4 states count."""
     if strategy == "fedavg":  # the module's shared fedavg run (2 rounds): its first round
         run, res = request.getfixturevalue("fedavg_run")
     else:
@@ -223,7 +236,8 @@ def test_other_strategies_run(ray_cluster, tmp_path, strategy, request):
         assert r0["clients"] == [0] and r0["completed"] == [0]
         state = load_file(str(rundir.adapters_path(ckpt)))
         assert state["vision.lora_A"].shape == (4, 128) and state["vision.lora_B"].shape == (128, 4)
-        # Trained at rank 4: the components beyond client 0's rank 2 moved (a rank-2 update pads them with 0).
+        # Trained at rank 4: the components beyond client 0's rank 2 moved (a rank-2 update pads
+        # them with 0).
         assert (
             state["vision.lora_B"][:, 2:].abs().sum() > 0
             and state["text.lora_B"][:, 2:].abs().sum() > 0
@@ -247,9 +261,10 @@ def test_other_strategies_run(ray_cluster, tmp_path, strategy, request):
 
 
 def test_personalisation_fine_tunes_every_client_and_serves_it_its_own(fedavg_run):
-    """personalize_steps: after the rounds, each client fine-tunes the global adapters on its own data
-    (at its own rank); the last checkpoint holds them, the summary scores them beside the global ones
-    (held-out and global test), and the serving side loads each client's own, not the global ones."""
+    """personalize_steps: after the rounds, each client fine-tunes the global adapters on its own
+    data (at its own rank); the last checkpoint holds them, the summary scores them beside the
+    global ones (held-out and global test), and the serving side loads each client's own, not the
+    global ones."""
     # Prepare
     from fednano_ray.models.adapter import adapter_state
     from fednano_ray.serve.ingress import Ingress
@@ -292,7 +307,8 @@ def test_personalisation_fine_tunes_every_client_and_serves_it_its_own(fedavg_ru
 def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(
     ray_cluster, tmp_path
 ):
-    """Clients land on the node advertising their tier's resource; removing a node mid-run fails only its clients.
+    """Clients land on the node advertising their tier's resource; removing a node mid-run fails
+    only its clients.
 
     The lost node's actors wait for a node to restart on, so their calls end at the deadline: 20 s,
     which an honest tiny fit (about 1 s on 2 cores) never nears, so only they fail."""
@@ -351,7 +367,9 @@ def test_tiers_are_placed_on_their_nodes_and_a_lost_node_does_not_stop_the_run(
 
 
 def test_cli_joins_an_existing_cluster_with_address(ray_cluster, tmp_path):
-    """`fednano-ray train CONFIG --address ADDR` runs on an already-running cluster and prints the table."""
+    """`fednano-ray train CONFIG --address ADDR` runs on an already-running cluster and prints the
+    table.
+    """
     import os
     import subprocess
     import sys
@@ -404,7 +422,8 @@ def test_secure_aggregation_masks_on_the_clients_and_matches_the_plain_run(fedav
         assert r["aggregated"] and r["failures"] == [] and r["completed"] == [0, 1, 2, 3], r
         assert sa["masked_by"] == "clients" and sa["summed"] == ["0", "1", "2", "3"]
         assert sa["dropped_before_upload"] == [] and sa["dropped_before_unmask"] == []
-        # What came up: exactly four masked Z_2^64 vectors of the padded plan (n θ at rank 4, and n).
+        # What came up: exactly four masked Z_2^64 vectors of the padded plan (n θ at rank 4, and
+        # n).
         assert sa["vector_length"] == sum(v.numel() for v in _adapters(plain, 0).values()) + 1
         assert r["bytes_up"] == sa["masked_bytes_up"] == 4 * 8 * sa["vector_length"]
     assert res["summary"]["secure_aggregation"] is True
@@ -429,7 +448,8 @@ def test_secure_aggregation_recovers_clients_that_die_after_key_sharing(ray_clus
     cfg = ("federation.mode=deployment", "federation.strategy=fedavg", "adapter.kind=connector")
     sec = tiny(*cfg, "trust.secure_aggregation=true")
     res = train(sec, tmp_path / "sec", client_class=chaos_client(sec, chaos), progress=False)
-    # The plain reference, in process, is cut after round 0 and resumed: resume holds for this form too.
+    # The plain reference, in process, is cut after round 0 and resumed: resume holds for this form
+    # too.
     plain = tiny(*cfg)
     cut = in_process(plain, tmp_path / "plain", transport=failing_transport(plain, {(0, 1)}))
     cut.begin()

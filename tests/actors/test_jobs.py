@@ -1,4 +1,6 @@
-"""`ray job submit`: a training run submitted as a Ray job to the running cluster (docs/SCALING.md)."""
+"""`ray job submit`: a training run submitted as a Ray job to the running cluster
+(docs/SCALING.md).
+"""
 
 import os
 import shlex
@@ -12,13 +14,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_training_run_submitted_as_a_ray_job_succeeds(ray_cluster, tmp_path):
-    """The job's driver joins the cluster with `--address auto` (Ray sets RAY_ADDRESS for it) and writes the run."""
+    """The job's driver joins the cluster with `--address auto` (Ray sets RAY_ADDRESS for it) and
+    writes the run.
+    """
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     cluster, _ = ray_cluster
     run = tmp_path / "run"
-    # Run from the repo root; the package is installed (editable) in this venv: no working_dir. (With one,
-    # this one-machine Cluster's nodes share one runtime_resources folder and unpack over each other.)
+    # Run from the repo root; the package is installed (editable) in this venv: no working_dir.
+    # (With one, this one-machine Cluster's nodes share one runtime_resources folder and unpack over
+    # each other.)
     entrypoint = " ".join(
         shlex.quote(a)
         for a in [

@@ -1,4 +1,6 @@
-"""LLMTrainer (no Ray): concurrent split steps merge into one batch, each client gets its own result."""
+"""LLMTrainer (no Ray): concurrent split steps merge into one batch, each client gets its own
+result.
+"""
 
 from __future__ import annotations
 
@@ -76,7 +78,9 @@ def test_requests_have_distinct_shapes(requests):
 
 
 def test_concurrent_requests_merge_into_one_batch(trainer, requests):
-    """Three concurrent clients are served by one forward/backward, each with its own loss and grad."""
+    """Three concurrent clients are served by one forward/backward, each with its own loss and
+    grad.
+    """
     # Prepare
     server, reqs = requests
 
@@ -150,7 +154,8 @@ def test_failing_request_does_not_kill_the_trainer(trainer, requests):
 
 @pytest.mark.parametrize("multiple", [1, 8, 256])
 def test_results_are_the_same_bits_whatever_the_batching(cfg, requests, multiple):
-    """Each client's loss and dL/dz' are bit-identical sent alone or merged with other clients' steps.
+    """Each client's loss and dL/dz' are bit-identical sent alone or merged with other clients'
+    steps.
 
     Requests merge only with requests of the same padded length (a multiple of ``pad_to_multiple``):
     with 1 the three lengths never merge, with 256 they all share one batch.
@@ -209,8 +214,9 @@ def choice_requests(cfg):
 
 @pytest.mark.parametrize("multiple", [1, 256])
 def test_choice_steps_merge_and_match_each_client_alone(cfg, choice_requests, multiple):
-    """Choice-objective split steps of three clients, merged into one batch (256) or not (1), give each
-    client the loss and dL/dz' of ServerLLM.choice_loss_and_grad on its own rows, to the bit."""
+    """Choice-objective split steps of three clients, merged into one batch (256) or not (1), give
+    each client the loss and dL/dz' of ServerLLM.choice_loss_and_grad on its own rows, to the
+    bit."""
     server, reqs = choice_requests
     trainer = LLMTrainer(cfg.model, max_batch_size=64, batch_wait_ms=50, pad_to_multiple=multiple)
 

@@ -1,4 +1,6 @@
-"""The dataset loader: valid splits load, every malformed input is a DatasetError naming file:line."""
+"""The dataset loader: valid splits load, every malformed input is a DatasetError naming
+file:line.
+"""
 
 from __future__ import annotations
 

@@ -53,7 +53,9 @@ def easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_easy_scenes_hold_one_object_and_answers_match_it(easy: Path) -> None:
-    """easy (the default): one object per question (two for relations), counts 1-4 of one kind only."""
+    """easy (the default): one object per question (two for relations), counts 1-4 of one kind
+    only.
+    """
     assert json.loads((easy / "info.json").read_text())["difficulty"] == "easy"
     seen = set()
     for row, scene in _examples(easy):

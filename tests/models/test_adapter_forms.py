@@ -1,5 +1,5 @@
-"""Every NanoAdapter form (``adapter.kind``): the identity at init, learns a toy target, keeps HetLoRA's
-meaning, merges with Fisher weights, and keeps FedNano's economics on LLaVA-1.5-7B."""
+"""Every NanoAdapter form (``adapter.kind``): the identity at init, learns a toy target, keeps
+HetLoRA's meaning, merges with Fisher weights, and keeps FedNano's economics on LLaVA-1.5-7B."""
 
 import numpy as np
 import pytest
@@ -57,7 +57,9 @@ def test_each_form_is_the_identity_at_init(tiny, kind):
 
 @pytest.mark.parametrize("kind", FORMS)
 def test_each_form_learns_a_toy_target(tiny, kind):
-    """Teacher-student: a randomised adapter of the same form defines z'*; a fresh student fits it."""
+    """Teacher-student: a randomised adapter of the same form defines z'*; a fresh student fits
+    it.
+    """
     cfg, mllm, batch, feats = tiny
     teacher = _edge(cfg, mllm, kind, seed=1)
     with torch.no_grad():
@@ -86,8 +88,9 @@ def test_each_form_learns_a_toy_target(tiny, kind):
 
 @pytest.mark.parametrize("kind", FORMS)
 def test_a_truncated_state_computes_its_components_on_every_tier(tiny, kind):
-    """A rank-4 global state whose components beyond rank 2 are zero gives a rank-2 and a rank-4 edge the
-    same z' (HetLoRA truncation keeps its meaning for every form; rank-free tensors stay whole)."""
+    """A rank-4 global state whose components beyond rank 2 are zero gives a rank-2 and a rank-4
+    edge the same z' (HetLoRA truncation keeps its meaning for every form; rank-free tensors stay
+    whole)."""
     cfg, mllm, batch, feats = tiny
     big = _edge(cfg, mllm, kind, r=4, seed=3)
     small = _edge(cfg, mllm, kind, r=2, seed=4)
@@ -131,8 +134,9 @@ def test_frozen_a_freezes_every_forms_lora_a_but_not_the_offsets(tiny):
 
 @pytest.mark.parametrize("kind", FORMS)
 def test_fisher_merging_secagg_and_dp_of_mixed_rank_clients_for_each_form(tiny, kind):
-    """FedNano's merge pads every client to the largest rank, rank-free tensors included, and the merged
-    state loads back into each tier; secure aggregation and DP-FedAvg take every form's state."""
+    """FedNano's merge pads every client to the largest rank, rank-free tensors included, and the
+    merged state loads back into each tier; secure aggregation and DP-FedAvg take every form's
+    state."""
     from fednano_ray.strategies.base import ClientUpdate
     from fednano_ray.strategies.fednano import FedNano
 
@@ -151,7 +155,8 @@ def test_fisher_merging_secagg_and_dp_of_mixed_rank_clients_for_each_form(tiny, 
         assert v.shape == global_state[k].shape and torch.isfinite(v).all(), k
     for edge in edges.values():
         load_adapter_state(edge.adapters, merged)
-    # SecAgg's fixed-point sums give the same merge; DP-FedAvg clips and noises every tensor of the form.
+    # SecAgg's fixed-point sums give the same merge; DP-FedAvg clips and noises every tensor of the
+    # form.
     from fednano_ray.strategies import DPFedAvg
     from fednano_ray.trust.secagg_plan import secure_aggregate
 
@@ -173,7 +178,9 @@ def test_fisher_merging_secagg_and_dp_of_mixed_rank_clients_for_each_form(tiny, 
 
 @pytest.mark.parametrize("kind", FORMS)
 def test_every_form_keeps_fednanos_economics_on_llava_7b(kind):
-    """inspect on the LLaVA-1.5-7B architecture (meta device): adapters stay at most 0.05% of the MLLM."""
+    """inspect on the LLaVA-1.5-7B architecture (meta device): adapters stay at most 0.05% of the
+    MLLM.
+    """
     from fednano_ray.accounting import inspect_config
 
     out = inspect_config(

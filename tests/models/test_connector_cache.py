@@ -1,4 +1,6 @@
-"""The aligned connector and the feature cache: keyed on model and preprocessing, shipped with a checksum."""
+"""The aligned connector and the feature cache: keyed on model and preprocessing, shipped with a
+checksum.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ def _ship(folder: Path, key: dict, state: dict[str, torch.Tensor]) -> Path:
 
 
 def test_key_names_the_preprocessing_model_and_recipe(monkeypatch):
-    """Changing the normalisation, the recipe, the grid or a stage's steps changes the connector's name."""
+    """Changing the normalisation, the recipe, the grid or a stage's steps changes the connector's
+    name.
+    """
     # Prepare
     base = connector_key(grid=4, steps=200, instruct_steps=100)
 
@@ -109,7 +113,9 @@ def test_feature_cache_misses_when_the_preprocessing_changes(tmp_path, monkeypat
 
 
 def test_shipped_connector_is_checked_and_used_before_aligning(tmp_path, monkeypatch):
-    """A shipped connector with a matching sha256 is loaded without aligning; a corrupt one is refused."""
+    """A shipped connector with a matching sha256 is loaded without aligning; a corrupt one is
+    refused.
+    """
     # Prepare
     monkeypatch.setattr(nano, "ASSETS_DIR", tmp_path / "assets")
     monkeypatch.setenv("FEDNANO_RAY_CACHE", str(tmp_path / "cache"))
@@ -139,7 +145,9 @@ def test_shipped_connector_is_checked_and_used_before_aligning(tmp_path, monkeyp
 
 
 def test_cache_wins_over_shipped_and_force_aligns_again(tmp_path, monkeypatch):
-    """A user's own cached alignment is preferred; --force ignores both and aligns (stage 1 then 2)."""
+    """A user's own cached alignment is preferred; --force ignores both and aligns (stage 1 then
+    2).
+    """
     # Prepare
     monkeypatch.setattr(nano, "ASSETS_DIR", tmp_path / "assets")
     monkeypatch.setenv("FEDNANO_RAY_CACHE", str(tmp_path / "cache"))
@@ -165,7 +173,8 @@ def test_cache_wins_over_shipped_and_force_aligns_again(tmp_path, monkeypatch):
 
 
 def test_the_default_configs_connector_ships_and_matches_its_checksum():
-    """The repo ships the quickstart's aligned connector, for exactly the key the code computes today.
+    """The repo ships the quickstart's aligned connector, for exactly the key the code computes
+    today.
 
     If this fails after a change of recipe, preprocessing or model, re-align and re-ship it:
     ``fednano-ray align examples/quickstart.yaml --force --out fednano_ray/assets``.

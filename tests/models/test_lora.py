@@ -38,9 +38,10 @@ def _mean_loss(edge, llm, feats, rows, pad_id) -> float:
 
 
 def test_llm_lora_trains_only_the_lora_and_lowers_the_loss():
-    """PEFT LoRA goes on q_proj/v_proj of every decoder layer under llm.<module>.lora_A/B keys; it starts
-    as the pretrained model (B = 0); local steps through the in-process LLM change the LoRA weights only
-    (encoder, connector, embeddings and the LLM's own weights stay bit-identical) and lower the loss."""
+    """PEFT LoRA goes on q_proj/v_proj of every decoder layer under llm.<module>.lora_A/B keys; it
+    starts as the pretrained model (B = 0); local steps through the in-process LLM change the LoRA
+    weights only (encoder, connector, embeddings and the LLM's own weights stay bit-identical) and
+    lower the loss."""
     cfg = _cfg()
     mllm = build_mllm.__wrapped__(cfg.model)  # uncached: LoRA is injected in place
     plain_edge, plain_llm = build_mllm.__wrapped__(cfg.model).split(cfg.adapter, r=4)
@@ -106,8 +107,9 @@ def test_llm_lora_trains_only_the_lora_and_lowers_the_loss():
 
 
 def test_llm_lora_heterogeneous_ranks_truncate_and_bad_targets_name_the_key():
-    """A rank-4 global LoRA state loads into a rank-2 client (HetLoRA truncation, as for NanoAdapters);
-    target modules that fit no Linear layer are errors naming adapter.lora_target_modules."""
+    """A rank-4 global LoRA state loads into a rank-2 client (HetLoRA truncation, as for
+    NanoAdapters); target modules that fit no Linear layer are errors naming
+    adapter.lora_target_modules."""
     cfg = _cfg()
     big = inject_llm_lora(build_mllm.__wrapped__(cfg.model).parts.decoder, r=4, scaling=2.0, seed=0)
     with torch.no_grad():
@@ -133,10 +135,11 @@ def test_llm_lora_heterogeneous_ranks_truncate_and_bad_targets_name_the_key():
 
 
 def test_llm_lora_has_one_scaling_on_every_tier_rank():
-    """fedavg-lora: PEFT scales a layer by lora_alpha / r, so each tier gets lora_alpha = adapter.lora_alpha *
-    r_tier / adapter.r and every tier's scaling is adapter.lora_alpha / adapter.r. A rank-4 global LoRA state
-    whose components beyond rank 2 are zero then computes the same LLM (same loss, same LoRA gradients) on a
-    rank-2 and a rank-4 client; the per-tier rule lora_alpha / r_tier would give the rank-2 layer twice the delta."""
+    """fedavg-lora: PEFT scales a layer by lora_alpha / r, so each tier gets lora_alpha =
+    adapter.lora_alpha * r_tier / adapter.r and every tier's scaling is adapter.lora_alpha /
+    adapter.r. A rank-4 global LoRA state whose components beyond rank 2 are zero then computes the
+    same LLM (same loss, same LoRA gradients) on a rank-2 and a rank-4 client; the per-tier rule
+    lora_alpha / r_tier would give the rank-2 layer twice the delta."""
     from peft.tuners.lora import LoraLayer
 
     cfg = _cfg("adapter.r=8", "adapter.lora_alpha=16")
@@ -175,7 +178,8 @@ def test_llm_lora_has_one_scaling_on_every_tier_rank():
             delta = layer(x) - layer.base_layer(x)
         torch.testing.assert_close(delta, by_hand, rtol=1e-5, atol=1e-6, msg=f"rank {r}")
 
-    # The whole model: the same loss and, for the shared components, the same gradients (Fisher scale).
+    # The whole model: the same loss and, for the shared components, the same gradients (Fisher
+    # scale).
     rng = np.random.default_rng(0)
     mllm = build_mllm(cfg.model)
     feats = torch.from_numpy(

@@ -48,7 +48,9 @@ def nano():
 
 
 def test_split_grads_match_monolithic_nano(nano):
-    """Adapter grads via edge -> server.loss_and_grad -> z.backward equal one end-to-end autograd graph."""
+    """Adapter grads via edge -> server.loss_and_grad -> z.backward equal one end-to-end autograd
+    graph.
+    """
     # Prepare
     parts = nano
     edge, server = split_mllm(parts, r=4, scaling=2.0, seed=0)

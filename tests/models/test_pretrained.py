@@ -277,10 +277,12 @@ def test_efficientnet_classifies_chelsea_as_cat() -> None:
 
 @pytest.mark.slow
 def test_lite_normalisation_matches_what_the_checkpoint_was_trained_on() -> None:
-    """With (x - 127) / 128 the stem BatchNorm sees about its running variance and the classifier is surer.
+    """With (x - 127) / 128 the stem BatchNorm sees about its running variance and the classifier is
+    surer.
 
     Measured on four skimage photos: median stem variance / running variance 0.68 with the Lite
-    normalisation against 3.37 with ImageNet mean/std, and a higher top-1 probability on every photo.
+    normalisation against 3.37 with ImageNet mean/std, and a higher top-1 probability on every
+    photo.
     """
     data = pytest.importorskip("skimage.data")
     model = load_efficientnet_lite0(with_classifier=True)

@@ -33,7 +33,9 @@ def tiny():
 
 
 def test_split_grads_match_monolithic_llava(tiny):
-    """Adapter grads via edge -> server.loss_and_grad -> edge backward equal LLaVA's own end-to-end grads."""
+    """Adapter grads via edge -> server.loss_and_grad -> edge backward equal LLaVA's own end-to-end
+    grads.
+    """
     llava, tok = tiny
     parts = parts_from_llava(llava)
     edge, server = split_mllm(parts, r=4, scaling=2.0, seed=0)
@@ -146,8 +148,9 @@ def test_heterogeneous_rank_state_truncates():
 def _low_rank_global_state(
     mllm, adapter_cfg, *, rank: int, used: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """A rank-``rank`` global state whose components beyond ``used`` are zero, as aggregating clients of
-    rank ``used`` (zero-padded, HetLoRA) produces; the first ``used`` components are random."""
+    """A rank-``rank`` global state whose components beyond ``used`` are zero, as aggregating
+    clients of rank ``used`` (zero-padded, HetLoRA) produces; the first ``used`` components are
+    random."""
     g = torch.Generator().manual_seed(seed)
     d = mllm.parts.hidden_size
     state = {}
@@ -160,10 +163,10 @@ def _low_rank_global_state(
 
 
 def test_the_same_global_state_computes_the_same_function_on_every_tier():
-    """One scaling (adapter.lora_alpha / adapter.r) on every tier: a rank-8 global state whose components
-    beyond rank 4 are zero gives a rank-4 edge and a rank-8 edge the same adapted embeddings z' and the
-    same adapter gradients (so the same Fisher scale in merging). Under the old per-tier rule
-    lora_alpha / r_tier the rank-4 delta was 2x (and its Fisher 4x)."""
+    """One scaling (adapter.lora_alpha / adapter.r) on every tier: a rank-8 global state whose
+    components beyond rank 4 are zero gives a rank-4 edge and a rank-8 edge the same adapted
+    embeddings z' and the same adapter gradients (so the same Fisher scale in merging). Under the
+    old per-tier rule lora_alpha / r_tier the rank-4 delta was 2x (and its Fisher 4x)."""
     import numpy as np
 
     from fednano_ray.config import load_config

@@ -1,4 +1,5 @@
-"""The Serve app over real HTTP on 127.0.0.1: auth, validation, personalisation, reconfigure, batching.
+"""The Serve app over real HTTP on 127.0.0.1: auth, validation, personalisation, reconfigure,
+batching.
 
 One deployment per module (Ingress + the real LLMServer with the HF engine on the tiny model) on
 the session Ray cluster; the run directory is written directly (config + checkpoints whose
@@ -35,13 +36,15 @@ APP = "fednano-test"
 pytestmark = pytest.mark.timeout(180)
 
 
-# -- a run directory written directly ---------------------------------------------------------------
+# -- a run directory written directly --------------------------------------------------------------
 
 
 def write_checkpoint(
     run_dir: Path, rnd: int, *, personal: list[int], seed: int, scale: float = 3.0
 ) -> Path:
-    """checkpoints/round_XXXX with random global adapters (max rank) and per-client personal ones."""
+    """checkpoints/round_XXXX with random global adapters (max rank) and per-client personal
+    ones.
+    """
     from fednano_ray.models.adapter import adapter_state
     from fednano_ray.models.build import build_mllm
 
@@ -109,7 +112,9 @@ DEPLOY = {
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, run_dir, tokens):
-    """The app (declarative deploy, as `serve deploy`) on a free port of 127.0.0.1; yields (URL, deploy s)."""
+    """The app (declarative deploy, as `serve deploy`) on a free port of 127.0.0.1; yields (URL,
+    deploy s).
+    """
     from ray import serve
 
     from fednano_ray.serve.app import deploy
@@ -118,7 +123,8 @@ def server(ray_cluster, run_dir, tokens):
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     deploy_s = deploy(run_dir, **DEPLOY)
     print(
-        f"\n[serve] deploy (build + LLM export + Ingress + LLMServer hf, tiny model): {deploy_s:.1f} s"
+        "\n[serve] deploy (build + LLM export + Ingress + LLMServer hf, tiny model): "
+        f"{deploy_s:.1f} s"
     )
     yield f"http://127.0.0.1:{port}", deploy_s
     serve.shutdown()
@@ -155,11 +161,13 @@ def llm_stats() -> dict:
     return serve.get_deployment_handle("LLMServer", app_name=APP).stats.remote().result()
 
 
-# -- tokens (pure) ----------------------------------------------------------------------------------------
+# -- tokens (pure) ---------------------------------------------------------------------------------
 
 
 def test_tokens_store_only_hashes_with_mode_0600(tmp_path):
-    """tokens.json is 0600 and holds no token; reissuing needs rotate, which revokes the old token."""
+    """tokens.json is 0600 and holds no token; reissuing needs rotate, which revokes the old
+    token.
+    """
     rundir.write_config(tmp_path, load_config(TINY))
     tok = auth.issue_token(tmp_path, 2)
     text = auth.tokens_path(tmp_path).read_text()
@@ -181,7 +189,9 @@ def test_tokens_store_only_hashes_with_mode_0600(tmp_path):
 
 
 def test_match_choice_and_serve_config(run_dir):
-    """Choices match ignoring case, spaces and a final '.'; serve/fednano.yaml is a valid Serve config."""
+    """Choices match ignoring case, spaces and a final '.'; serve/fednano.yaml is a valid Serve
+    config.
+    """
     import yaml
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
@@ -204,7 +214,7 @@ def test_match_choice_and_serve_config(run_dir):
     assert (run_dir / rundir.SERVE_LLM / "config.json").is_file()  # the exported server LLM
 
 
-# -- HTTP -----------------------------------------------------------------------------------------------
+# -- HTTP ------------------------------------------------------------------------------------------
 
 
 def test_healthz_and_docs_need_no_auth(url):
@@ -219,7 +229,9 @@ def test_healthz_and_docs_need_no_auth(url):
 
 
 def test_answer_with_own_token(url, tokens):
-    """A client's own token gets its personalised answer; a choice equal to the answer is matched."""
+    """A client's own token gets its personalised answer; a choice equal to the answer is
+    matched.
+    """
     r = answer(url, 0, tokens[0])
     assert r.status_code == 200, r.text
     body = r.json()
@@ -419,7 +431,8 @@ def test_clients_get_their_own_adapters(url, tokens, run_dir):
     assert outs[0]["answer"] != outs[1]["answer"]
     loads = ingress_stats()["loads"]
     assert any(x.startswith("0#") for x in loads) and any(x.startswith("1#") for x in loads)
-    # The same code path as the replica, as a plain class: the embeddings differ, the frozen parts are shared.
+    # The same code path as the replica, as a plain class: the embeddings differ, the frozen parts
+    # are shared.
     ing = Ingress(run_dir, llm=None)
     m0, m1 = ing.load_client_model(0), ing.load_client_model(1)
     assert m0.edge.encoder is m1.edge.encoder and m0.edge.embed_tokens is m1.edge.embed_tokens
@@ -429,8 +442,9 @@ def test_clients_get_their_own_adapters(url, tokens, run_dir):
 
 
 def test_served_edge_computes_what_the_client_trained(run_dir):
-    """The serving path builds each client's NanoEdge as the client actors do (mllm.split at the tier's rank,
-    the run's one scaling adapter.lora_alpha / adapter.r): the same adapters give the same z' on both."""
+    """The serving path builds each client's NanoEdge as the client actors do (mllm.split at the
+    tier's rank, the run's one scaling adapter.lora_alpha / adapter.r): the same adapters give the
+    same z' on both."""
     from fednano_ray.models.adapter import adapter_state, load_adapter_state
     from fednano_ray.models.build import build_mllm
     from fednano_ray.serve.ingress import Ingress, prompt_embeds
@@ -473,7 +487,9 @@ def test_token_cli_and_rotation_while_serving(url, run_dir, tokens):
 
 
 def test_reconfigure_switches_checkpoint_without_redeploy(url, tokens, run_dir):
-    """A new user_config reaches the running replicas: new adapters, same processes, LLM not reloaded."""
+    """A new user_config reaches the running replicas: new adapters, same processes, LLM not
+    reloaded.
+    """
     from fednano_ray.serve.app import deploy
 
     before = answer(url, 2, tokens[2], max_new_tokens=12).json()
@@ -487,7 +503,8 @@ def test_reconfigure_switches_checkpoint_without_redeploy(url, tokens, run_dir):
     assert new_stats["user_config"] == {"checkpoint": None, "reload": 1}
     # The LLM server's counters survived: its replica was not restarted either.
     assert llm_stats()["requests"] > llm["requests"]
-    # A checkpoint that does not exist is refused before it reaches (and would take down) the replica.
+    # A checkpoint that does not exist is refused before it reaches (and would take down) the
+    # replica.
     from fednano_ray.config import ConfigError
 
     with pytest.raises(
@@ -502,7 +519,9 @@ def test_reconfigure_switches_checkpoint_without_redeploy(url, tokens, run_dir):
 
 
 def test_concurrent_clients_are_batched(url, tokens):
-    """16 concurrent requests from 4 clients all succeed and the LLM server decodes them in batches."""
+    """16 concurrent requests from 4 clients all succeed and the LLM server decodes them in
+    batches.
+    """
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as client:

@@ -44,7 +44,7 @@ MAX_EXAMPLES = 40
 OPERATIONS = ("POST /v1/clients/{client_id}/answer", "POST /v1/chat/completions", "GET /healthz")
 
 
-# -- fuzzing --------------------------------------------------------------------------------------------
+# -- fuzzing ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,8 @@ def _aim(case, auth: str, image: str, seed: int, tokens: dict[int, str]) -> None
     ids=lambda v: str(v),
 )
 def test_fuzz_openapi(api_schema, tokens, label, mode):
-    """Generated requests, schema-valid and not, never get a 5xx, and every response matches the schema.
+    """Generated requests, schema-valid and not, never get a 5xx, and every response matches the
+    schema.
 
     All of schemathesis' default checks (no 5xx; status code, content type, headers and body as
     documented; invalid data rejected; ...) but positive_data_acceptance: the schema cannot say "a
@@ -176,7 +177,9 @@ def test_fuzz_openapi(api_schema, tokens, label, mode):
 
 
 def test_fuzz_summary():
-    """Every operation was fuzzed, and the requests reached the model (200), auth (401/403) and validation."""
+    """Every operation was fuzzed, and the requests reached the model (200), auth (401/403) and
+    validation.
+    """
     if not SEEN:
         pytest.skip("the fuzz tests did not run (deselected)")
     by_status: collections.Counter = collections.Counter()
@@ -192,7 +195,7 @@ def test_fuzz_summary():
         assert {200, 422} <= statuses and statuses & {401, 403}, (op, statuses)
 
 
-# -- load -----------------------------------------------------------------------------------------------
+# -- load ------------------------------------------------------------------------------------------
 
 CLIENTS = 4
 WORKERS_PER_CLIENT = 4
@@ -292,7 +295,8 @@ def test_load_many_clients_answers_not_lost_or_crossed(url, tokens):
     refused = collections.Counter(intruder)
     print(
         f"\n[load] {len(results)} requests from {CLIENTS} clients x {WORKERS_PER_CLIENT} workers: "
-        f"{len(results) - len(errors) - len(bad)} x 200, {len(bad)} non-200, {len(errors)} transport "
+        f"{len(results) - len(errors) - len(bad)} x 200, {len(bad)} non-200, "
+        f"{len(errors)} transport "
         f"errors, {len(crossed)} crossed; intruder during the load: {dict(refused)}"
     )
     assert len(results) == CLIENTS * WORKERS_PER_CLIENT * REQUESTS_PER_WORKER  # nothing lost

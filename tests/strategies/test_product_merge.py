@@ -71,9 +71,9 @@ def test_a_smaller_rank_is_the_best_approximation_and_tiers_take_the_top_compone
 
 
 def test_a_zero_product_keeps_orthogonal_a_rows_at_the_reference_scale():
-    """Round 0: every B is 0, so W = 0. The merge must not return A = B = 0 (a saddle no gradient leaves):
-    A gets orthogonal rows with the reference's row norm, B stays 0; also when fewer components than
-    the rank come in."""
+    """Round 0: every B is 0, so W = 0. The merge must not return A = B = 0 (a saddle no gradient
+    leaves): A gets orthogonal rows with the reference's row norm, B stays 0; also when fewer
+    components than the rank come in."""
     ref = _reference(4)
     c = float(ref["vision.lora_A"].norm(dim=1).mean())
     for clients in ([_client(2, 4), _client(2, 5)], [_client(1, 6)]):

@@ -1,4 +1,6 @@
-"""Robust aggregation: hand-computed values of the pure rules, and a minority attack they withstand."""
+"""Robust aggregation: hand-computed values of the pure rules, and a minority attack they
+withstand.
+"""
 
 from __future__ import annotations
 

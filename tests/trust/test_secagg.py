@@ -1,5 +1,5 @@
-"""Secure aggregation: Shamir sharing, fixed point, the SecAgg protocol with dropouts, and strategies
-(FedAvg, Fisher merging, clipping, DP-FedAvg) aggregated from masked sums only."""
+"""Secure aggregation: Shamir sharing, fixed point, the SecAgg protocol with dropouts, and
+strategies (FedAvg, Fisher merging, clipping, DP-FedAvg) aggregated from masked sums only."""
 
 from __future__ import annotations
 
