@@ -179,6 +179,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--resume: {run_dir} holds no run (no {rundir.CONFIG}); "
             "pass the --run-dir of the run to continue"
         )
+    if args.force_config_change and not args.resume:
+        raise ConfigError("--force-config-change only applies to --resume")
+    if args.resume:  # a config change the run cannot take is refused before Ray starts
+        from fednano_ray.app import check_resume_config
+
+        check_resume_config(cfg, run_dir, force=args.force_config_change)
     # Inside `ray job submit` Ray sets RAY_ADDRESS: join that cluster; otherwise start a
     # private one.
     address = args.address or (
@@ -188,15 +194,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         from fednano_ray.app import check_resources
 
         check_resources(cfg, {"CPU": float(os.cpu_count() or 1), **_local_resources(cfg)})
-    from fednano_ray.app import init_ray, train
+    from fednano_ray.app import init_ray, interrupting_signal, shutdown_ray, stop_on_signals, train
 
     init_ray(address, **({"num_cpus": _local_cpus(cfg)} if address is None else {}))
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    results = train(cfg, run_dir, resume=args.resume)
+    # SIGTERM (a scheduler, docker stop, kill) and Ctrl-C: the round in flight is abandoned, the
+    # last completed round's checkpoint stands, and the Ray instance started here goes down with
+    # the command (a second signal ends it at once). Exit status 128 + the signal's number (143,
+    # 130), as a shell reports a command a signal ended: the run is resumable, not finished.
+    try:
+        with stop_on_signals():
+            print(f"run directory: {run_dir}", file=sys.stderr)
+            results = train(
+                cfg, run_dir, resume=args.resume, force_config_change=args.force_config_change
+            )
+    except KeyboardInterrupt as e:  # a TrainingInterrupted, or a signal before the run began
+        signum = interrupting_signal(e)
+        print(_interrupted(args, run_dir, signum, e), file=sys.stderr, flush=True)
+        return 128 + signum
+    finally:
+        shutdown_ray(started=address is None)
     print(summary_table(results))
     print(f"\nresults: {rundir.results_path(run_dir)}")
     _issue_tokens(run_dir, cfg.federation.num_clients, args.tokens)
     return 0
+
+
+def _interrupted(args: argparse.Namespace, run_dir: Path, signum: int, e: BaseException) -> str:
+    """What ``fednano-ray train`` says when a signal stops it: where the run stands, and the
+    command that continues it."""
+    import shlex
+    import signal
+
+    from fednano_ray.app import TrainingInterrupted
+
+    name = signal.Signals(signum).name
+    # A TrainingInterrupted names it; a signal before the run began leaves the newest as it was.
+    if isinstance(e, TrainingInterrupted):
+        settled, checkpoint = True, e.checkpoint
+    else:
+        settled, checkpoint = False, rundir.latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        where = f"{checkpoint} (rounds 0-{rundir.checkpoint_round(checkpoint.name)}) stands" + (
+            ", results.json matches it; the round in flight was abandoned" if settled else ""
+        )
+    else:
+        where = "no round had completed, there is no checkpoint yet"
+    again = ["fednano-ray", "train", args.config, "--run-dir", str(run_dir)]
+    if rundir.config_path(run_dir).is_file():
+        again.append("--resume")
+    for kv in args.set:
+        again += ["--set", kv]
+    if args.address:
+        again += ["--address", args.address]
+    if args.tokens != "auto":
+        again += ["--tokens", args.tokens]
+    return f"\ninterrupted ({name}): {where}\ncontinue with: {shlex.join(again)}"
 
 
 def _issue_tokens(run_dir: Path, num_clients: int, mode: str) -> None:
@@ -385,7 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --run-dir from its last checkpoint",
+        help="continue the run in --run-dir from its last checkpoint that checks out (a corrupt "
+        "newer one is passed over with a warning); a config that changes what the run computes "
+        "is refused",
+    )
+    t.add_argument(
+        "--force-config-change",
+        action="store_true",
+        help="with --resume: continue although the config changes what the run computes "
+        "(strategy, data, model, seed, ranks, ...); the changes are recorded in results.json",
     )
     t.add_argument("--address", help="join an existing Ray cluster (auto or ray://host:port)")
     t.add_argument(

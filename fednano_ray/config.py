@@ -561,6 +561,13 @@ class DPConfig(_Section):
         description="dp-accounting accountant for epsilon: pld (tight) or rdp (Renyi DP, a looser "
         "bound).",
     )
+    secret_sampling: bool = Field(
+        True,
+        description="true: each round's clients are drawn from OS entropy and results.json names "
+        "none of them (which clients took part, their losses, their nodes), as the accountant's "
+        "subsampling amplification assumes; false: the seeded sample is published and epsilon is "
+        "accounted without amplification (sampling rate 1).",
+    )
 
 
 class TrustConfig(_Section):

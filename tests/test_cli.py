@@ -174,6 +174,34 @@ def test_train_gpu_tier_on_cpu_machine(cli, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_train_resume_refuses_a_config_change_before_ray(cli, tmp_path):
+    """--resume with a config that changes what the run computes exits 2 before Ray starts, naming
+    each changed key old → new and the flag that forces it; harmless changes (more rounds) are not
+    named. --force-config-change without --resume is refused too."""
+    from fednano_ray.config import load_config
+
+    # Prepare: a run directory as `fednano-ray train` starts it (its resolved config.yaml)
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_config(run, load_config(TINY))
+    stored = rundir.config_path(run).read_text()
+
+    # Execute
+    sets = ("--set", "federation.seed=3", "--set", "data.alpha=1.0", "--set", "federation.rounds=5")
+    proc = cli("train", str(TINY), "--run-dir", str(run), "--resume", *sets, timeout=30)
+    alone = cli("train", str(TINY), "--run-dir", str(tmp_path / "new"), "--force-config-change")
+
+    # Assert
+    assert proc.returncode == 2, proc.stderr
+    assert "federation.seed: 0 → 3" in proc.stderr and "data.alpha: 0.5 → 1.0" in proc.stderr
+    assert "--force-config-change" in proc.stderr and "federation.rounds" not in proc.stderr
+    assert "Started a local Ray" not in proc.stderr and "Traceback" not in proc.stderr
+    assert rundir.config_path(run).read_text() == stored
+    assert alone.returncode == 2
+    assert "--force-config-change only applies to --resume" in alone.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_serve_refuses_a_fedavg_lora_run_before_ray(cli, tmp_path):
     """A fedavg-lora run's LoRA lives inside the LLM, which serving keeps frozen and shared: exit 2,
     no Ray.

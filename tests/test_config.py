@@ -392,7 +392,7 @@ def test_strategy_options_are_filled_per_method_and_the_older_flat_keys_still_lo
     written before the move (flat fedprox_mu / fisher_eps / feddpa_* keys, every one of them
     dumped) loads with the keys of its own method moved, the others dropped, and dumps in the new
     form."""
-    assert load_config(TINY).federation.strategy_options == {"eps": 1e-8}
+    assert load_config(TINY).federation.strategy_options == {"eps": 1e-8, "max_share": 0.5}
     assert load_config(TINY, ["federation.strategy=fedavg"]).federation.strategy_options == {}
     assert load_config(TINY, ["federation.strategy=fedavgm"]).federation.strategy_options == {
         "momentum": 0.9

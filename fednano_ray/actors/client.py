@@ -38,8 +38,8 @@ class RemoteServer:
     def _step(self, method, *args):
         import ray
 
-        # The trainer actor has max_task_retries=-1: if it dies with this call in flight, Ray
-        # restarts it (its __init__ reloads the frozen LLM) and re-sends the call; get() just waits.
+        # If the trainer dies with this call in flight, Ray restarts it (its __init__ reloads the
+        # frozen LLM) and re-sends the call, up to TRAINER_TASK_RETRIES times; get() just waits.
         return ray.get(method.remote(*args))
 
     def score_packed(self, *args):

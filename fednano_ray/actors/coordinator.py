@@ -25,6 +25,9 @@ from fednano_ray.federation.rounds import Federation, Placement, adapters_finger
 from fednano_ray.federation.setup import prepare_run
 from fednano_ray.federation.transport import CallFailed
 
+# Re-sends of a split step whose trainer died under it (each restart reloads the frozen LLM).
+TRAINER_TASK_RETRIES = 3
+
 __all__ = ["REPRODUCIBILITY", "Coordinator", "RayTransport", "adapters_fingerprint"]
 
 #: What results.json says about repeating a run (DESIGN.md: same config and seed, same accuracies).
@@ -126,7 +129,9 @@ class Coordinator:
                 num_cpus=t.trainer_num_cpus,
                 num_gpus=t.trainer_num_gpus,
                 max_restarts=-1,
-                max_task_retries=-1,
+                # A call in flight when the trainer dies is re-sent, but not forever: a request
+                # that kills it each time fails its own client (RayActorError) after these.
+                max_task_retries=TRAINER_TASK_RETRIES,
                 scheduling_strategy=head,
             )
             .remote(

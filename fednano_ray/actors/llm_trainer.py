@@ -106,6 +106,14 @@ class LLMTrainer:
                 f"bad split-step shapes: mask {tuple(attention_mask.shape)}, "
                 f"labels {tuple(labels.shape)}"
             )
+        vocab = int(self.server.lm_head.weight.shape[0])
+        if labels.dtype != torch.long or bool(
+            ((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))).any()
+        ):
+            raise ValueError(
+                f"split-step labels must be int64 token ids in [0, {vocab}) or {IGNORE_INDEX} "
+                "(ignored)"
+            )
         return await self._submit(_Request(z, attention_mask, labels, None))
 
     async def choice_loss_and_grad(
@@ -150,6 +158,11 @@ class LLMTrainer:
                 f"z' has width {z.shape[-1]} but the LLM expects {self.server.hidden_size}: "
                 "client and server models differ"
             )
+        # What one client sends must fail that client alone, never the batch it would join.
+        if not z.is_floating_point() or not bool(torch.isfinite(z).all()):
+            raise ValueError("split-step z' must be a finite floating-point tensor")
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("split-step attention_mask must hold only 0 and 1")
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._batch_loop())
@@ -202,16 +215,24 @@ class LLMTrainer:
                 by_length.setdefault((r.kind, self.padded_length(r.z.shape[1])), []).append(r)
             for (kind, t), group in sorted(by_length.items()):
                 run = self._run if kind == ("lm",) else self._run_choice
-                try:
-                    results = await loop.run_in_executor(self._pool, run, group, t)
-                except Exception as e:  # noqa: BLE001 - a bad batch fails its requests, never the trainer
-                    for r in group:
-                        if not r.future.done():
-                            r.future.set_exception(e)
-                    continue
-                for r, res in zip(group, results, strict=True):
-                    if not r.future.done():
-                        r.future.set_result(res)
+                await self._run_group(loop, run, group, t)
+
+    async def _run_group(self, loop, run, group: list[_Request], t: int) -> None:
+        """Run one batch; if it fails, run its requests one by one, so a request that breaks the
+        batch fails its own client only (the others get exactly their results alone)."""
+        try:
+            results = await loop.run_in_executor(self._pool, run, group, t)
+        except Exception as e:  # noqa: BLE001 - a bad batch fails its requests, never the trainer
+            if len(group) > 1:
+                for r in group:
+                    await self._run_group(loop, run, [r], t)
+                return
+            if not group[0].future.done():
+                group[0].future.set_exception(e)
+            return
+        for r, res in zip(group, results, strict=True):
+            if not r.future.done():
+                r.future.set_result(res)
 
     def padded_length(self, t: int) -> int:
         """The length a request of ``t`` positions is padded to (the next multiple of

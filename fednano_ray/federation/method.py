@@ -78,6 +78,13 @@ class FedNanoOptions(_Options):
     eps: float = Field(
         1e-8, gt=0, description="Epsilon of Fisher merging (keeps the weights' sum positive)."
     )
+    max_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Largest share of any coordinate's Fisher weight one client may hold (the "
+        "clipped Fisher share; 1: plain Fisher merging). Not applied under secure aggregation.",
+    )
 
 
 class FedProxOptions(_Options):
@@ -266,6 +273,18 @@ def resolve_options(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
     return options.model_dump()
 
 
+DP_TRUST_ASSUMPTION = (
+    "client-level (epsilon, delta) against everyone who sees the released adapters, assuming the "
+    "coordinator is trusted: it draws the noise and the sample and, without secure aggregation, "
+    "sees each client's clipped update in the clear"
+)
+DP_NOT_COVERED = (
+    "outside the DP accounting: the round losses and every accuracy (per client and global), "
+    "computed on the clients' data without noise; with secret_sampling=false also which clients "
+    "took part"
+)
+
+
 @dataclass(frozen=True)
 class Method:
     """The run's method: its :class:`MethodSpec`, its options and how ``trust`` changes it.
@@ -299,7 +318,6 @@ class Method:
             agg_options = {
                 "clip_norm": trust.dp.clip_norm,
                 "noise_multiplier": trust.dp.noise_multiplier,
-                "seed": fed.seed,
                 "mu": mu,
             }
         elif trust.aggregator == "median":
@@ -322,7 +340,12 @@ class Method:
             bank_size=int(options["bank_size"]) if spec.dual_adapter else 0,
             trust=trust,
             max_rank=max(cfg.tier_rank(t) for t in cfg.tiers),
-            sampling_rate=fed.clients_per_round / fed.num_clients,
+            # A published sample buys no amplification: account every round as if all took part.
+            sampling_rate=(
+                fed.clients_per_round / fed.num_clients
+                if trust.dp is None or trust.dp.secret_sampling
+                else 1.0
+            ),
         )
 
     # -- what the platform asks -------------------------------------------------------------------
@@ -350,6 +373,13 @@ class Method:
     @property
     def fisher_upload(self) -> bool:
         return self.spec.fisher_upload
+
+    @property
+    def secret_sampling(self) -> bool:
+        """Rounds sample from OS entropy and the results name no client (``trust.dp``'s
+        ``secret_sampling``)."""
+        dp = self.trust.dp if self.trust is not None else None
+        return dp is not None and dp.secret_sampling
 
     @property
     def needs_trainer(self) -> bool:
@@ -468,8 +498,15 @@ class Method:
                 dp_delta=dp.delta,
                 dp_releases=releases,
                 dp_sampling_rate=self.sampling_rate,
-                dp_accountant=f"{accountant_version()} ({dp.accountant}, Poisson sampling, "
-                "add/remove-one-client adjacency)",
+                dp_accountant=f"{accountant_version()} ({dp.accountant}, "
+                + (
+                    "Poisson sampling"
+                    if dp.secret_sampling
+                    else "no subsampling amplification: the sample is published"
+                )
+                + ", add/remove-one-client adjacency)",
+                dp_trust_assumption=DP_TRUST_ASSUMPTION,
+                dp_not_covered=DP_NOT_COVERED,
             )
         if self.trust.secure_aggregation:
             out["secure_aggregation"] = True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,7 +37,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from fednano_ray.strategies.base import Strategy
     from fednano_ray.task import FederatedData
 
-__all__ = ["Federation", "Placement", "UplinkResult", "adapters_fingerprint", "round_seed"]
+__all__ = [
+    "Federation",
+    "Placement",
+    "UplinkResult",
+    "adapters_fingerprint",
+    "redact_clients",
+    "round_seed",
+]
 
 State = dict[str, "torch.Tensor"]
 
@@ -61,6 +69,46 @@ def round_seed(*parts: int) -> int:
 
 def _nbytes(state: State | None) -> int:
     return sum(t.numel() * t.element_size() for t in state.values()) if state else 0
+
+
+def malformed_fit_result(out: Any, *, secure: bool) -> str | None:
+    """Why ``out`` is not a client's fit result, or None: a hostile or broken client's reply must
+    fail that client, not the run (the round reads these fields)."""
+    if not isinstance(out, dict):
+        return f"malformed fit result: a {type(out).__name__}, not a dict"
+    need = ("masked", "metrics") if secure else ("state", "fisher", "metrics")
+    missing = [k for k in need if k not in out]
+    if missing:
+        return f"malformed fit result: missing {missing}"
+    metrics = out["metrics"]
+    loss = metrics.get("loss") if isinstance(metrics, dict) else None
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+        return f"malformed fit result: metrics.loss is {loss!r}, not a finite number"
+    if secure and not isinstance(out["masked"], np.ndarray):
+        return f"malformed SecAgg upload: a {type(out['masked']).__name__}, not a numpy array"
+    if not secure and not isinstance(out["state"], dict):
+        return f"malformed fit result: state is a {type(out['state']).__name__}, not a dict"
+    return None
+
+
+def redact_clients(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` naming no client: DP's secret sampling publishes counts, not who took part.
+
+    Sampled, reporting and failed clients become counts (each failure keeps its reason, with
+    ``client_id`` ``"redacted"``); per-client losses and nodes go.
+    """
+    out = dict(record)
+    out.update(
+        num_sampled=len(record["clients"]),
+        num_completed=len(record["completed"]),
+        clients=[],
+        completed=[],
+        failures=[{"client_id": "redacted", "reason": f["reason"]} for f in record["failures"]],
+        client_loss={},
+        placement={},
+        clients_redacted="trust.dp.secret_sampling: the round's clients are not published",
+    )
+    return out
 
 
 @dataclass
@@ -267,10 +315,15 @@ class Federation:
     # -- a round -----------------------------------------------------------------------------------
 
     def sample(self, rnd: int) -> list[int]:
-        """The round's clients: seeded by (federation.seed, round); the pooled client alone."""
+        """The round's clients: seeded by (federation.seed, round), or under DP with secret
+        sampling drawn from OS entropy (nobody can tell from the config who took part); the pooled
+        client alone."""
         fed = self.cfg.federation
         if self.method.pooled:
             return [0]
+        if self.method.secret_sampling:
+            drawn = secrets.SystemRandom().sample(range(fed.num_clients), fed.clients_per_round)
+            return sorted(drawn)
         rng = np.random.default_rng(round_seed(fed.seed, rnd))
         return sorted(rng.choice(fed.num_clients, fed.clients_per_round, replace=False).tolist())
 
@@ -311,14 +364,23 @@ class Federation:
             "aggregated": up.note is None,
             **up.extras,
         }
-        if up.note is not None:
-            record["note"] = up.note
-        elif up.merged is not None:
+        if up.note is None and up.merged is not None:
+            import torch
+
             from fednano_ray.strategies.aggregate import server_step
 
-            self.global_state = server_step(
-                self.global_state, up.merged, self.cfg.federation.server_lr
-            )
+            stepped = server_step(self.global_state, up.merged, self.cfg.federation.server_lr)
+            bad = [k for k, v in stepped.items() if not bool(torch.isfinite(v).all())]
+            if bad:  # never let a non-finite state become the global one (or a checkpoint)
+                up.note = (
+                    f"the aggregate is not finite ({len(bad)} tensors, e.g. {bad[0]!r}); round "
+                    "rejected, global adapters unchanged"
+                )
+                record["aggregated"] = False
+            else:
+                self.global_state = stepped
+        if up.note is not None:
+            record["note"] = up.note
         if self.strategy.warnings:
             record["warnings"] = list(self.strategy.warnings)
         last = rnd == self.cfg.federation.rounds - 1
@@ -328,6 +390,8 @@ class Federation:
         # re-sent).
         record["trainer_restarted"] = self.trainer_incarnation() != trainer_start
         record["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        if self.method.secret_sampling:
+            record = redact_clients(record)
         rundir.RoundRecord.model_validate(
             record
         )  # a malformed record fails here, not in a later report
@@ -341,11 +405,13 @@ class Federation:
         aggregated."""
         from fednano_ray.strategies.aggregate import truncate_to_rank
         from fednano_ray.strategies.base import ClientFailure, ClientUpdate
+        from fednano_ray.trust.validate import REJECTED
 
         fed = self.cfg.federation
         global_ref = self.transport.put(self.global_state)
         up = UplinkResult()
         calls: dict[Any, int] = {}
+        shard_size: dict[int, int] = {}
         for c in sampled:
             tier, actor = self._fit_target(c)
             start = (
@@ -363,11 +429,19 @@ class Federation:
                 truncate_to_rank(self._start_state(c), self.cfg.tier_rank(tier))
             )
             kw = self._fit_kwargs(rnd, c, steps=steps, batch_size=tier.batch_size)
+            shard_size[c] = len(idx)
             calls[self.transport.submit(actor, "fit", c, idx, start, **kw)] = c
         outs = self._gather(calls, "", up.failures, restart_stalled=True, count=True)
+        # A result that is not a fit's result fails its client, never the round.
+        for c in list(outs):
+            reason = malformed_fit_result(outs[c], secure=False)
+            if reason is not None:
+                up.failures[c] = REJECTED + reason
+                del outs[c]
         # In client order, not arrival order: float sums then add up the same way in every run.
+        # The weight is the coordinator's own shard size: a client's claim is never read.
         updates = [
-            ClientUpdate(str(c), o["state"], o["num_examples"], o["fisher"], o["metrics"])
+            ClientUpdate(str(c), o["state"], shard_size[c], o["fisher"], o["metrics"])
             for c, o in sorted(outs.items())
         ]
         # Invalid updates (bad keys/shapes/dtypes, NaN/Inf, norm above trust.max_update_norm) become
@@ -414,6 +488,7 @@ class Federation:
             default_threshold,
         )
         from fednano_ray.trust.secagg_plan import protocol_info, sum_template
+        from fednano_ray.trust.validate import REJECTED
 
         frac_bits = DEFAULT_FRAC_BITS
         session = b"fednano round %d" % rnd
@@ -426,7 +501,12 @@ class Federation:
         up = UplinkResult()
         silent: list[int] = []
         dropped: set[int] = set()
+        unmask_failures: dict[int, str] = {}
         global_ref = self.transport.put(self.global_state)
+
+        def reject(bad: dict[int, str]) -> None:  # malformed protocol messages fail their senders
+            up.failures.update({client_of[u]: REJECTED + reason for u, reason in bad.items()})
+
         try:
             advertised = self._gather(
                 {
@@ -438,18 +518,25 @@ class Federation:
                 "secagg advertise keys: ",
                 up.failures,
             )
-            public = server.collect_keys({index[c]: keys for c, keys in advertised.items()})
+            keys, bad = server.screen_keys({index[c]: keys for c, keys in advertised.items()})
+            reject(bad)
+            public = server.collect_keys(keys)
             sent = self._gather(
                 {
                     self.transport.submit(
                         actor(c), "secagg_share_keys", rnd, c, public, threshold
                     ): c
-                    for c in advertised
+                    for c in sorted(client_of[u] for u in public)
                 },
                 "secagg share keys: ",
                 up.failures,
             )
-            inbox = server.route_shares({index[c]: shares for c, shares in sent.items()})
+            shares, bad = server.screen_shares(
+                {index[c]: shares for c, shares in sent.items()}, public
+            )
+            reject(bad)
+            sent = {client_of[u]: v for u, v in shares.items()}
+            inbox = server.route_shares(shares)
             calls: dict[Any, int] = {}
             for c in sorted(sent):
                 tier = self.placement.client_tier[c]
@@ -478,15 +565,22 @@ class Federation:
                     )
                 ] = c
             up.outs = self._gather(calls, "", up.failures, restart_stalled=True, count=True)
+            for c in list(up.outs):
+                reason = malformed_fit_result(up.outs[c], secure=True)
+                if reason is not None:
+                    up.failures[c] = REJECTED + reason
+                    del up.outs[c]
+            masked, bad = server.screen_masked(
+                {index[c]: out["masked"] for c, out in up.outs.items()}, template.length
+            )
+            reject(bad)
+            up.outs = {c: o for c, o in up.outs.items() if index[c] in masked}
             up.bytes_up = sum(int(out["masked"].nbytes) for out in up.outs.values())
             note = self.quorum_note(len(up.outs), len(sampled))
             if note is not None:
                 raise SecAggError(note)
-            survivors, dropped_idx = server.collect_masked(
-                {index[c]: out["masked"] for c, out in up.outs.items()}
-            )
+            survivors, dropped_idx = server.collect_masked(masked)
             dropped = {client_of[u] for u in dropped_idx}
-            unmask_failures: dict[int, str] = {}
             responses = self._gather(
                 {
                     self.transport.submit(
@@ -502,10 +596,14 @@ class Federation:
                 "secagg unmask: ",
                 unmask_failures,
             )
+            answers, bad = server.screen_responses(
+                {index[c]: r for c, r in responses.items()}, survivors, dropped_idx
+            )
+            unmask_failures.update({client_of[u]: REJECTED + r for u, r in bad.items()})
             silent = sorted(unmask_failures)
-            total = server.unmask({index[c]: r for c, r in responses.items()})
+            total = server.unmask(answers)
             up.merged = template.finish_ring(total, frac_bits)
-        except SecAggError as e:
+        except (SecAggError, ValueError) as e:  # never the run: the round keeps the adapters
             up.note = (
                 str(e)
                 if str(e).startswith("quorum")
@@ -524,6 +622,8 @@ class Federation:
                 frac_bits=frac_bits,
                 num_masked=len(up.outs),
             ),
+            # why each client of dropped_before_unmask did not answer (its input still counts)
+            "unmask_failures": {str(c): r for c, r in sorted(unmask_failures.items())},
         }
         if up.note is None:
             up.extras.update(self.method.dp_extras(len(sampled), self.rounds))
@@ -692,17 +792,47 @@ class Federation:
         self.write_results()
 
     def restore(self) -> bool:
-        """Continue from the newest complete checkpoint; False if there is none."""
-        folder = rundir.latest_checkpoint(self.run_dir)
-        if folder is None:
-            return False
-        ckpt = rundir.read_checkpoint(folder)
-        self.global_state, self.client_states = ckpt.global_state, ckpt.client_states
-        self.client_banks, self.optimizer_states = ckpt.client_banks, ckpt.optimizer_states
-        if ckpt.strategy_state:  # e.g. fedavgm's server momentum
-            self.strategy.load_state_dict(ckpt.strategy_state)
-        self.rounds, self.summary, self.next_round = ckpt.rounds, ckpt.summary, ckpt.round + 1
-        return True
+        """Continue from the newest complete checkpoint whose files check out against state.json's
+        sha256 (:func:`.rundir.read_checkpoint`); False if there is none.
+
+        A newer checkpoint that is corrupt (a file truncated, modified, unreadable) is passed over
+        with a warning: the run continues from the round after the one restored, and rewrites the
+        rounds it passed over.
+
+        Raises:
+            ValueError: every complete checkpoint is corrupt, naming each one's bad file.
+        """
+        import logging
+
+        log = logging.getLogger(__name__)
+        skipped: list[rundir.CorruptCheckpoint] = []
+        for folder in reversed(rundir.list_checkpoints(self.run_dir)):
+            try:
+                ckpt = rundir.read_checkpoint(folder)
+            except rundir.CorruptCheckpoint as e:
+                log.warning("--resume: %s; trying the checkpoint before it", e)
+                skipped.append(e)
+                continue
+            if skipped:
+                log.warning(
+                    "--resume: continuing from %s (the newest checkpoint that checks out) at "
+                    "round %d; rounds %s are run again",
+                    folder.name,
+                    ckpt.round + 1,
+                    ", ".join(e.checkpoint for e in reversed(skipped)),
+                )
+            self.global_state, self.client_states = ckpt.global_state, ckpt.client_states
+            self.client_banks, self.optimizer_states = ckpt.client_banks, ckpt.optimizer_states
+            if ckpt.strategy_state:  # e.g. fedavgm's server momentum
+                self.strategy.load_state_dict(ckpt.strategy_state)
+            self.rounds, self.summary, self.next_round = ckpt.rounds, ckpt.summary, ckpt.round + 1
+            return True
+        if skipped:
+            raise ValueError(
+                f"--resume: no checkpoint of {self.run_dir} checks out: "
+                + "; ".join(str(e) for e in skipped)
+            )
+        return False
 
     def results(self) -> dict[str, Any]:
         return {
@@ -722,6 +852,12 @@ class Federation:
 
     def write_results(self) -> dict[str, Any]:
         results = self.results()
+        # What a forced --resume changed of the config (app.train records it before the run
+        # starts): every rewrite of results.json keeps it.
+        if not hasattr(self, "_config_overrides"):
+            self._config_overrides = rundir.config_overrides(self.run_dir)
+        if self._config_overrides:
+            results["config_overrides"] = self._config_overrides
         rundir.write_results(self.run_dir, results)
         return results
 

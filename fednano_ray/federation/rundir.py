@@ -16,17 +16,26 @@
             client_00003.bank.safetensors  FedDPA-F: the client's bank of prompt summaries
           optimizer_states.pt         clients' AdamW moments (train.optimizer_state=keep)
           strategy_state.safetensors  the strategy's own state, if any (fedavgm's server momentum)
-          state.json                  written last: its presence marks the checkpoint complete
+          state.json                  written last: its presence marks the checkpoint complete;
+                                      it holds the sha256 of every other file and its own
 
 Every file is written atomically (a temporary file in the same folder, fsync'd, then renamed over
-the target), so a killed run leaves either the old file or the new one, never half of one. Nothing
-here imports Ray, and torch / safetensors / the config are imported only where they are used.
+the target), so a killed run leaves either the old file or the new one, never half of one. A
+checkpoint is read only after its files check out against state.json (:func:`read_checkpoint`,
+:func:`verify_checkpoint`); a complete checkpoint whose files do not is corrupt
+(:class:`CorruptCheckpoint`), and :func:`newest_valid_checkpoint` passes over it to the one before
+(``--resume`` and serving fall back; a pinned checkpoint is never replaced). Checkpoints written
+before checksums existed are still read: their files must parse. Nothing here imports Ray, and
+torch / safetensors / the config are imported only where they are used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
+import logging
 import os
 import re
 import threading
@@ -48,15 +57,18 @@ __all__ = [
     "CHECKPOINT_NAME",
     "CLIENTS",
     "CONFIG",
+    "CONFIG_UNSET",
     "GRID_LOG",
     "OPTIMIZER_STATES",
     "REPORT",
     "RESULTS",
+    "RESUMABLE_CHANGES",
     "SERVE_LLM",
     "STATE",
     "STRATEGY_STATE",
     "TOKENS",
     "Checkpoint",
+    "CorruptCheckpoint",
     "RoundRecord",
     "RunResults",
     "RunSummary",
@@ -66,20 +78,28 @@ __all__ = [
     "client_adapters_path",
     "client_bank_path",
     "client_name",
+    "config_changes",
+    "config_overrides",
     "config_path",
     "latest_checkpoint",
     "list_checkpoints",
     "load_bank",
+    "load_checkpoint_tensors",
     "load_results",
+    "newest_valid_checkpoint",
     "parse_results",
     "read_checkpoint",
+    "read_checkpoint_file",
+    "read_checkpoint_state",
     "read_config",
     "read_results",
+    "record_config_override",
     "resolve_checkpoint",
     "results_path",
     "round_dir",
     "round_name",
     "save_bank",
+    "verify_checkpoint",
     "write_checkpoint",
     "write_config",
     "write_results",
@@ -104,6 +124,13 @@ _ROUND = "round_"
 #: A checkpoint folder's name: ``round_`` and the round number, zero-padded to at least 4 digits.
 CHECKPOINT_NAME = rf"^{_ROUND}(\d{{4,}})$"
 _CHECKPOINT_NAME = re.compile(CHECKPOINT_NAME)
+#: state.json's keys for the sha256 of each other file (by its name in the folder) and of itself.
+FILES = "files"
+STATE_SHA256 = "sha256"
+#: What only --resume reads: serving checks a checkpoint without them.
+TRAINING_ONLY = frozenset({OPTIMIZER_STATES, STRATEGY_STATE})
+
+log = logging.getLogger(__name__)
 
 
 def config_path(run_dir: str | Path) -> Path:
@@ -211,16 +238,25 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
 
 
-def _write_text(path: Path, text: str) -> None:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically; returns its sha256."""
     with atomic_write(path) as f:
-        f.write(text.encode())
+        f.write(data)
+    return _sha256(data)
 
 
-def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+def _write_text(path: Path, text: str) -> str:
+    return _write_bytes(path, text.encode())
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> str:
     from safetensors.torch import save
 
-    with atomic_write(path) as f:
-        f.write(save({k: v.contiguous() for k, v in tensors.items()}))
+    return _write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
@@ -385,9 +421,9 @@ def load_results(run_dir: str | Path) -> RunResults:
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def save_bank(path: str | Path, bank: Tensor) -> None:
-    """A FedDPA-F bank (rows of prompt summaries) as float32 safetensors."""
-    _save_tensors(Path(path), {"bank": bank.detach().float()})
+def save_bank(path: str | Path, bank: Tensor) -> str:
+    """A FedDPA-F bank (rows of prompt summaries) as float32 safetensors; returns its sha256."""
+    return _save_tensors(Path(path), {"bank": bank.detach().float()})
 
 
 def load_bank(path: str | Path) -> Tensor:
@@ -419,60 +455,353 @@ class Checkpoint:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+class CorruptCheckpoint(ValueError):
+    """A complete checkpoint (its state.json is there) whose files do not check out: a file missing,
+    unreadable, unparseable, or not the bytes state.json's sha256 says.
+
+    The message names the checkpoint and the file relative to ``checkpoints/`` (e.g.
+    ``round_0003/adapters.safetensors``), never an absolute path, so it can be shown to anyone.
+
+    Attributes:
+        checkpoint: the checkpoint's folder name (``round_0003``).
+        file: the bad file, relative to ``checkpoints/`` (``round_0003/adapters.safetensors``).
+        problem: what is wrong with it.
+    """
+
+    def __init__(self, folder: str | Path, name: str, problem: str) -> None:
+        self.checkpoint = Path(folder).name
+        self.file = f"{self.checkpoint}/{name}"
+        self.problem = problem
+        super().__init__(f"checkpoint {self.checkpoint} is corrupt: {self.file} {problem}")
+
+
+def _state_sha256(state: dict[str, Any]) -> str:
+    """The sha256 state.json keeps of itself: of its other keys as canonical JSON."""
+    body = {k: v for k, v in state.items() if k != STATE_SHA256}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
 def write_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
     """Write ``checkpoints/round_XXXX`` (replacing its files if it exists); returns the folder.
 
     ``state.json`` goes last, after every other file is durable: a checkpoint with it is complete.
+    It records the sha256 of each file written (``files``, by name in the folder) and of itself
+    (``sha256``), which :func:`read_checkpoint` checks.
     """
     folder = round_dir(run_dir, ckpt.round)
     folder.mkdir(parents=True, exist_ok=True)
     _clear_stale_temporaries(folder)
-    _save_tensors(adapters_path(folder), ckpt.global_state)
+    files: dict[str, str] = {ADAPTERS: _save_tensors(adapters_path(folder), ckpt.global_state)}
     if ckpt.client_states:
         (folder / CLIENTS).mkdir(exist_ok=True)
         for c, s in ckpt.client_states.items():
-            _save_tensors(client_adapters_path(folder, c), s)
+            files[_relative(client_adapters_path(folder, c), folder)] = _save_tensors(
+                client_adapters_path(folder, c), s
+            )
         for c, bank in ckpt.client_banks.items():
-            save_bank(client_bank_path(folder, c), bank)
+            files[_relative(client_bank_path(folder, c), folder)] = save_bank(
+                client_bank_path(folder, c), bank
+            )
         _fsync_dir(folder / CLIENTS)
     if ckpt.optimizer_states:
         import torch
 
-        with atomic_write(folder / OPTIMIZER_STATES) as f:
-            torch.save(ckpt.optimizer_states, f)
+        buf = io.BytesIO()
+        torch.save(ckpt.optimizer_states, buf)
+        files[OPTIMIZER_STATES] = _write_bytes(folder / OPTIMIZER_STATES, buf.getvalue())
     if ckpt.strategy_state:
-        _save_tensors(folder / STRATEGY_STATE, ckpt.strategy_state)
+        files[STRATEGY_STATE] = _save_tensors(folder / STRATEGY_STATE, ckpt.strategy_state)
     _fsync_dir(folder)
-    state = {
+    state: dict[str, Any] = {
         "round": ckpt.round,
         "rounds": ckpt.rounds,
         "summary": ckpt.summary,
         "client_ids": sorted(ckpt.client_states),
+        FILES: dict(sorted(files.items())),
     }
+    state = json.loads(json.dumps(state))  # as it reads back (string keys), so the sha256 matches
+    state[STATE_SHA256] = _state_sha256(state)
     _write_text(folder / STATE, json.dumps(state))
     _fsync_dir(folder)
     return folder
 
 
-def read_checkpoint(folder: str | Path) -> Checkpoint:
-    """Load a complete checkpoint folder (as :func:`write_checkpoint` wrote it)."""
-    folder = Path(folder)
-    state = json.loads((folder / STATE).read_text())
-    ids = state["client_ids"]
-    banks = {c: client_bank_path(folder, c) for c in ids}
-    optimizer_states: dict[int, dict[str, Any]] = {}
-    if (folder / OPTIMIZER_STATES).exists():
-        import torch
+def _relative(path: Path, folder: Path) -> str:
+    return path.relative_to(folder).as_posix()
 
-        optimizer_states = torch.load(folder / OPTIMIZER_STATES, weights_only=True)
-    strategy = folder / STRATEGY_STATE
+
+def _problem(e: BaseException) -> str:
+    """An exception as a short reason, without the paths it may carry."""
+    if isinstance(e, FileNotFoundError):
+        return "is missing"
+    if isinstance(e, OSError):
+        return f"cannot be read ({type(e).__name__}: {e.strerror or 'I/O error'})"
+    return f"cannot be parsed ({type(e).__name__}; truncated or overwritten?)"
+
+
+def read_checkpoint_state(folder: str | Path) -> dict[str, Any]:
+    """A complete checkpoint's state.json, checked: valid JSON, its own sha256, and a sha256 for
+    each file it names (checkpoints written before checksums have neither and are taken as they
+    are).
+
+    Raises:
+        CorruptCheckpoint: naming state.json and what is wrong with it.
+    """
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE).read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(folder, STATE, _problem(e)) from None
+    missing = (
+        [k for k in ("round", "rounds", "summary", "client_ids") if k not in state]
+        if isinstance(state, dict)
+        else ["(not an object)"]
+    )
+    if missing:
+        raise CorruptCheckpoint(folder, STATE, f"lacks {', '.join(missing)}")
+    if STATE_SHA256 in state and state[STATE_SHA256] != _state_sha256(state):
+        raise CorruptCheckpoint(folder, STATE, "does not match its own sha256 (modified?)")
+    if state["round"] != checkpoint_round(folder.name):
+        raise CorruptCheckpoint(folder, STATE, f"is round {state['round']}'s, not this folder's")
+    if FILES in state:
+        need = [ADAPTERS] + [
+            _relative(client_adapters_path(folder, c), folder) for c in state["client_ids"]
+        ]
+        unlisted = [n for n in need if n not in state[FILES]]
+        if unlisted:
+            raise CorruptCheckpoint(folder, STATE, f"has no sha256 of {', '.join(unlisted)}")
+    return state
+
+
+def read_checkpoint_file(folder: str | Path, name: str, state: dict[str, Any]) -> bytes:
+    """The bytes of the checkpoint file ``name`` (relative to ``folder``), checked against the
+    sha256 ``state`` (:func:`read_checkpoint_state`) records for it.
+
+    Raises:
+        CorruptCheckpoint: the file is missing, unreadable, unlisted or not the bytes recorded.
+    """
+    folder = Path(folder)
+    try:
+        data = (folder / name).read_bytes()
+    except OSError as e:
+        raise CorruptCheckpoint(folder, name, _problem(e)) from None
+    files = state.get(FILES)
+    if files is None:  # written before checksums: taken as it is (it must still parse)
+        return data
+    if name not in files:
+        raise CorruptCheckpoint(folder, name, "has no sha256 in state.json")
+    if _sha256(data) != files[name]:
+        raise CorruptCheckpoint(
+            folder,
+            name,
+            f"does not match its sha256 in state.json (expected {files[name][:12]}..., "
+            f"found {_sha256(data)[:12]}...; truncated or modified)",
+        )
+    return data
+
+
+def load_checkpoint_tensors(
+    folder: str | Path, name: str, state: dict[str, Any]
+) -> dict[str, Tensor]:
+    """A checkpoint's safetensors file ``name``, checked (:func:`read_checkpoint_file`), parsed.
+
+    Raises:
+        CorruptCheckpoint: it does not check out or does not parse.
+    """
+    from safetensors.torch import load
+
+    data = read_checkpoint_file(folder, name, state)
+    try:
+        return load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors' errors are not one class
+        raise CorruptCheckpoint(folder, name, _problem(e)) from None
+
+
+def _load_optimizer_states(folder: Path, state: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    import torch
+
+    data = read_checkpoint_file(folder, OPTIMIZER_STATES, state)
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - zip, pickle and torch errors
+        raise CorruptCheckpoint(folder, OPTIMIZER_STATES, _problem(e)) from None
+
+
+def _checkpoint_files(folder: Path, state: dict[str, Any], serving: bool) -> list[str]:
+    """The files of a checkpoint that matter (serving: all but the training-only ones)."""
+    if FILES in state:
+        names = list(state[FILES])
+    else:  # before checksums: the files the folder has
+        names = [ADAPTERS] + [
+            _relative(p, folder)
+            for p in (
+                *(client_adapters_path(folder, c) for c in state["client_ids"]),
+                *(client_bank_path(folder, c) for c in state["client_ids"]),
+                folder / OPTIMIZER_STATES,
+                folder / STRATEGY_STATE,
+            )
+            if p.is_file()
+        ]
+    return [n for n in names if not (serving and n in TRAINING_ONLY)]
+
+
+def verify_checkpoint(folder: str | Path, *, serving: bool = False) -> dict[str, Any]:
+    """Check every file of a complete checkpoint (``serving``: all but what only --resume reads);
+    returns its state.json.
+
+    Raises:
+        CorruptCheckpoint: naming the first file that does not check out.
+    """
+    folder = Path(folder)
+    state = read_checkpoint_state(folder)
+    for name in _checkpoint_files(folder, state, serving):
+        if name == OPTIMIZER_STATES:
+            _load_optimizer_states(folder, state)
+        else:
+            load_checkpoint_tensors(folder, name, state)
+    return state
+
+
+def newest_valid_checkpoint(
+    run_dir: str | Path, *, serving: bool = False
+) -> tuple[Path | None, dict[str, Any] | None, list[CorruptCheckpoint]]:
+    """The newest complete checkpoint whose files check out (:func:`verify_checkpoint`).
+
+    Returns:
+        ``(folder, state, skipped)``: the checkpoint and its state.json (None, None when none
+        checks out or there is none) and, newest first, the corrupt ones passed over. The caller
+        warns about ``skipped``; ``folder`` None with ``skipped`` non-empty means every checkpoint
+        is corrupt.
+    """
+    skipped: list[CorruptCheckpoint] = []
+    for folder in reversed(list_checkpoints(run_dir)):
+        try:
+            return folder, verify_checkpoint(folder, serving=serving), skipped
+        except CorruptCheckpoint as e:
+            skipped.append(e)
+    return None, None, skipped
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Load a complete checkpoint folder (as :func:`write_checkpoint` wrote it), every file checked
+    against state.json's sha256 first.
+
+    Raises:
+        CorruptCheckpoint: naming the first file that does not check out.
+    """
+    folder = Path(folder)
+    state = read_checkpoint_state(folder)
+    names = set(_checkpoint_files(folder, state, serving=False))
+    ids = state["client_ids"]
+
+    def tensors(path: Path) -> dict[str, Tensor]:
+        return load_checkpoint_tensors(folder, _relative(path, folder), state)
+
+    banks = {c: client_bank_path(folder, c) for c in ids}
     return Checkpoint(
         round=state["round"],
-        global_state=_load_tensors(adapters_path(folder)),
-        client_states={c: _load_tensors(client_adapters_path(folder, c)) for c in ids},
-        client_banks={c: load_bank(p) for c, p in banks.items() if p.is_file()},
-        optimizer_states=optimizer_states,
-        strategy_state=_load_tensors(strategy) if strategy.exists() else {},
+        global_state=tensors(adapters_path(folder)),
+        client_states={c: tensors(client_adapters_path(folder, c)) for c in ids},
+        client_banks={
+            c: tensors(p)["bank"] for c, p in banks.items() if _relative(p, folder) in names
+        },
+        optimizer_states=(
+            _load_optimizer_states(folder, state) if OPTIMIZER_STATES in names else {}
+        ),
+        strategy_state=tensors(folder / STRATEGY_STATE) if STRATEGY_STATE in names else {},
         rounds=state["rounds"],
         summary=state["summary"],
     )
+
+
+# -- --resume: what a config change may alter --------------------------------------------------
+
+#: Config keys --resume may change: they decide how fast, where and how often the run is checked,
+#: never what it computes. ``tiers[*]`` stands for any tier; a key matches its prefixes too
+#: (``serve`` covers ``serve.port``). federation.rounds may grow, not shrink
+#: (:func:`config_changes`).
+RESUMABLE_CHANGES = (
+    "federation.rounds",
+    "federation.deadline_s",
+    "federation.evaluate_every",
+    "federation.mode",
+    "tiers[*].num_cpus",
+    "tiers[*].num_gpus",
+    "tiers[*].resources",
+    "tiers[*].pool_size",
+    "train.eval_batch_size",
+    "train.max_batch_size",
+    "train.batch_wait_ms",
+    "train.trainer_num_cpus",
+    "train.trainer_num_gpus",
+    "train.trainer_threads",
+    "serve",
+)
+#: A key one side of :func:`config_changes` lacks.
+CONFIG_UNSET = "<unset>"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys (``tiers[0].name``, ``federation.strategy_options.mu``) of a config dump."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: tree}
+
+
+def _resumable(key: str) -> bool:
+    general = re.sub(r"\[\d+\]", "[*]", key)
+    return any(general == k or general.startswith((f"{k}.", f"{k}[")) for k in RESUMABLE_CHANGES)
+
+
+def config_changes(old: Config, new: Config) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """What ``new`` changes of ``old`` (the run's config.yaml), split by what --resume may change.
+
+    Returns:
+        ``(refused, allowed)``: per dotted key that alters what the run computes, its old and new
+        value (``"<unset>"`` where one side lacks it), in key order; and the keys that change
+        harmlessly (:data:`RESUMABLE_CHANGES`).
+    """
+    a, b = (_flatten(c.model_dump(mode="json")) for c in (old, new))
+    refused: dict[str, tuple[Any, Any]] = {}
+    allowed: list[str] = []
+    for key in sorted(a.keys() | b.keys()):
+        was, now = a.get(key, CONFIG_UNSET), b.get(key, CONFIG_UNSET)
+        if was == now:
+            continue
+        shrinks = key == "federation.rounds" and isinstance(was, int) and now < was
+        if _resumable(key) and not shrinks:
+            allowed.append(key)
+        else:
+            refused[key] = (was, now)
+    return refused, allowed
+
+
+def record_config_override(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Append ``record`` (a forced --resume's config changes) to results.json's
+    ``config_overrides``, which every later rewrite of results.json keeps
+    (:func:`config_overrides`). A run without a readable results.json yet gets a minimal one."""
+    try:
+        results = read_results(run_dir)
+        parse_results(results)
+    except (OSError, ValueError):
+        results = {"config": {}, "rounds": [], "summary": {}}
+    results.setdefault("config_overrides", []).append(record)
+    write_results(run_dir, results)
+
+
+def config_overrides(run_dir: str | Path) -> list[dict[str, Any]]:
+    """results.json's ``config_overrides`` (what forced resumes changed), or [] (none, or no
+    readable results.json)."""
+    try:
+        found = read_results(run_dir).get("config_overrides", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return list(found) if isinstance(found, list) else []

@@ -20,7 +20,7 @@ Three ways in:
 # No ``from __future__ import annotations`` here: Serve inspects app_builder's parameter annotation
 # (a pydantic model) at runtime to validate the ``args`` of ``serve run`` / the config file.
 
-import signal
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -32,6 +32,8 @@ from fednano_ray.federation import rundir
 
 APP_NAME = "fednano"
 LLM_DIR = rundir.SERVE_LLM  # in the run directory: the exported server LLM (HF causal-LM folder)
+#: Serve's HTTP request deadline of `fednano-ray serve` (http_options.request_timeout_s), seconds.
+REQUEST_TIMEOUT_S = 120.0
 
 
 class ServeArgs(BaseModel):
@@ -65,6 +67,29 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="LLM server: most requests decoded together.")
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="LLM server: how long to wait to fill a batch."
+    )
+    # Bounds against overload and slow clients (README "Limits").
+    ingress_max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one ingress replica works on at once."
+    )
+    ingress_max_queued_requests: int = Field(
+        128,
+        ge=1,
+        description="Requests waiting for an ingress replica; beyond it Serve answers 503.",
+    )
+    llm_max_queued_requests: int = Field(
+        256,
+        ge=1,
+        description="Requests waiting for the LLM server (beyond its max_ongoing_requests); "
+        "beyond it the ingress answers 503.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a request body may take to arrive in full; then 408."
+    )
+    generate_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds the LLM server may take to answer one request; then 503.",
     )
 
 
@@ -155,6 +180,7 @@ def build_app(
         ray_actor_options={"num_cpus": args.llm_num_cpus, "num_gpus": _llm_gpus(args)},
         # Enough requests in flight for the server's own batching to fill a batch.
         max_ongoing_requests=max(8, 4 * args.max_batch_size),
+        max_queued_requests=args.llm_max_queued_requests,
     ).bind(
         str(model_dir),
         engine=args.engine,
@@ -170,10 +196,16 @@ def build_app(
         name="Ingress",
         num_replicas=args.ingress_replicas,
         ray_actor_options={"num_cpus": args.ingress_num_cpus},
-        max_ongoing_requests=64,
+        max_ongoing_requests=args.ingress_max_ongoing_requests,
+        max_queued_requests=args.ingress_max_queued_requests,
         user_config=uc,
     )
-    return ingress.bind(str(run_dir), llm)
+    return ingress.bind(
+        str(run_dir),
+        llm,
+        body_timeout_s=args.body_timeout_s,
+        generate_timeout_s=args.generate_timeout_s,
+    )
 
 
 def app_builder(args: ServeArgs):
@@ -287,44 +319,68 @@ def serve_run(
     *,
     address: str | None = None,
     block: bool = True,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
     **options: Any,
 ) -> str:
     """Start Ray (or join ``address``) and Serve, deploy the run's app, print its URLs; block until
     Ctrl-C.
 
+    ``request_timeout_s`` is Serve's end-to-end deadline per HTTP request (its proxy answers 408);
+    the app's own ``body_timeout_s`` and ``generate_timeout_s`` (in ``options``) bound the parts
+    even when a caller disables Serve's with an ``x-request-timeout-seconds: 0`` header.
+
     Returns:
         The base URL (when ``block`` is False).
     """
+    import ray
     from ray import serve
 
-    from fednano_ray.app import init_ray
+    from fednano_ray.app import init_ray, shutdown_ray, stop_on_signals
     from fednano_ray.serve.auth import load_tokens
 
     run_dir = _check_run_dir(run_dir)
     ServeArgs(run_dir=str(run_dir), engine=engine, **options)  # validate before Ray starts
     export_server_llm(run_dir)  # once, here, where errors are readable
+    started = address is None and not ray.is_initialized()  # a Ray instance of our own
     init_ray(address)
-    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
-    seconds = deploy(run_dir, engine=engine, **options)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{shown}:{port}"
-    print(f"serving {run_dir} ({engine} engine), deployed in {seconds:.1f} s", file=sys.stderr)
-    print(f"  API:  {url}/v1/clients/<client_id>/answer, {url}/v1/chat/completions")
-    print(f"  docs: {url}/docs")
-    if not load_tokens(run_dir):
-        print(
-            f"  no client has a token yet: issue one with `fednano-ray token {run_dir} CLIENT_ID`",
-            file=sys.stderr,
+    # SIGTERM (systemd, docker stop, kill) shuts down like Ctrl-C does: Serve, then the Ray
+    # instance started here (a joined cluster keeps running), and the command exits 0; a second
+    # signal ends it at once.
+    signals = contextlib.ExitStack()
+    if block:
+        signals.enter_context(stop_on_signals())
+    url = ""
+    try:  # Ctrl-C while the deployments are still starting shuts down as cleanly as later
+        serve.start(
+            proxy_location="HeadOnly",
+            http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s},
         )
-    if not block:
-        return url
-    # SIGTERM (systemd, docker stop, kill) shuts Serve down like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
+        seconds = deploy(run_dir, engine=engine, **options)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://{shown}:{port}"
+        print(f"serving {run_dir} ({engine} engine), deployed in {seconds:.1f} s", file=sys.stderr)
+        print(
+            f"  API:  {url}/v1/clients/<client_id>/answer, {url}/v1/chat/completions",
+            flush=True,
+        )
+        print(f"  docs: {url}/docs", flush=True)
+        if not load_tokens(run_dir):
+            print(
+                f"  no client has a token yet: issue one with "
+                f"`fednano-ray token {run_dir} CLIENT_ID`",
+                file=sys.stderr,
+            )
+        if not block:
+            return url
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr)
+        print("shutting down", file=sys.stderr, flush=True)
     finally:
-        serve.shutdown()
+        signals.close()  # a signal that came leaves the default handlers: a second one ends us
+        if block:
+            try:
+                serve.shutdown()
+            finally:
+                shutdown_ray(started=started)
     return url

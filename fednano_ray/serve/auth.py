@@ -215,6 +215,22 @@ def verify(
     return ok and stored is not None
 
 
+def client_of(hashes: Mapping[int, str], presented: str) -> int | None:
+    """The client whose current token ``presented`` is, or None.
+
+    For requests that name their client only inside the body (chat completions' ``model``): the
+    ingress checks that the token is *some* client's before it reads the body. The hash binds the
+    client id, so this hashes the token once per client (about a microsecond each) and compares
+    against every entry, without stopping at a match: the time depends on the number of clients,
+    not on whether or which client matched.
+    """
+    found: int | None = None
+    for cid, stored in hashes.items():
+        if hmac.compare_digest(hash_token(cid, presented).encode(), stored.encode()):
+            found = cid
+    return found
+
+
 class TokenStore:
     """The token hashes of a run, re-read when ``tokens.json`` changes (issue/rotate while
     serving)."""
@@ -238,3 +254,7 @@ class TokenStore:
 
     def verify(self, client_id: int | None, presented: str) -> bool:
         return verify(self.hashes(), client_id, presented)
+
+    def client_of(self, presented: str) -> int | None:
+        """The client whose current token ``presented`` is, else None (see :func:`client_of`)."""
+        return client_of(self.hashes(), presented)

@@ -37,7 +37,14 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
-__all__ = ["Engine", "HFEngine", "VLLMEngine", "make_engine", "vllm_available"]
+__all__ = [
+    "Engine",
+    "EngineInputError",
+    "HFEngine",
+    "VLLMEngine",
+    "make_engine",
+    "vllm_available",
+]
 
 _T = TypeVar("_T")
 
@@ -49,6 +56,21 @@ _DTYPES = {  # and "auto" (see _torch_dtype)
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+class EngineInputError(ValueError):
+    """The engine cannot take this request's input (e.g. a prompt longer than the model's
+    context): the caller's error, which the HTTP ingress answers with a 400, as opposed to the
+    engine being down or overloaded (503). A ``ValueError``, as vLLM's own input errors are."""
+
+
+def too_long(positions: int, limit: int) -> EngineInputError:
+    """The error of a prompt of ``positions`` that does not fit a context of ``limit``."""
+    return EngineInputError(
+        f"the prompt is too long for the language model: its {positions} positions (image and "
+        f"question) leave no room to generate in the model's context of {limit} "
+        "(max_model_len); shorten the question"
+    )
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -387,16 +409,15 @@ class VLLMEngine:
         """Submits every prompt as its own request (vLLM batches them) and awaits all of them.
 
         Raises:
-            ValueError: On a malformed prompt or one that does not fit ``max_model_len``.
+            ValueError: On a malformed prompt; :class:`EngineInputError` for one that does not
+                fit ``max_model_len`` or that vLLM refuses.
         """
         _check_prompts(prompts, self.hidden_size)
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        for i, p in enumerate(prompts):
+        for p in prompts:
             if p.shape[0] >= self.max_model_len:
-                raise ValueError(
-                    f"prompt {i} has {p.shape[0]} positions; max_model_len is {self.max_model_len}"
-                )
+                raise too_long(int(p.shape[0]), self.max_model_len)
         if not prompts or max_new_tokens == 0:
             return [[] for _ in prompts]
         stops = [int(t) for t in stop_token_ids]
@@ -424,10 +445,15 @@ class VLLMEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         z = prompt.detach().to("cpu", _torch_dtype(self.dtype)).contiguous()
-        request = self._render(z)
         final = None
-        async for out in self._llm.generate(request, params, request_id=uuid.uuid4().hex):
-            final = out
+        try:
+            request = self._render(z)
+            async for out in self._llm.generate(request, params, request_id=uuid.uuid4().hex):
+                final = out
+        except EngineInputError:
+            raise
+        except ValueError as e:  # vLLM's input validation (its OpenAI server answers these 400)
+            raise EngineInputError(f"the language model refused the input: {e}") from e
         if final is None:
             raise RuntimeError("vLLM returned no output")
         ids = list(final.outputs[0].token_ids)

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from fednano_ray.serve.engines import Engine, HFEngine, make_engine
+from fednano_ray.serve.engines import Engine, EngineInputError, HFEngine, make_engine, too_long
 
-__all__ = ["LLMServer"]
+__all__ = ["EngineInputError", "LLMServer"]
 
 
 @dataclass(frozen=True)
@@ -229,10 +229,7 @@ class LLMServer:
             raise ValueError("max_new_tokens must be >= 1")
         if self.max_total_tokens is not None:
             if z.shape[0] >= self.max_total_tokens:
-                raise ValueError(
-                    f"prompt has {z.shape[0]} positions; the model takes at most "
-                    f"{self.max_total_tokens - 1}"
-                )
+                raise too_long(int(z.shape[0]), self.max_total_tokens)
             max_new = min(max_new, self.max_total_tokens - z.shape[0])
         if stop_token_ids is None:
             eos = self.tokenizer.eos_token_id
@@ -259,7 +256,9 @@ class LLMServer:
             ``{"token_ids": [...], "text": str}`` — the text without special tokens.
 
         Raises:
-            ValueError: On malformed input.
+            EngineInputError: When the prompt does not fit the model's context, or the engine
+                refuses the input otherwise (the caller's error: HTTP 400).
+            ValueError: On malformed input (the ingress's error).
         """
         if self._closed:
             raise RuntimeError("LLMServer is shut down")

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 import warnings
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -34,10 +34,36 @@ MAX_QUESTION_CHARS = 500
 MAX_NEW_TOKENS = 64
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
+#: A client id as the API takes it: ASCII decimal, no sign, no leading zeros, no spaces. Python's
+#: int() would also take "٠", "𝟎", "00" and " 0" (all 0): one client, one spelling.
+CLIENT_ID_PATTERN = r"^(0|[1-9][0-9]{0,8})$"
+_CLIENT_ID = re.compile(r"0|[1-9][0-9]{0,8}")
+_CLIENT_NAME = re.compile(r"client_([0-9]{5,9})")
+
 _DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
     re.IGNORECASE,
 )
+
+
+def parse_client_id(text: str, *, named: bool = False) -> int | None:
+    """The client id ``text`` spells canonically, else None.
+
+    Args:
+        text: ``"3"`` (the path's ``{client_id}``, chat completions' ``model``).
+        named: also take the client's name, exactly as the server writes it (``"client_00003"``,
+            :func:`fednano_ray.federation.rundir.client_name`).
+    """
+    if _CLIENT_ID.fullmatch(text):
+        return int(text)
+    m = _CLIENT_NAME.fullmatch(text) if named else None
+    if m is not None:
+        from fednano_ray.federation.rundir import client_name
+
+        cid = int(m.group(1))
+        if client_name(cid) == text:
+            return cid
+    return None
 
 
 class HTTPError(Exception):
@@ -201,18 +227,27 @@ class ChatMessage(_Model):
     name: str | None = None
 
 
+class StreamOptions(_Model):
+    include_usage: bool | None = Field(
+        None, description="Send a last chunk with the token usage (and no choices)."
+    )
+
+
 class ChatCompletionRequest(_Model):
     """``POST /v1/chat/completions``, the subset of OpenAI's request this single-turn VQA model
     serves.
 
-    ``model`` is the client id (``"3"``). Exactly one user message with exactly one image; system
-    messages are accepted and ignored (the model has a fixed prompt); no assistant history.
-    Decoding is greedy only: ``temperature`` must be 0 or absent, ``top_p`` 1, ``n`` 1, no
-    streaming.
+    ``model`` is the client id (``"3"``, as ``GET /v1/models`` lists it) or its name
+    (``"client_00003"``). Exactly one user message with exactly one image; system messages are
+    accepted and ignored (the model has a fixed prompt); no assistant history. Decoding is greedy
+    only: ``temperature`` must be 0 or absent, ``top_p`` 1, ``n`` 1. ``stream: true`` answers with
+    server-sent events (``chat.completion.chunk``, then ``data: [DONE]``).
     """
 
     model: str = Field(
-        max_length=32, description='The client id whose personalised model answers, e.g. "3".'
+        max_length=32,
+        description='The client id whose personalised model answers: "3" (ASCII decimal, no '
+        'leading zeros or spaces), or its name "client_00003". It must be the token\'s client.',
     )
     messages: list[ChatMessage] = Field(min_length=1, max_length=8)
     max_tokens: int | None = Field(
@@ -236,9 +271,11 @@ class ChatCompletionRequest(_Model):
     )
     stream: bool | None = Field(
         None,
-        description="Must be false or absent (no streaming).",
-        json_schema_extra=_only(False, "boolean"),
+        description="Answer with server-sent events (text/event-stream): chat.completion.chunk "
+        "objects, then `data: [DONE]`. The answer is decoded first (errors are plain JSON with "
+        "their status), then sent as one content chunk.",
     )
+    stream_options: StreamOptions | None = Field(None, description="With stream only.")
     seed: int | None = Field(None, description="Accepted; greedy decoding is deterministic anyway.")
     user: str | None = Field(None, max_length=256, description="Accepted; ignored.")
 
@@ -253,8 +290,8 @@ class ChatCompletionRequest(_Model):
             raise ValueError("top_p must be 1 or absent: this server decodes greedily only")
         if self.n not in (None, 1):
             raise ValueError("n must be 1 or absent: one completion per request")
-        if self.stream:
-            raise ValueError("stream=true is not supported; leave it out")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
         if any(m.role == "assistant" for m in self.messages):
             raise ValueError(
                 "assistant messages are not supported: this is a single-turn model; "
@@ -321,6 +358,114 @@ class ChatCompletionResponse(_Model):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class ChatDelta(_Model):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Model):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(_Model):
+    """One server-sent event of a streamed completion (``data: {...}``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+def chat_chunks(response: ChatCompletionResponse, *, include_usage: bool) -> list[str]:
+    """A finished completion as OpenAI's stream: the role, the content, the finish reason, the
+    usage (if asked), then ``[DONE]``; each a ``data: ...`` server-sent event."""
+    (choice,) = response.choices
+    head = {"id": response.id, "created": response.created, "model": response.model}
+    chunks = [
+        ChatCompletionChunk(
+            **head, choices=[ChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))]
+        ),
+        ChatCompletionChunk(
+            **head,
+            choices=[ChunkChoice(index=0, delta=ChatDelta(content=choice.message.content))],
+        ),
+        ChatCompletionChunk(
+            **head,
+            choices=[ChunkChoice(index=0, delta=ChatDelta(), finish_reason=choice.finish_reason)],
+        ),
+    ]
+    if include_usage:
+        chunks.append(ChatCompletionChunk(**head, choices=[], usage=response.usage))
+    events = [f"data: {c.model_dump_json(exclude_none=True)}\n\n" for c in chunks]
+    return [*events, "data: [DONE]\n\n"]
+
+
+def _inlined(schema: dict) -> dict:
+    """A pydantic JSON schema with its ``$defs`` inlined (none of these models is recursive), so
+    it can stand inside an OpenAPI document, whose ``#/$defs`` would not resolve."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                target = defs[node["$ref"].rsplit("/", 1)[-1]]
+                return walk({**target, **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def chat_stream_event_schema() -> dict:
+    """The OpenAPI schema of one server-sent event of a streamed chat completion (OpenAPI < 3.2:
+    a text/event-stream ``schema`` describes each event): ``data`` is a chunk's JSON, or
+    ``[DONE]`` last."""
+    chunk = _inlined(ChatCompletionChunk.model_json_schema(mode="serialization"))
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": chunk,
+                    },
+                ],
+                "description": "A chat.completion.chunk as JSON; `[DONE]` ends the stream.",
+            },
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+    }
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+class ModelCard(_Model):
+    id: str = Field(description="The caller's client id: the `model` of chat completions.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="When this server replica started (Unix seconds).")
+    owned_by: str = Field(description='The client whose adapters answer, e.g. "client_00003".')
+
+
+class ModelList(_Model):
+    """``GET /v1/models``: the caller's own model only (a token sees no other client)."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 # -- images ----------------------------------------------------------------------------------------

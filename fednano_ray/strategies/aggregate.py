@@ -38,6 +38,8 @@ State = dict[str, Tensor]
 
 __all__ = [
     "State",
+    "cap_shares",
+    "capped_fisher_merge",
     "fedavg",
     "fisher_contribution",
     "fisher_from_sums",
@@ -46,6 +48,7 @@ __all__ = [
     "lora_pairs",
     "max_rank",
     "merge_products",
+    "normalize_fisher",
     "pad_to_rank",
     "proximal_penalty",
     "rank_dim",
@@ -556,6 +559,117 @@ def fisher_merge(
         ValueError: As :func:`fisher_sums`.
     """
     numerator, denominator = _fisher_sums64(results, eps, rank)
+    merged = fisher_from_sums(numerator, denominator, fallback=fallback)
+    dtypes = {key: tensor.dtype for key, tensor in results[0][0].items()}
+    return {key: value.to(dtypes[key]) for key, value in merged.items()}
+
+
+def normalize_fisher(fisher: Mapping[str, Tensor]) -> State:
+    """Each tensor of a diagonal Fisher divided by its mean (float64); an all-zero tensor stays 0.
+
+    Fisher merging weighs a client by its Fisher's magnitude, which the client reports: scaled by
+    ``1e9`` it would decide every coordinate. After this, a client's Fisher says only where in a
+    tensor its loss is sensitive, not how loudly it claims so (``train.fisher_normalize`` does the
+    same on the client; doing it again changes nothing).
+    """
+    out: State = {}
+    for key, f in fisher.items():
+        f64 = f.detach().to(torch.float64)
+        mean = f64.mean() if f64.numel() else f64.new_zeros(())
+        out[key] = f64 / mean if float(mean) > 0 else torch.zeros_like(f64)
+    return out
+
+
+def cap_shares(weights: Tensor, max_share: float) -> Tensor:
+    """Coordinate-wise weights (clients along dim 0) lowered so that no client's share
+    ``w_i / Σ_j w_j`` of any coordinate exceeds ``max_share``.
+
+    Per coordinate the largest weights are cut to a common level ``t`` (water-filling), the others
+    kept: ``t = s · Σ_j min(w_j, t)``. Where fewer than ``1 / s`` clients hold a coordinate the
+    bound is ``1 / k`` for the ``k`` that do (the best any rule can do): a coordinate one client
+    alone holds stays that client's.
+
+    Args:
+        weights: ``(clients, ...)``, entries >= 0.
+        max_share: ``s`` in (0, 1]; 1 returns ``weights`` unchanged.
+
+    Returns:
+        The capped weights, the shape and dtype of ``weights``.
+
+    Raises:
+        ValueError: If ``max_share`` is outside (0, 1] or a weight is negative.
+    """
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+    if bool((weights < 0).any()):
+        raise ValueError("cap_shares: weights must be >= 0")
+    k = weights.shape[0]
+    if max_share >= 1 or k < 2:
+        return weights
+    w = weights.reshape(k, -1).to(torch.float64)
+    holders = (w > 0).sum(0).clamp_min(1).to(torch.float64)
+    s = torch.maximum(torch.full_like(holders, max_share), 1.0 / holders)
+    ordered = torch.sort(w, dim=0, descending=True).values
+    rest = ordered.flip(0).cumsum(0).flip(0)  # rest[j]: the sum of all but the j largest
+    level = torch.full_like(holders, math.inf)  # inf: nothing to cut
+    found = torch.zeros_like(holders, dtype=torch.bool)
+    for j in range(k):  # j clients cut to the level; the smallest j that is consistent wins
+        room = 1 - s * j
+        t = torch.where(room > 0, s * rest[j] / room.clamp_min(1e-300), math.inf)
+        ok = (~found) & (room > 1e-12) & (ordered[j] <= t * (1 + 1e-12))
+        level = torch.where(ok, t, level)
+        found |= ok
+    capped = torch.minimum(w, level.unsqueeze(0))
+    return capped.reshape(weights.shape).to(weights.dtype)
+
+
+def capped_fisher_merge(
+    results: Sequence[tuple[Mapping[str, Tensor], int, Mapping[str, Tensor]]],
+    eps: float = 1e-8,
+    *,
+    max_share: float = 1.0,
+    rank: int | None = None,
+    fallback: Mapping[str, Tensor] | None = None,
+) -> State:
+    """Fisher merging in which no client decides a coordinate alone: the weights
+    ``n_i (F_i + eps)`` (zero on coordinates a client of smaller rank does not hold) are capped
+    per coordinate by :func:`cap_shares` before ``θ = Σ w_i θ_i / Σ w_i``. With ``max_share=1`` it
+    is :func:`fisher_merge`.
+
+    Args:
+        results: ``(state, num_examples, fisher)`` per client (normalise the Fisher first with
+            :func:`normalize_fisher` when clients report it).
+        eps, rank, fallback: As :func:`fisher_merge`.
+        max_share: The largest share ``w_i / Σ w`` one client may hold of a coordinate.
+
+    Returns:
+        The merged state in the dtype of the first state.
+
+    Raises:
+        ValueError: As :func:`fisher_merge`, or on ``max_share`` outside (0, 1].
+    """
+    if max_share >= 1:
+        return fisher_merge(results, eps, rank=rank, fallback=fallback)
+    if not results:
+        raise ValueError("nothing to aggregate: got no results")
+    weights, values = [], []
+    for i, (state, n, fisher) in enumerate(results):
+        try:
+            _, den_i = fisher_contribution(state, n, fisher, eps)
+        except ValueError as err:
+            raise ValueError(f"client {i}: {err}") from err
+        theta = {key: t.detach().to(torch.float64) for key, t in state.items()}
+        if rank is not None:
+            den_i, theta = pad_to_rank(den_i, rank), pad_to_rank(theta, rank)
+        weights.append(den_i)
+        values.append(theta)
+    _check_same_layout(values)
+    numerator: State = {}
+    denominator: State = {}
+    for key in values[0]:
+        w = cap_shares(torch.stack([d[key] for d in weights]), max_share)
+        numerator[key] = (w * torch.stack([v[key] for v in values])).sum(0)
+        denominator[key] = w.sum(0)
     merged = fisher_from_sums(numerator, denominator, fallback=fallback)
     dtypes = {key: tensor.dtype for key, tensor in results[0][0].items()}
     return {key: value.to(dtypes[key]) for key, value in merged.items()}

@@ -41,6 +41,7 @@ import os
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -341,6 +342,23 @@ class SecAggClient:
         return out
 
 
+CIPHERTEXT_BYTES = 12 + 2 * _SHARE_BYTES + 16  # nonce, the two shares, AES-GCM's tag
+
+
+def _bad_key_pair(pair: Any) -> str | None:
+    """Why ``pair`` is not two X25519 public keys, or None."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        return "secagg public keys must be a pair (c_pk, s_pk)"
+    for key in pair:
+        if not isinstance(key, bytes) or len(key) != 32:
+            return "secagg public keys must be 32-byte X25519 keys"
+        try:  # a low-order point makes every peer's key agreement fail: catch it here
+            X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+        except ValueError as err:
+            return f"secagg public key is not a usable X25519 key ({err})"
+    return None
+
+
 class SecAggServer:
     """The server's side: relays messages, sums masked inputs, removes the masks.
 
@@ -357,6 +375,109 @@ class SecAggServer:
         self.public_keys: dict[int, tuple[bytes, bytes]] = {}
         self.masked: dict[int, np.ndarray] = {}
         self.u2: set[int] = set()
+
+    # -- screening what clients send: a malformed message fails its sender, not the round --------
+
+    @staticmethod
+    def screen_keys(
+        keys: Mapping[int, Any],
+    ) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, str]]:
+        """Round 0's advertised keys split into well-formed ones and ``{u: reason}``: each must be
+        two distinct 32-byte X25519 public keys, used by no other client."""
+        valid: dict[int, tuple[bytes, bytes]] = {}
+        rejected: dict[int, str] = {}
+        seen: dict[bytes, int] = {}
+        for u, pair in sorted(keys.items()):
+            reason = _bad_key_pair(pair)
+            if reason is None:
+                dup = next((seen[k] for k in pair if k in seen), None)
+                if dup is not None or pair[0] == pair[1]:
+                    reason = "secagg public keys reuse a key" + (
+                        f" of client index {dup}" if dup is not None else ""
+                    )
+            if reason is None:
+                valid[u] = (bytes(pair[0]), bytes(pair[1]))
+                seen.update({bytes(k): u for k in pair})
+            else:
+                rejected[u] = reason
+        return valid, rejected
+
+    @staticmethod
+    def screen_shares(
+        sent: Mapping[int, Any], members: Iterable[int]
+    ) -> tuple[dict[int, dict[int, bytes]], dict[int, str]]:
+        """Round 1's shares split into well-formed ones and ``{u: reason}``: a sender must send one
+        ciphertext of the protocol's length to every other member of ``U1``, and nothing else."""
+        members = set(members)
+        valid: dict[int, dict[int, bytes]] = {}
+        rejected: dict[int, str] = {}
+        for u, shares in sorted(sent.items()):
+            want = members - {u}
+            if not isinstance(shares, Mapping):
+                rejected[u] = f"secagg shares are a {type(shares).__name__}, not a mapping"
+            elif set(shares) != want:
+                rejected[u] = (
+                    f"secagg shares go to {sorted(shares, key=str)}, not to the other members "
+                    f"{sorted(want)}"
+                )
+            elif not all(
+                isinstance(ct, bytes) and len(ct) == CIPHERTEXT_BYTES for ct in shares.values()
+            ):
+                rejected[u] = f"secagg shares must be {CIPHERTEXT_BYTES}-byte ciphertexts"
+            else:
+                valid[u] = dict(shares)
+        return valid, rejected
+
+    @staticmethod
+    def screen_masked(
+        masked: Mapping[int, Any], length: int
+    ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        """Round 2's uploads split into ``uint64`` vectors of ``length`` and ``{u: reason}``."""
+        valid: dict[int, np.ndarray] = {}
+        rejected: dict[int, str] = {}
+        for u, y in sorted(masked.items()):
+            if not isinstance(y, np.ndarray) or y.dtype != np.uint64 or y.shape != (length,):
+                what = (
+                    f"{y.dtype} array of shape {y.shape}"
+                    if isinstance(y, np.ndarray)
+                    else type(y).__name__
+                )
+                rejected[u] = f"secagg masked upload is a {what}, not uint64 of length {length}"
+            else:
+                valid[u] = y
+        return valid, rejected
+
+    @staticmethod
+    def screen_responses(
+        responses: Mapping[int, Any], survivors: Iterable[int], dropped: Iterable[int]
+    ) -> tuple[dict[int, dict[str, dict[int, int]]], dict[int, str]]:
+        """Round 3's answers split into well-formed ones and ``{u: reason}``: ``{"b": {v: y}}``
+        for exactly the survivors and ``{"s": {v: y}}`` for exactly the dropped, ``0 <= y < p``."""
+        want = {"b": set(survivors), "s": set(dropped)}
+        valid: dict[int, dict[str, dict[int, int]]] = {}
+        rejected: dict[int, str] = {}
+        for u, r in sorted(responses.items()):
+            ok = (
+                isinstance(r, Mapping)
+                and set(r) == {"b", "s"}
+                and all(
+                    isinstance(r[k], Mapping)
+                    and set(r[k]) == want[k]
+                    and all(
+                        isinstance(y, int) and not isinstance(y, bool) and 0 <= y < PRIME
+                        for y in r[k].values()
+                    )
+                    for k in want
+                )
+            )
+            if ok:
+                valid[u] = {k: dict(r[k]) for k in want}
+            else:
+                rejected[u] = (
+                    "secagg unmask answer is malformed (needs b-shares of exactly the survivors "
+                    "and s-shares of exactly the dropped, each an integer below the field prime)"
+                )
+        return valid, rejected
 
     def collect_keys(
         self, keys: Mapping[int, tuple[bytes, bytes]]

@@ -130,16 +130,21 @@ def test_mismatched_shapes_are_rejected(trainer, requests):
 
 
 def test_failing_request_does_not_kill_the_trainer(trainer, requests):
-    """A request that fails inside the forward fails alone; the next request is served normally."""
+    """A request with labels outside the vocabulary is refused before it joins a batch, naming the
+    problem; the next request is served normally."""
     # Prepare
     server, reqs = requests
     z, mask, labels = reqs[1]
     bad_labels = labels.clone()
-    bad_labels[labels != -100] = 10**6  # out of the vocabulary: cross-entropy fails in the batch
+    bad_labels[labels != -100] = 10**6  # out of the vocabulary: cross-entropy would fail the batch
 
     async def main():
-        with pytest.raises((IndexError, RuntimeError)):
+        with pytest.raises(ValueError, match=r"token ids in \[0, \d+\)"):
             await trainer.loss_and_grad(z, mask, bad_labels)
+        with pytest.raises(ValueError, match="finite"):
+            await trainer.loss_and_grad(torch.full_like(z, float("nan")), mask, labels)
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            await trainer.loss_and_grad(z, mask * 7, labels)
         return await trainer.loss_and_grad(z, mask, labels)
 
     # Execute
@@ -150,6 +155,42 @@ def test_failing_request_does_not_kill_the_trainer(trainer, requests):
     torch.testing.assert_close(torch.tensor(loss), alone_loss[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, alone_grad, rtol=1e-4, atol=1e-6)
     assert trainer.get_stats()["batches"] == 1  # only the good batch is counted
+
+
+class PoisonedTrainer(LLMTrainer):
+    """A test-only trainer whose batch breaks whenever it holds a row whose first value is 1234 (a
+    request that passes every check and still crashes the forward, as a backend bug would)."""
+
+    def _run(self, batch, t):
+        if any(float(r.z[0, 0, 0]) == 1234.0 for r in batch):
+            raise RuntimeError("injected: the batch's forward crashed")
+        return super()._run(batch, t)
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(cfg, requests):
+    """Three concurrent clients share one batch and one of them breaks it: the trainer reruns the
+    requests one by one, so the other two get exactly their results alone and only the culprit
+    fails (before, every client in the batch failed)."""
+    server, reqs = requests
+    trainer = PoisonedTrainer(cfg.model, max_batch_size=64, batch_wait_ms=50, pad_to_multiple=256)
+    poisoned = reqs[1][0].clone()
+    poisoned[0, 0, 0] = 1234.0
+
+    async def main():
+        calls = [
+            trainer.loss_and_grad(z if i != 1 else poisoned, m, lab)
+            for i, (z, m, lab) in enumerate(reqs)
+        ]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    out = _run(main())
+    assert isinstance(out[1], RuntimeError) and "injected" in str(out[1])
+    for i in (0, 2):
+        z, mask, labels = reqs[i]
+        loss, grad = out[i]
+        alone_loss, alone_grad = server.loss_and_grad(z, mask, labels)
+        torch.testing.assert_close(torch.tensor(loss), alone_loss[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, alone_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("multiple", [1, 8, 256])

@@ -183,12 +183,15 @@ def test_checkpoint_round_trip(tmp_path):
         "state.json",
         "strategy_state.safetensors",
     ]  # and no temporary file left behind
-    assert json.loads((folder / "state.json").read_text()) == {
+    state = json.loads((folder / "state.json").read_text())
+    assert {k: v for k, v in state.items() if k not in ("files", "sha256")} == {
         "round": 7,
         "rounds": ckpt.rounds,
         "summary": ckpt.summary,
         "client_ids": [1, 4, 12],
     }
+    # ... and the sha256 of every other file (tests/federation/test_checkpoint_integrity.py)
+    assert sorted(state["files"]) == [n for n in _files(folder) if n != "state.json"]
     back = rundir.read_checkpoint(folder)
     assert (back.round, back.rounds, back.summary) == (7, ckpt.rounds, ckpt.summary)
     _assert_same_states(back.global_state, ckpt.global_state)
@@ -229,8 +232,9 @@ def test_rewriting_a_checkpoint_replaces_it(tmp_path):
 
 
 def test_files_are_byte_compatible_with_the_format_before(tmp_path):
-    """The safetensors and JSON files are byte for byte what the writers before this module wrote
-    (save_file of contiguous tensors, json.dumps), and a checkpoint written that way reads back."""
+    """The safetensors files are byte for byte what the writers before this module wrote (save_file
+    of contiguous tensors), state.json is what they wrote plus the files' sha256 and its own, and a
+    checkpoint written that way (without checksums) reads back."""
     ckpt = _checkpoint()
     folder = rundir.write_checkpoint(tmp_path / "new", ckpt)
     old = tmp_path / "old" / "checkpoints" / "round_0007"
@@ -248,7 +252,10 @@ def test_files_are_byte_compatible_with_the_format_before(tmp_path):
     state = {"round": 7, "rounds": ckpt.rounds, "summary": ckpt.summary, "client_ids": [1, 4, 12]}
     (old / "state.json").write_text(json.dumps(state))
     for name in _files(old):
-        assert (folder / name).read_bytes() == (old / name).read_bytes(), name
+        if name != "state.json":
+            assert (folder / name).read_bytes() == (old / name).read_bytes(), name
+    new_state = json.loads((folder / "state.json").read_text())
+    assert {k: v for k, v in new_state.items() if k not in ("files", "sha256")} == state
 
     torch.save(
         ckpt.optimizer_states, old / "optimizer_states.pt"

@@ -31,6 +31,11 @@ def tiny():
     return cfg, mllm, batch, feats
 
 
+def seeded(seed: int):
+    """A fixed noise source, so two paths of one DP mechanism can be compared exactly."""
+    return lambda: torch.Generator().manual_seed(seed)
+
+
 def _edge(cfg, mllm, kind, *, r=4, seed=0, **extra):
     adapter = cfg.adapter.model_copy(update={"kind": kind, **extra})
     return mllm.split(adapter, r=r, seed=seed)[0]
@@ -146,10 +151,13 @@ def test_fisher_merging_secagg_and_dp_of_mixed_rank_clients_for_each_form(tiny, 
     for i, (r, edge) in enumerate(edges.items()):
         state = adapter_state(edge.adapters)
         state = {k: v + 0.01 * (i + 1) for k, v in state.items()}
-        fisher = {k: torch.full_like(v, float(i + 1)) for k, v in state.items()}
-        updates.append(ClientUpdate(client_id=str(i), num_examples=10, state=state, fisher=fisher))
+        # A uniform Fisher (normalised to 1): the weights are the example counts, 1 : 2.
+        fisher = {k: torch.full_like(v, 3.0) for k, v in state.items()}
+        updates.append(
+            ClientUpdate(client_id=str(i), num_examples=10 * (i + 1), state=state, fisher=fisher)
+        )
     global_state = adapter_state(edges[4].adapters)
-    merged = FedNano().aggregate(global_state, updates, [])
+    merged = FedNano(max_share=1.0).aggregate(global_state, updates, [])  # SecAgg has no cap
     assert merged.keys() == global_state.keys()
     for k, v in merged.items():
         assert v.shape == global_state[k].shape and torch.isfinite(v).all(), k
@@ -163,7 +171,7 @@ def test_fisher_merging_secagg_and_dp_of_mixed_rank_clients_for_each_form(tiny, 
     secure, _ = secure_aggregate(FedNano(), global_state, updates)
     for k, v in merged.items():
         torch.testing.assert_close(secure[k], v, rtol=0, atol=1e-5)
-    dp = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, seed=1)
+    dp = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, noise_generator=seeded(1))
     dp.begin_round(0)
     noised = dp.aggregate(global_state, updates, [])
     assert noised.keys() == global_state.keys() and all(

@@ -100,14 +100,18 @@ def tokens(run_dir) -> dict[int, str]:
 
 
 # Small CPU shares: the session cluster also hosts the federation tests' actors. A longer batch wait
-# than the default, so concurrent requests visibly share a batch on a 2-core machine.
+# than the default, so concurrent requests visibly share a batch on a 2-core machine. A short body
+# deadline, so test_http_hardening.py sees a slow client cut off soon (its bodies arrive at once).
 DEPLOY = {
     "engine": "hf",
     "name": APP,
     "ingress_num_cpus": 0.25,
     "llm_num_cpus": 0.25,
     "batch_wait_timeout_s": 0.25,
+    "body_timeout_s": 5.0,
 }
+#: Serve's own end-to-end deadline (http_options.request_timeout_s) of the test deployments.
+REQUEST_TIMEOUT_S = 150.0
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +124,8 @@ def server(ray_cluster, run_dir, tokens):
     from fednano_ray.serve.app import deploy
 
     port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    http = {"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S}
+    serve.start(proxy_location="HeadOnly", http_options=http)
     deploy_s = deploy(run_dir, **DEPLOY)
     print(
         "\n[serve] deploy (build + LLM export + Ingress + LLMServer hf, tiny model): "
@@ -222,9 +227,12 @@ def test_healthz_and_docs_need_no_auth(url):
     r = httpx.get(f"{url}/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     spec = httpx.get(f"{url}/openapi.json").json()
-    assert {"/healthz", "/v1/clients/{client_id}/answer", "/v1/chat/completions"} <= set(
-        spec["paths"]
-    )
+    assert {
+        "/healthz",
+        "/v1/clients/{client_id}/answer",
+        "/v1/chat/completions",
+        "/v1/models",
+    } <= set(spec["paths"])
     assert httpx.get(f"{url}/docs").status_code == 200
 
 
@@ -349,7 +357,7 @@ BAD_CHATS = {
     "empty messages": chat_body(messages=[]),
     "no image": chat_body(messages=[{"role": "user", "content": "What colour?"}]),
     "max_tokens 10000": chat_body(max_tokens=10_000),
-    "stream": chat_body(stream=True),
+    "stream_options without stream": chat_body(stream_options={"include_usage": True}),
     "assistant history": chat_body(
         messages=[*chat_body()["messages"], {"role": "assistant", "content": "red"}]
     ),

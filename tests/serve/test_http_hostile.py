@@ -41,7 +41,12 @@ pytestmark = pytest.mark.timeout(300)
 
 #: Generated requests per operation and mode (Hypothesis' generate phase only: no shrinking).
 MAX_EXAMPLES = 40
-OPERATIONS = ("POST /v1/clients/{client_id}/answer", "POST /v1/chat/completions", "GET /healthz")
+OPERATIONS = (
+    "POST /v1/clients/{client_id}/answer",
+    "POST /v1/chat/completions",
+    "GET /healthz",
+    "GET /v1/models",
+)
 
 
 # -- fuzzing ---------------------------------------------------------------------------------------

@@ -189,6 +189,20 @@ def test_concurrent_requests_from_four_clients(url, tokens):
     assert all(isinstance(r.json()["answer"], str) for r in responses)
 
 
+def test_prompt_longer_than_vllm_takes_is_400(url, tokens):
+    """A prompt the vLLM engine refuses (longer than its max_model_len, 512 positions here, though
+    within the decoder's 1,024, so the ingress's own check lets it through) is the caller's
+    error: 400 naming the problem, not a 503 "retry shortly". The engine stays healthy."""
+    # The tiny model's tokenizer is byte-level: 300 two-byte characters are 600 prompt tokens.
+    r = answer(url, 0, tokens[0], question="é" * 300, max_new_tokens=4)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "too long" in error["message"] and "512" in error["message"], error
+    assert "retry" not in error["message"]
+    assert answer(url, 0, tokens[0], max_new_tokens=2).status_code == 200
+
+
 def test_delete_leaves_no_vllm_process(server):
     """Deleting the app shuts the vLLM engine down: its engine processes exit (checked last)."""
     from ray import serve

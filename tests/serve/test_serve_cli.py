@@ -76,6 +76,10 @@ def test_serve_command_answers_from_a_trained_run(tiny_run, ray_cluster, tmp_pat
     )
     try:
         _wait_healthy(url, proc)
+        # The command is ready when it prints its URLs (healthz answers a little before).
+        api_line, docs_line = proc.stdout.readline(), proc.stdout.readline()
+        assert f"{url}/v1/clients/<client_id>/answer" in api_line, api_line
+        assert f"{url}/docs" in docs_line, docs_line
         body = {"image": png_b64(), "question": "What colour is the square?"}
 
         def ask(client: int, bearer: str) -> httpx.Response:
@@ -98,9 +102,8 @@ def test_serve_command_answers_from_a_trained_run(tiny_run, ray_cluster, tmp_pat
             assert denied.status_code == 403, denied.text
         # Ctrl-C: the command shuts Serve down and exits cleanly.
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
-        assert f"{url}/v1/clients/<client_id>/answer" in stdout
         assert "shutting down" in stderr
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url}/healthz", timeout=2)

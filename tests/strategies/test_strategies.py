@@ -189,12 +189,24 @@ def test_update_shape_mismatch_outside_rank_names_client_and_key() -> None:
 
 
 def test_fednano_by_hand() -> None:
-    """n = (1, 2), F = (1, 2), θ = (1, 4), eps = 0: (1*1*1 + 2*2*4) / (1 + 4) = 3.4."""
-    updates = [scalar_update("a", 1.0, 1, fisher=1.0), scalar_update("b", 4.0, 2, fisher=2.0)]
-    strategy = FedNano(eps=0.0)
-    out = strategy.aggregate(GLOBAL_SCALAR, updates, [])
-    torch.testing.assert_close(out["w"], t([3.4]))
-    assert strategy.warnings == []
+    """Two coordinates, n = (1, 2), θ_a = (1, 1), θ_b = (4, 4), F_a = (1, 3), F_b = (3, 1), eps = 0.
+    Each Fisher is divided by its mean: F_a = (0.5, 1.5), F_b = (1.5, 0.5). Plain Fisher merging
+    (max_share 1): weights (0.5, 3) and (1.5, 1): ((0.5 + 12) / 3.5, (1.5 + 4) / 2.5). With the
+    default max_share 0.5 neither client may hold more than half of a coordinate: b's 3 and a's 1.5
+    are cut to the other's weight, so both coordinates are the plain mean 2.5."""
+    w2 = {"w": t([0.0, 0.0])}
+    updates = [
+        ClientUpdate("a", {"w": t([1.0, 1.0])}, 1, fisher={"w": t([1.0, 3.0])}),
+        ClientUpdate("b", {"w": t([4.0, 4.0])}, 2, fisher={"w": t([3.0, 1.0])}),
+    ]
+    plain = FedNano(eps=0.0, max_share=1.0)
+    torch.testing.assert_close(plain.aggregate(w2, updates, [])["w"], t([12.5 / 3.5, 5.5 / 2.5]))
+    assert plain.warnings == []
+    capped = FedNano(eps=0.0)
+    torch.testing.assert_close(capped.aggregate(w2, updates, [])["w"], t([2.5, 2.5]))
+    # Scaling one client's Fisher by 1e9 (its claim of how much it matters) changes nothing.
+    loud = [updates[0], ClientUpdate("b", updates[1].state, 2, fisher={"w": t([3e9, 1e9])})]
+    torch.testing.assert_close(plain.aggregate(w2, loud, [])["w"], t([12.5 / 3.5, 5.5 / 2.5]))
 
 
 def test_fednano_without_fisher_falls_back_to_fedavg_with_warning() -> None:
@@ -251,10 +263,15 @@ def test_fedavg_heterogeneous_ranks_by_hand() -> None:
 
 
 def test_fednano_heterogeneous_ranks_by_hand() -> None:
-    """Row 0: 5; row 1: big alone -> 4 (no dilution); row 2: nobody -> global value 9."""
-    out = FedNano(eps=0.0).aggregate(GLOBAL_R3, hetero_updates(with_fisher=True), [])
+    """Row 0: 5; row 1: big alone -> 4 (no dilution); row 2: nobody -> global value 9. With the
+    default max_share 0.5, small's 3/4 of row 0 is cut to half: (2 + 6) / 2 = 4; row 1, which big
+    alone holds, stays big's."""
+    updates = hetero_updates(with_fisher=True)
+    out = FedNano(eps=0.0, max_share=1.0).aggregate(GLOBAL_R3, updates, [])
     assert out["vision.lora_A"].tolist() == [[5.0, 5.0], [4.0, 4.0], [9.0, 9.0]]
     assert out["vision.lora_B"].tolist() == [[5.0, 4.0, 9.0], [5.0, 4.0, 9.0]]
+    capped = FedNano(eps=0.0).aggregate(GLOBAL_R3, updates, [])
+    assert capped["vision.lora_A"].tolist() == [[4.0, 4.0], [4.0, 4.0], [9.0, 9.0]]
 
 
 @pytest.mark.parametrize("strategy", [FedAvg(), FedNano()])

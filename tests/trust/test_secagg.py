@@ -16,6 +16,7 @@ from fednano_ray.strategies import (
     fisher_merge,
     pad_to_rank,
 )
+from fednano_ray.strategies.aggregate import normalize_fisher
 from fednano_ray.strategies.base import ClientUpdate
 from fednano_ray.trust.secagg import (
     PRIME,
@@ -36,6 +37,11 @@ FRAC = 32
 QUANTUM = 2.0**-FRAC
 
 # -------------------------------------------------------------------------------------- Shamir
+
+
+def seeded(seed: int):
+    """A fixed noise source, so two paths of one DP mechanism can be compared exactly."""
+    return lambda: torch.Generator().manual_seed(seed)
 
 
 def test_shamir_reconstructs_a_hand_made_polynomial() -> None:
@@ -214,13 +220,15 @@ def test_fisher_merging_under_secure_aggregation_equals_fisher_merge() -> None:
     eps = 1e-8
     state, _ = secure_aggregate(FedNano(eps=eps), glob, updates)
     expected = fisher_merge(
-        [(u.state, u.num_examples, u.fisher) for u in updates],
+        [(u.state, u.num_examples, normalize_fisher(u.fisher)) for u in updates],
         eps,
         rank=4,
         fallback=pad_to_rank(glob, 4),
     )
     assert_states_close(state, expected, atol=1e-5)
-    assert_states_close(state, FedNano(eps=eps).aggregate(glob, updates, []), atol=1e-5)
+    # The plain rule without the share cap (SecAgg cannot apply it: it sees only sums).
+    plain = FedNano(eps=eps, max_share=1.0).aggregate(glob, updates, [])
+    assert_states_close(state, plain, atol=1e-5)
 
 
 def test_fisher_merging_survives_a_dropout_after_masking() -> None:
@@ -231,7 +239,7 @@ def test_fisher_merging_survives_a_dropout_after_masking() -> None:
     assert info["dropped_before_upload"] == ["1"]
     rest = [u for u in updates if u.client_id != "1"]
     expected = fisher_merge(
-        [(u.state, u.num_examples, u.fisher) for u in rest],
+        [(u.state, u.num_examples, normalize_fisher(u.fisher)) for u in rest],
         1e-8,
         rank=4,
         fallback=pad_to_rank(glob, 4),
@@ -255,7 +263,7 @@ def test_clipping_and_dp_under_secure_aggregation_match_the_plain_rules() -> Non
     clip = NormClip(clip_norm=0.5)
     state, _ = secure_aggregate(clip, glob, updates)
     assert_states_close(state, clip.aggregate(glob, updates, []), atol=1e-6)
-    dp = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, seed=1)
+    dp = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, noise_generator=seeded(1))
     dp.begin_round(2)
     state, _ = secure_aggregate(dp, glob, updates)
     assert_states_close(state, dp.aggregate(glob, updates, []), atol=1e-6)
@@ -277,10 +285,11 @@ def test_separate_parties_mask_their_own_terms_and_match_the_plain_rule(name: st
 
     def make():
         if name == "dp":
-            s = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, seed=1)
+            s = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, noise_generator=seeded(1))
             s.begin_round(3)
             return s
-        return FedNano() if name == "fednano" else FedAvg()
+        # Without the share cap, which secure aggregation cannot apply.
+        return FedNano(max_share=1.0) if name == "fednano" else FedAvg()
 
     n, session = len(updates), b"round 3"
     t = default_threshold(n)
