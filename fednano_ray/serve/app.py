@@ -246,8 +246,11 @@ def deploy_config(
         uc.setdefault("checkpoint", args.checkpoint)
     # Check here, not in the replica: a user_config the replica rejects takes the app down (503s).
     try:
-        rundir.resolve_checkpoint(args.run_dir, UserConfig.model_validate(uc).checkpoint)
-    except (ValidationError, ValueError) as e:
+        pinned = UserConfig.model_validate(uc).checkpoint
+        folder = rundir.resolve_checkpoint(args.run_dir, pinned)
+        if pinned is not None and folder is not None:  # a corrupt pin: refuse to deploy it
+            rundir.verify_checkpoint(folder, serving=True)
+    except (ValidationError, ValueError) as e:  # CorruptCheckpoint is a ValueError
         raise ConfigError(f"Ingress user_config {uc}: {e}") from e
     return {
         "applications": [

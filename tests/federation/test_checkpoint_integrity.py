@@ -420,6 +420,13 @@ def test_a_pinned_corrupt_checkpoint_is_an_error_naming_it_and_the_file(tiny_run
     assert isinstance(e.__cause__, rundir.CorruptCheckpoint)
     ing.reconfigure({"checkpoint": "round_0000"})
     assert ing.load_client_model(0).name == "client_00000@round_0000"
+    # Deploying with the corrupt pin is refused before any replica starts, naming the file.
+    from fednano_ray.config import ConfigError
+    from fednano_ray.serve.app import deploy_config
+
+    with pytest.raises(ConfigError, match=r"round_0001/adapters\.safetensors"):
+        deploy_config(run, checkpoint="round_0001")
+    assert deploy_config(run, checkpoint="round_0000")["applications"]
 
 
 def test_a_pinned_older_checkpoint_is_the_only_one_read(tiny_run, tmp_path, monkeypatch):
