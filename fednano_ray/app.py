@@ -143,6 +143,11 @@ def _show(value: Any) -> str:
     return value if value == rundir.CONFIG_UNSET else repr(value)
 
 
+def _change(key: str, old: Any, new: Any) -> str:
+    """``key: old → new``, as the resume errors and warnings list a config change."""
+    return f"{key}: {_show(old)} → {_show(new)}"
+
+
 def check_resume_config(
     cfg: Config, run_dir: str | Path, *, force: bool = False
 ) -> dict[str, tuple[Any, Any]]:
@@ -164,7 +169,7 @@ def check_resume_config(
         return {}
     refused, _ = rundir.config_changes(rundir.read_config(run_dir), cfg)
     if refused and not force:
-        lines = "".join(f"\n  {k}: {_show(a)} → {_show(b)}" for k, (a, b) in refused.items())
+        lines = "".join(f"\n  {_change(k, a, b)}" for k, (a, b) in refused.items())
         raise ConfigError(
             f"--resume: the config changes what the run in {run_dir} computes "
             f"(its {rundir.CONFIG} says otherwise):{lines}\n"
@@ -203,7 +208,7 @@ def prepare_resume(cfg: Config, run_dir: str | Path, *, force_config_change: boo
     if changes:
         _warn(
             f"--resume with {FORCE_CONFIG_CHANGE}: the run continues under a changed config "
-            f"({', '.join(f'{k}: {_show(a)} → {_show(b)}' for k, (a, b) in changes.items())}); "
+            f"({', '.join(_change(k, a, b) for k, (a, b) in changes.items())}); "
             "recorded in results.json's config_overrides"
         )
         record = {

@@ -805,34 +805,32 @@ class Federation:
         import logging
 
         log = logging.getLogger(__name__)
-        skipped: list[rundir.CorruptCheckpoint] = []
-        for folder in reversed(rundir.list_checkpoints(self.run_dir)):
-            try:
-                ckpt = rundir.read_checkpoint(folder)
-            except rundir.CorruptCheckpoint as e:
-                log.warning("--resume: %s; trying the checkpoint before it", e)
-                skipped.append(e)
-                continue
+        folder, ckpt, skipped = rundir.newest_loadable_checkpoint(
+            self.run_dir, rundir.read_checkpoint
+        )
+        for e in skipped:
+            log.warning("--resume: %s; trying the checkpoint before it", e)
+        if folder is None or ckpt is None:
             if skipped:
-                log.warning(
-                    "--resume: continuing from %s (the newest checkpoint that checks out) at "
-                    "round %d; rounds %s are run again",
-                    folder.name,
-                    ckpt.round + 1,
-                    ", ".join(e.checkpoint for e in reversed(skipped)),
+                raise ValueError(
+                    f"--resume: no checkpoint of {self.run_dir} checks out: "
+                    + "; ".join(str(e) for e in skipped)
                 )
-            self.global_state, self.client_states = ckpt.global_state, ckpt.client_states
-            self.client_banks, self.optimizer_states = ckpt.client_banks, ckpt.optimizer_states
-            if ckpt.strategy_state:  # e.g. fedavgm's server momentum
-                self.strategy.load_state_dict(ckpt.strategy_state)
-            self.rounds, self.summary, self.next_round = ckpt.rounds, ckpt.summary, ckpt.round + 1
-            return True
+            return False
         if skipped:
-            raise ValueError(
-                f"--resume: no checkpoint of {self.run_dir} checks out: "
-                + "; ".join(str(e) for e in skipped)
+            log.warning(
+                "--resume: continuing from %s (the newest checkpoint that checks out) at "
+                "round %d; rounds %s are run again",
+                folder.name,
+                ckpt.round + 1,
+                ", ".join(e.checkpoint for e in reversed(skipped)),
             )
-        return False
+        self.global_state, self.client_states = ckpt.global_state, ckpt.client_states
+        self.client_banks, self.optimizer_states = ckpt.client_banks, ckpt.optimizer_states
+        if ckpt.strategy_state:  # e.g. fedavgm's server momentum
+            self.strategy.load_state_dict(ckpt.strategy_state)
+        self.rounds, self.summary, self.next_round = ckpt.rounds, ckpt.summary, ckpt.round + 1
+        return True
 
     def results(self) -> dict[str, Any]:
         return {

@@ -39,10 +39,10 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -124,6 +124,7 @@ _ROUND = "round_"
 #: A checkpoint folder's name: ``round_`` and the round number, zero-padded to at least 4 digits.
 CHECKPOINT_NAME = rf"^{_ROUND}(\d{{4,}})$"
 _CHECKPOINT_NAME = re.compile(CHECKPOINT_NAME)
+_Loaded = TypeVar("_Loaded")
 #: state.json's keys for the sha256 of each other file (by its name in the folder) and of itself.
 FILES = "files"
 STATE_SHA256 = "sha256"
@@ -662,24 +663,33 @@ def verify_checkpoint(folder: str | Path, *, serving: bool = False) -> dict[str,
     return state
 
 
-def newest_valid_checkpoint(
-    run_dir: str | Path, *, serving: bool = False
-) -> tuple[Path | None, dict[str, Any] | None, list[CorruptCheckpoint]]:
-    """The newest complete checkpoint whose files check out (:func:`verify_checkpoint`).
+def newest_loadable_checkpoint(
+    run_dir: str | Path, load: Callable[[Path], _Loaded]
+) -> tuple[Path | None, _Loaded | None, list[CorruptCheckpoint]]:
+    """Walk the complete checkpoints newest first until ``load`` (which checks the files against
+    state.json, e.g. :func:`verify_checkpoint` or :func:`read_checkpoint`) succeeds.
 
     Returns:
-        ``(folder, state, skipped)``: the checkpoint and its state.json (None, None when none
-        checks out or there is none) and, newest first, the corrupt ones passed over. The caller
-        warns about ``skipped``; ``folder`` None with ``skipped`` non-empty means every checkpoint
-        is corrupt.
+        ``(folder, loaded, skipped)``: the checkpoint and what ``load`` returned (None, None when
+        none checks out or there is none) and, newest first, the corrupt ones passed over. The
+        caller warns about ``skipped``; ``folder`` None with ``skipped`` non-empty means every
+        checkpoint is corrupt.
     """
     skipped: list[CorruptCheckpoint] = []
     for folder in reversed(list_checkpoints(run_dir)):
         try:
-            return folder, verify_checkpoint(folder, serving=serving), skipped
+            return folder, load(folder), skipped
         except CorruptCheckpoint as e:
             skipped.append(e)
     return None, None, skipped
+
+
+def newest_valid_checkpoint(
+    run_dir: str | Path, *, serving: bool = False
+) -> tuple[Path | None, dict[str, Any] | None, list[CorruptCheckpoint]]:
+    """The newest complete checkpoint whose files check out (:func:`verify_checkpoint`), with its
+    state.json and the corrupt ones passed over (as :func:`newest_loadable_checkpoint`)."""
+    return newest_loadable_checkpoint(run_dir, lambda f: verify_checkpoint(f, serving=serving))
 
 
 def read_checkpoint(folder: str | Path) -> Checkpoint:
